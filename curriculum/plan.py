@@ -1,0 +1,162 @@
+"""The training plan: stages, their epochs, and one measure of training progress.
+
+A plan is a list of stages. Each stage has a bandwidth B (``size``), a
+RandAugment magnitude, a number of data epochs (passes of the loader), a per-GPU
+batch and update_freq, and replay settings. Epoch ``e`` of the run belongs to
+exactly one stage.
+
+Progress is a float that grows by ``epoch_weight(e)`` over epoch ``e``:
+- ``compute``: equivalent epochs at ``base_size`` ((B/base)^2 per data epoch, times
+  replay_times since a replayed epoch takes replay_times as many steps), as
+  EfficientTrain++ schedules its learning rate;
+- ``epochs``: one per data epoch, as EfficientTrain (ICCV) and the baseline do.
+Every schedule (lr, weight decay) is a pure function of progress, so resuming
+only needs (epoch, step) and the plan, which is rebuilt from the same arguments.
+"""
+import math
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    size: int
+    magnitude: Optional[int]
+    epochs: int
+    batch_size: int
+    update_freq: int
+    replay_times: int = 1
+    buffer_size: int = 0
+    start_epoch: int = 0
+    note: str = ''
+
+    @property
+    def loader_batch(self):
+        return self.batch_size // self.replay_times
+
+    def epoch_compute(self, base_size):
+        """Compute of one data epoch of this stage, in epochs at base_size."""
+        return (self.size / base_size) ** 2 * self.replay_times
+
+    def compute(self, base_size):
+        return self.epochs * self.epoch_compute(base_size)
+
+
+@dataclass
+class Plan:
+    name: str
+    stages: List[Stage]
+    base_size: int
+    progress_unit: str = 'epochs'
+    lowfreq: str = 'none'
+    warmup: float = 0.0
+    budget: float = 0.0
+    notes: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.progress_unit not in ('epochs', 'compute'):
+            raise ValueError(f'unknown progress unit {self.progress_unit}')
+        start, fixed = 0, []
+        for i, s in enumerate(self.stages):
+            fixed.append(replace(s, index=i, start_epoch=start))
+            start += s.epochs
+        self.stages = fixed
+        self._stage_of_epoch = [s.index for s in self.stages for _ in range(s.epochs)]
+        self._cum = [0.0]
+        for e in range(self.num_epochs):
+            self._cum.append(self._cum[-1] + self.epoch_weight(e))
+
+    @property
+    def num_epochs(self):
+        return sum(s.epochs for s in self.stages)
+
+    def stage_at(self, epoch):
+        if not 0 <= epoch < self.num_epochs:
+            raise IndexError(f'epoch {epoch} outside the plan (0..{self.num_epochs - 1})')
+        return self.stages[self._stage_of_epoch[epoch]]
+
+    def epoch_weight(self, epoch):
+        s = self.stage_at(epoch)
+        return s.epoch_compute(self.base_size) if self.progress_unit == 'compute' else 1.0
+
+    def progress(self, epoch, frac=0.0):
+        """Progress at `frac` (0..1) of the way through data epoch `epoch`."""
+        if epoch >= self.num_epochs:
+            return self._cum[-1]
+        return self._cum[epoch] + frac * self.epoch_weight(epoch)
+
+    @property
+    def total_progress(self):
+        return self._cum[-1]
+
+    @property
+    def total_compute(self):
+        return sum(s.compute(self.base_size) for s in self.stages)
+
+    def progress_after_plain_epochs(self, n):
+        """Progress after `n` epochs counted at each stage's own epoch scale.
+
+        A replayed epoch counts as replay_times epochs here, since it takes that many
+        epochs' worth of steps. This is how the published recipes count warmup.
+        """
+        p, left = 0.0, float(n)
+        for s in self.stages:
+            span = s.epochs * s.replay_times
+            w = (s.size / self.base_size) ** 2 if self.progress_unit == 'compute' else 1.0 / s.replay_times
+            take = min(left, span)
+            p += take * w
+            left -= take
+            if left <= 0:
+                break
+        return p
+
+    def table(self, baseline_epochs=None):
+        """The whole plan as text: one row per stage, then totals and the speedup."""
+        base = self.base_size
+        total = self.total_compute
+        hdr = (f'{"stage":>5} {"B":>4} {"m":>3} {"epochs":>15} {"equiv ep":>9} {"compute":>8} '
+               f'{"batch x freq":>12} {"replay":>12}')
+        lines = [f'Training plan: {self.name} (B in {self.lowfreq} mode, base {base}, '
+                 f'schedules follow {self.progress_unit})', hdr, '-' * len(hdr)]
+        for s in self.stages:
+            rep = f'{s.replay_times}x/{s.buffer_size}' if s.replay_times > 1 else '-'
+            ep = f'{s.start_epoch}-{s.start_epoch + s.epochs - 1} ({s.epochs})'
+            m = '-' if s.magnitude is None else str(s.magnitude)
+            lines.append(f'{s.index:>5} {s.size:>4} {m:>3} {ep:>15} {s.compute(base):>9.2f} '
+                         f'{100 * s.compute(base) / total:>7.1f}% '
+                         f'{f"{s.batch_size} x {s.update_freq}":>12} {rep:>12}')
+        lines.append('-' * len(hdr))
+        lines.append(f'total: {self.num_epochs} data epochs, {total:.2f} equivalent epochs at {base}')
+        if baseline_epochs:
+            lines.append(f'theoretical speedup vs the {baseline_epochs}-epoch baseline at {base}: '
+                         f'{baseline_epochs / total:.2f}x')
+        for n in self.notes:
+            lines.append(f'note: {n}')
+        return '\n'.join(lines)
+
+    def summary(self):
+        """Plain values for config.json."""
+        return {
+            'name': self.name, 'base_size': self.base_size, 'progress_unit': self.progress_unit,
+            'lowfreq': self.lowfreq, 'warmup': self.warmup, 'num_epochs': self.num_epochs,
+            'total_compute': self.total_compute,
+            'stages': [{k: getattr(s, k) for k in ('index', 'size', 'magnitude', 'epochs', 'batch_size',
+                                                   'update_freq', 'replay_times', 'buffer_size',
+                                                   'start_epoch')} for s in self.stages],
+        }
+
+
+def split_rounded(amounts):
+    """Integers whose running sums are the rounded running sums of `amounts`.
+
+    Rounding the cumulative boundaries (not each piece) keeps the total within 0.5
+    of the exact one, e.g. 108.9 + 108.9 -> 109 + 109 but 39.2 x 4 -> 39, 39, 40, 39.
+    """
+    out, acc, prev = [], 0.0, 0
+    for a in amounts:
+        acc += a
+        b = int(math.floor(acc + 0.5))
+        out.append(b - prev)
+        prev = b
+    return out

@@ -1,0 +1,291 @@
+"""Published schedules (METHOD.md) and custom curriculum files, turned into a Plan.
+
+Per-GPU batches in the recipe tables are the published ones on 8 GPUs (global
+batch 4096). They are used as ratios against the last (base-size) stage: the
+user's ``--batch_size x --update_freq`` is the base stage's setting, and lower-B
+stages take a larger micro-batch with a smaller update_freq, so the global batch
+never changes.
+"""
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+from curriculum.plan import Plan, Stage, split_rounded
+
+ETPP_SEGMENTS = 10
+ET_SEGMENTS = 5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    # bandwidth of each of the 10 equal-compute segments, at base 224
+    sizes: Tuple[int, ...]
+    # published per-GPU batch at each bandwidth (8 GPUs, global 4096)
+    batch_at: Dict[int, int]
+    # 'epochs': --warmup_epochs counted at the stage's epoch scale; 'compute': a fraction of compute
+    warmup: Tuple[str, float] = ('epochs', 20)
+    # published replay settings: {B: (replay_times, buffer_size)}
+    replay: Optional[Dict[int, Tuple[int, int]]] = None
+
+
+_S3 = (96, 96, 160, 160, 160, 160, 224, 224, 224, 224)
+GENERIC = Recipe(_S3, {96: 1, 160: 1, 224: 1})
+RESNET50 = Recipe(_S3, {96: 512, 160: 512, 224: 512},
+                  replay={96: (4, 1920), 160: (2, 256), 224: (1, 0)})
+SWIN_T = Recipe(_S3, {96: 512, 160: 512, 224: 256}, replay={96: (2, 1024)})
+SWIN_SB = Recipe(_S3, {96: 512, 160: 256, 224: 128})
+CONVNEXT_T = Recipe((160,) * 6 + (224,) * 4, {160: 256, 224: 128})
+CONVNEXT_SB = Recipe((160,) * 6 + (224,) * 4, {160: 128, 224: 64})
+DEIT = Recipe((96, 96, 160, 160, 160, 160, 192, 192, 224, 224), {96: 512, 160: 512, 192: 256, 224: 256},
+              warmup=('compute', 0.2), replay={96: (4, 1920), 160: (2, 256), 224: (1, 0), 192: (1, 0)})
+
+# Recipe names and the timm names they stand for; any other model gets GENERIC.
+ETPP_RECIPES = {
+    'resnet50': RESNET50,
+    'swin_tiny': SWIN_T, 'swin_tiny_patch4_window7_224': SWIN_T,
+    'CSWin_64_12211_tiny_224': SWIN_T,
+    'swin_small': SWIN_SB, 'swin_small_patch4_window7_224': SWIN_SB,
+    'swin_base': SWIN_SB, 'swin_base_patch4_window7_224': SWIN_SB,
+    'CSWin_64_24322_small_224': SWIN_SB, 'CSWin_96_24322_base_224': SWIN_SB,
+    'convnext_tiny': CONVNEXT_T,
+    'convnext_small': CONVNEXT_SB, 'convnext_base': CONVNEXT_SB,
+    'deit_tiny_patch16_224': DEIT, 'deit_small_patch16_224': DEIT,
+}
+
+ET_SIZES = (160, 160, 160, 192, 224)
+ET_MAGNITUDES = (1, 3, 5, 7, 9)
+# EfficientTrain (ICCV) published no replay settings: only --replay_times applies.
+_ET_RECIPE = Recipe(ET_SIZES, {})
+
+
+class PlanError(ValueError):
+    pass
+
+
+def scaled_size(b, base, multiple):
+    """A published bandwidth (at 224) scaled to `base`, on the model's size grid."""
+    if base == 224:
+        return b
+    return max(multiple, int(round(b * base / 224 / multiple)) * multiple)
+
+
+def stage_batches(batch_size, update_freq, ratio):
+    """Per-GPU batch and update_freq with ratio x the base micro-batch and the same product."""
+    r = max(int(ratio), 1)
+    while r > 1 and update_freq % r:
+        r //= 2
+    return batch_size * r, update_freq // r, r
+
+
+def build_plan(args, size_multiple=16):
+    """The Plan for args.curriculum ('none', 'et', 'etpp' or a --curriculum_file)."""
+    base = args.base_input_size if args.curriculum != 'none' else args.input_size
+    lowfreq = getattr(args, 'lowfreq', 'auto')
+    if getattr(args, 'curriculum_file', None):
+        return load_plan_file(args.curriculum_file, args, size_multiple)
+    if args.curriculum == 'none':
+        st = Stage(0, args.input_size, None, args.epochs, args.batch_size, args.update_freq)
+        plan = Plan('baseline', [st], base, 'epochs', 'none')
+        plan.warmup = plan.progress_after_plain_epochs(args.warmup_epochs)
+        plan.budget = args.epochs
+        return plan
+    if args.curriculum == 'et':
+        return _build_et(args, base, size_multiple, 'fourier' if lowfreq == 'auto' else lowfreq)
+    if args.curriculum == 'etpp':
+        return _build_etpp(args, base, size_multiple, 'lanczos' if lowfreq == 'auto' else lowfreq)
+    raise PlanError(f"unknown --curriculum {args.curriculum}: use none, et, etpp or --curriculum_file")
+
+
+def _replay_for(args, recipe, b_pub, b, base):
+    if getattr(args, 'replay_preset', False):
+        if recipe.replay is None:
+            raise PlanError(f'--replay_preset true: no published replay settings for --model {args.model} '
+                            f'(published for resnet50, deit_tiny/small, swin_tiny, CSWin tiny); '
+                            f'use --replay_times/--replay_buffer_size')
+        return recipe.replay.get(b_pub, (1, 0))
+    times = getattr(args, 'replay_times', 1) or 1
+    if times > 1 and b < base:
+        return times, getattr(args, 'replay_buffer_size', 0)
+    return 1, 0
+
+
+def _build_etpp(args, base, multiple, lowfreq):
+    recipe = ETPP_RECIPES.get(args.model, GENERIC)
+    e = float(args.epochs)
+    last = recipe.batch_at[recipe.sizes[-1]]
+    raw, notes = [], []
+    for k, b_pub in enumerate(recipe.sizes):
+        b = scaled_size(b_pub, base, multiple)
+        rt, buf = _replay_for(args, recipe, b_pub, b, base)
+        bs, uf, r = stage_batches(args.batch_size, args.update_freq, recipe.batch_at[b_pub] // last)
+        if r != recipe.batch_at[b_pub] // last:
+            notes.append(f'segment {k}: micro-batch x{r} instead of the published '
+                         f'x{recipe.batch_at[b_pub] // last} (--update_freq {args.update_freq} does not divide)')
+        if rt > 1 and bs % rt:
+            raise PlanError(f'segment {k}: per-GPU batch {bs} not divisible by replay_times {rt}: '
+                            f'choose --batch_size a multiple of {rt}')
+        exact = e / ETPP_SEGMENTS * (base / b) ** 2 / rt
+        raw.append((b, k, exact, bs, uf, rt, buf))
+    epochs = split_rounded([r[2] for r in raw])
+    stages = []
+    for (b, k, _, bs, uf, rt, buf), n in zip(raw, epochs):
+        if n <= 0:
+            notes.append(f'segment {k} (B={b}, m={k}) rounds to 0 epochs and is skipped: raise --epochs')
+            continue
+        stages.append(Stage(0, b, k, n, bs, uf, rt, buf))
+    _check_replay_update_freq(stages)
+    plan = Plan(f'EfficientTrain++ (E={args.epochs:g})', stages, base, 'compute', lowfreq, notes=notes)
+    plan.budget = e
+    plan.warmup = _warmup(args, recipe.warmup, plan)
+    return plan
+
+
+def _build_et(args, base, multiple, lowfreq):
+    epochs = split_rounded([args.epochs / ET_SEGMENTS] * ET_SEGMENTS)
+    stages, notes = [], []
+    for k, (b_pub, m, n) in enumerate(zip(ET_SIZES, ET_MAGNITUDES, epochs)):
+        b = scaled_size(b_pub, base, multiple)
+        bs, uf, r = stage_batches(args.batch_size, args.update_freq, 2 if b < base else 1)
+        if b < base and r == 1:
+            notes.append(f'segment {k}: batch not doubled (--update_freq {args.update_freq} is odd); '
+                         f'the global batch stays constant')
+        rt, buf = _replay_for(args, _ET_RECIPE, b_pub, b, base)
+        if n > 0:
+            stages.append(Stage(0, b, m, n, bs, uf, rt, buf))
+    _check_replay_update_freq(stages)
+    plan = Plan(f'EfficientTrain (ICCV, {args.epochs} epochs)', stages, base, 'epochs', lowfreq, notes=notes)
+    plan.budget = args.epochs
+    plan.warmup = _warmup(args, ('epochs', args.warmup_epochs), plan)
+    return plan
+
+
+def _warmup(args, rule, plan):
+    kind, value = rule
+    if kind == 'compute':
+        return value * plan.total_progress
+    return plan.progress_after_plain_epochs(args.warmup_epochs)
+
+
+def _check_replay_update_freq(stages):
+    for s in stages:
+        if s.replay_times > 1 and s.update_freq > 1:
+            raise PlanError(f'stage {s.index} (B={s.size}): replay needs update_freq 1 but the stage has '
+                            f'{s.update_freq}: raise --batch_size or lower --update_freq, or turn replay off')
+
+
+# ---------------------------------------------------------------------------
+# custom curriculum files (JSON: no extra dependency)
+# ---------------------------------------------------------------------------
+
+_STAGE_KEYS = {'share', 'size', 'magnitude', 'batch_size', 'update_freq', 'replay_times', 'buffer_size'}
+_TOP_KEYS = {'progress', 'lowfreq', 'warmup_epochs', 'warmup_fraction', 'stages', 'name'}
+
+
+def _field_error(path, where, msg):
+    return PlanError(f'{path}: {where}: {msg}')
+
+
+def _int_field(path, where, v, lo, allow_none=False):
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise _field_error(path, where, f'must be an integer >= {lo}, got {v!r}')
+    return v
+
+
+def load_plan_file(path, args, size_multiple=16):
+    """A Plan from a JSON curriculum file; a bad field fails naming it.
+
+    {"progress": "compute"|"epochs", "lowfreq": "fourier"|"lanczos",
+     "warmup_epochs": 20 | "warmup_fraction": 0.2,
+     "stages": [{"share": 0.2, "size": 96, "magnitude": 0, "batch_size": 512,
+                 "update_freq": 1, "replay_times": 1, "buffer_size": 0}, ...]}
+    share is the stage's part of the --epochs budget (compute or epochs, per
+    "progress"); shares must add up to 1. batch_size/update_freq default to
+    --batch_size/--update_freq.
+    """
+    try:
+        with open(path, encoding='utf-8') as f:
+            spec = json.load(f)
+    except OSError as e:
+        raise PlanError(f'{path}: cannot be read ({e.strerror}): check --curriculum_file') from None
+    except json.JSONDecodeError as e:
+        raise PlanError(f'{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})') from None
+    if not isinstance(spec, dict):
+        raise _field_error(path, 'top level', 'must be an object with a "stages" list')
+    unknown = set(spec) - _TOP_KEYS
+    if unknown:
+        raise _field_error(path, sorted(unknown)[0], f'unknown field (known: {", ".join(sorted(_TOP_KEYS))})')
+    unit = spec.get('progress', 'compute')
+    if unit not in ('compute', 'epochs'):
+        raise _field_error(path, 'progress', f'must be "compute" or "epochs", got {unit!r}')
+    lowfreq = spec.get('lowfreq', 'lanczos')
+    if getattr(args, 'lowfreq', 'auto') != 'auto':
+        lowfreq = args.lowfreq
+    if lowfreq not in ('fourier', 'lanczos'):
+        raise _field_error(path, 'lowfreq', f'must be "fourier" or "lanczos", got {lowfreq!r}')
+    stages_spec = spec.get('stages')
+    if not isinstance(stages_spec, list) or not stages_spec:
+        raise _field_error(path, 'stages', 'must be a non-empty list of stage objects')
+    base = args.base_input_size
+    raw = []
+    for i, st in enumerate(stages_spec):
+        where = f'stages[{i}]'
+        if not isinstance(st, dict):
+            raise _field_error(path, where, 'must be an object')
+        bad = set(st) - _STAGE_KEYS
+        if bad:
+            raise _field_error(path, f'{where}.{sorted(bad)[0]}',
+                               f'unknown field (known: {", ".join(sorted(_STAGE_KEYS))})')
+        for req in ('share', 'size'):
+            if req not in st:
+                raise _field_error(path, f'{where}.{req}', 'missing')
+        share = st['share']
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise _field_error(path, f'{where}.share', f'must be a number in (0, 1], got {share!r}')
+        size = _int_field(path, f'{where}.size', st['size'], 8)
+        if size % 2:
+            raise _field_error(path, f'{where}.size', f'must be even (the Fourier crop keeps -B/2..B/2-1), got {size}')
+        if size > base:
+            raise _field_error(path, f'{where}.size', f'{size} exceeds --base_input_size {base}')
+        mag = _int_field(path, f'{where}.magnitude', st.get('magnitude'), 0, allow_none=True)
+        if mag is not None and mag > 30:
+            raise _field_error(path, f'{where}.magnitude', f'RandAugment magnitudes run 0..30, got {mag}')
+        bs = _int_field(path, f'{where}.batch_size', st.get('batch_size', args.batch_size), 1)
+        uf = _int_field(path, f'{where}.update_freq', st.get('update_freq', args.update_freq), 1)
+        rt = _int_field(path, f'{where}.replay_times', st.get('replay_times', 1), 1)
+        buf = _int_field(path, f'{where}.buffer_size', st.get('buffer_size', 0), 0)
+        if rt > 1 and uf > 1:
+            raise _field_error(path, f'{where}.update_freq', f'must be 1 with replay_times {rt}')
+        if rt > 1 and buf < 1:
+            raise _field_error(path, f'{where}.buffer_size', f'must be >= 1 with replay_times {rt}')
+        if bs % rt:
+            raise _field_error(path, f'{where}.batch_size', f'{bs} not divisible by replay_times {rt}')
+        per_epoch = (size / base) ** 2 * rt if unit == 'compute' else 1.0
+        raw.append((share * args.epochs / per_epoch, Stage(0, size, mag, 1, bs, uf, rt, buf)))
+    total_share = sum(s['share'] for s in stages_spec)
+    if abs(total_share - 1.0) > 1e-6:
+        raise _field_error(path, 'stages[*].share', f'must add up to 1, they add up to {total_share:g}')
+    counts = split_rounded([r[0] for r in raw])
+    stages = []
+    for (_, st), n in zip(raw, counts):
+        if n > 0:
+            stages.append(Stage(0, st.size, st.magnitude, n, st.batch_size, st.update_freq,
+                                st.replay_times, st.buffer_size))
+    if not stages:
+        raise _field_error(path, 'stages', f'every stage rounds to 0 epochs at --epochs {args.epochs}')
+    name = spec.get('name', os.path.basename(path))
+    plan = Plan(f'custom: {name}', stages, base, unit, lowfreq)
+    plan.budget = args.epochs
+    if 'warmup_fraction' in spec:
+        wf = spec['warmup_fraction']
+        if isinstance(wf, bool) or not isinstance(wf, (int, float)) or not 0 <= wf < 1:
+            raise _field_error(path, 'warmup_fraction', f'must be a number in [0, 1), got {wf!r}')
+        plan.warmup = wf * plan.total_progress
+    else:
+        we = spec.get('warmup_epochs', args.warmup_epochs)
+        if isinstance(we, bool) or not isinstance(we, (int, float)) or we < 0:
+            raise _field_error(path, 'warmup_epochs', f'must be a number >= 0, got {we!r}')
+        plan.warmup = plan.progress_after_plain_epochs(we)
+    return plan

@@ -1,0 +1,319 @@
+"""Datasets, per-stage transforms and the loaders.
+
+Training uses ONE DataLoader for the whole run: the dataset holds one transform
+per curriculum stage (timm's ScheduledTransformDataset) and the batch sampler
+tags every index with the current stage and cuts batches of the stage's size. The
+sampler runs in the main process, so a new stage starts at the first batch of its
+first epoch even with persistent workers.
+"""
+import os
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ScheduledTransformDataset,
+                       create_transform)
+from torch.utils.data import Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+from PIL import ImageOps
+from timm.data import auto_augment as timm_auto_augment
+from torchvision import datasets as tv_datasets
+from torchvision import transforms
+
+from utils import UserError
+
+def _posterize(img, bits_to_keep, **__):
+    # timm's PosterizeIncreasing asks for 0 bits at magnitude >= 10 (m9 plus mstd0.5
+    # noise gets there). Pillow < 13 returned a black image for 0 bits; Pillow 13 raises.
+    # Keep the old result so strong RandAugment never crashes a run.
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+# AugmentOp looks its function up in NAME_TO_OP when a policy is built, so this must run
+# before any transform is created (it does: at import of this module).
+for _name, _fn in list(timm_auto_augment.NAME_TO_OP.items()):
+    if _fn is timm_auto_augment.posterize:
+        timm_auto_augment.NAME_TO_OP[_name] = _posterize
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+# ---------------------------------------------------------------------------
+# SYNTH: a generated dataset with low- and high-frequency class cues
+# ---------------------------------------------------------------------------
+
+class SynthDataset(Dataset):
+    """Deterministic generated images with low- and high-frequency class cues.
+
+    Low-frequency cues: a two-colour gradient at some angle and a large shape. High-
+    frequency cue: a grating with a period of 2-4 px at 64 px and some orientation,
+    which survives only at high bandwidth. Classes 2k and 2k+1 share their
+    low-frequency layout and differ only in texture, so low-pass views separate the
+    pairs and the full bandwidth is needed to tell each pair apart: a low-frequency
+    curriculum has something to learn early and something to add late. Every image
+    jitters position, colour, phase and noise, all from (seed, split, index).
+    """
+
+    SHAPES = ('disk', 'square', 'diamond', 'ring', 'bar')
+
+    def __init__(self, num_classes=10, per_class=100, image_size=64, seed=0, split='train'):
+        if num_classes < 2 or per_class < 1 or image_size < 8:
+            raise UserError('SYNTH needs --synth_classes >= 2, --synth_per_class >= 1 and '
+                            '--synth_image_size >= 8')
+        self.num_classes, self.per_class, self.size = num_classes, per_class, image_size
+        self.seed = seed
+        self.split_id = {'train': 0, 'val': 1}[split]
+        self.classes = [f'class_{c:03d}' for c in range(num_classes)]
+        self.targets = [i % num_classes for i in range(num_classes * per_class)]
+        self._params = [self._class_params(c) for c in range(num_classes)]
+        yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32) / image_size
+        self._grid = (yy, xx)
+
+    def _class_params(self, c):
+        low = np.random.default_rng([self.seed, 7919, c // 2])
+        high = np.random.default_rng([self.seed, 104729, c])
+        # the two classes of a pair get clearly different gratings
+        orient = (c % 2) * np.pi / 2 + high.uniform(0, np.pi / 2)
+        return {
+            'col_a': low.uniform(0, 255, 3), 'col_b': low.uniform(0, 255, 3),
+            'angle': low.uniform(0, 2 * np.pi),
+            'shape': self.SHAPES[(c // 2) % len(self.SHAPES)],
+            'centre': low.uniform(0.3, 0.7, 2), 'radius': low.uniform(0.15, 0.28),
+            'shape_col': low.uniform(0, 255, 3),
+            'period': high.uniform(2.0, 4.0) / 64.0, 'orient': orient,
+        }
+
+    def __len__(self):
+        return self.num_classes * self.per_class
+
+    def render(self, index):
+        c = self.targets[index]
+        p = self._params[c]
+        rng = np.random.default_rng([self.seed, self.split_id, index])
+        yy, xx = self._grid
+        a = p['angle'] + rng.normal(0, 0.2)
+        t = np.clip(0.5 + (np.cos(a) * (xx - 0.5) + np.sin(a) * (yy - 0.5)), 0, 1)[..., None]
+        img = p['col_a'] + rng.normal(0, 12, 3) + t * (p['col_b'] - p['col_a'])
+        cy, cx = p['centre'] + rng.normal(0, 0.05, 2)
+        r = p['radius'] * rng.uniform(0.85, 1.15)
+        dy, dx = yy - cy, xx - cx
+        mask = {
+            'disk': dy ** 2 + dx ** 2 < r ** 2,
+            'square': np.maximum(np.abs(dy), np.abs(dx)) < r * 0.85,
+            'diamond': np.abs(dy) + np.abs(dx) < r * 1.2,
+            'ring': np.abs(np.sqrt(dy ** 2 + dx ** 2) - r * 0.8) < r * 0.3,
+            'bar': (np.abs(dy) < r * 0.35) & (np.abs(dx) < r * 1.3),
+        }[p['shape']]
+        img = np.where(mask[..., None], p['shape_col'] + rng.normal(0, 12, 3), img)
+        o = p['orient'] + rng.normal(0, 0.05)
+        phase = rng.uniform(0, 2 * np.pi)
+        wave = np.sin(2 * np.pi * (np.cos(o) * xx + np.sin(o) * yy) / p['period'] + phase)
+        img = img + rng.uniform(25, 40) * wave[..., None] + rng.normal(0, 6, img.shape)
+        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), 'RGB')
+
+    def __getitem__(self, index):
+        return self.render(index), self.targets[index]
+
+
+# ---------------------------------------------------------------------------
+# building datasets
+# ---------------------------------------------------------------------------
+
+def _image_folder(root, what):
+    if not root:
+        raise UserError(f'{what} is not set: pass --data_path (and --eval_data_path for image_folder)')
+    if not os.path.isdir(root):
+        raise UserError(f'{what} {root} is not a directory: check --data_path/--eval_data_path')
+    try:
+        ds = tv_datasets.ImageFolder(root, transform=None)
+    except FileNotFoundError:
+        raise UserError(f'{what} {root} has no class folders with images ({", ".join(IMG_EXTENSIONS[:3])}, ...): '
+                        f'expected <root>/<class>/<image>') from None
+    if len(ds) == 0:
+        raise UserError(f'{what} {root} holds no images')
+    return ds
+
+
+def build_base_datasets(args):
+    """(train, val, nb_classes): datasets that yield (PIL image, label), no transform yet."""
+    ds = args.data_set
+    if ds == 'SYNTH':
+        kw = dict(num_classes=args.synth_classes, image_size=args.synth_image_size, seed=args.synth_seed)
+        train = SynthDataset(per_class=args.synth_per_class, split='train', **kw)
+        val = SynthDataset(per_class=args.synth_val_per_class, split='val', **kw)
+    elif ds == 'CIFAR':
+        root = args.data_path or os.path.join(os.getcwd(), 'data', 'cifar100')
+        try:
+            train = tv_datasets.CIFAR100(root, train=True, download=True)
+            val = tv_datasets.CIFAR100(root, train=False, download=True)
+        except Exception as e:  # noqa: BLE001 - download or archive problems
+            raise UserError(f'CIFAR-100 could not be loaded from {root} ({e}): put cifar-100-python there '
+                            f'or allow the download') from None
+    elif ds in ('IMNET', 'image_folder'):
+        if ds == 'IMNET':
+            if not args.data_path:
+                raise UserError('--data_set IMNET needs --data_path holding train/ and val/')
+            train_root = os.path.join(args.data_path, 'train')
+            val_root = args.eval_data_path or os.path.join(args.data_path, 'val')
+        else:
+            train_root, val_root = args.data_path, args.eval_data_path
+            if not val_root and not args.eval:
+                raise UserError('--data_set image_folder needs --eval_data_path for the validation images')
+        val = _image_folder(val_root, 'validation folder')
+        train = None if args.eval else _image_folder(train_root, 'training folder')
+        if train is not None and train.classes != val.classes:
+            only_t = sorted(set(train.classes) - set(val.classes))[:3]
+            only_v = sorted(set(val.classes) - set(train.classes))[:3]
+            raise UserError(f'train and val class folders differ (only in train: {only_t}, only in val: '
+                            f'{only_v}): both must hold the same class folders')
+    else:
+        raise UserError(f'unknown --data_set {ds}: use IMNET, image_folder, CIFAR or SYNTH')
+    nb = len(val.classes)
+    if args.nb_classes is not None and args.nb_classes != nb:
+        raise UserError(f'--nb_classes {args.nb_classes} disagrees with the data ({nb} classes): '
+                        f'drop --nb_classes or fix the dataset')
+    return train, val, nb
+
+
+# ---------------------------------------------------------------------------
+# transforms
+# ---------------------------------------------------------------------------
+
+def with_magnitude(aa, magnitude):
+    """timm's RandAugment string with its magnitude replaced, e.g. rand-m9-mstd0.5-inc1 -> rand-m3-..."""
+    if magnitude is None or not aa or aa == 'none':
+        return aa
+    if not aa.startswith('rand'):
+        raise UserError(f'the curriculum sets the RandAugment magnitude but --aa is {aa}: '
+                        f'use a RandAugment policy such as rand-m9-mstd0.5-inc1')
+    parts = aa.split('-')
+    parts = [p for p in parts if not re.fullmatch(r'm\d+(\.\d+)?', p)]
+    return '-'.join([parts[0], f'm{magnitude}'] + parts[1:])
+
+
+def train_transform(args, size, magnitude, lowfreq):
+    """The CPU pipeline of one stage.
+
+    none:    RandomResizedCrop(size) ... at the stage size (the baseline)
+    lanczos: the EfficientTrain++ order: crop and RandAugment at the base size, then a
+             Lanczos resize to B, then ToTensor/Normalize/RandomErasing
+    fourier: the full pipeline at the base size; the crop to B happens on the device
+    """
+    aa = with_magnitude(args.aa, magnitude)
+    kw = dict(is_training=True, color_jitter=args.color_jitter if args.color_jitter > 0 else None,
+              auto_augment=None if aa in (None, '', 'none') else aa, interpolation=args.train_interpolation,
+              re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+              mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    if lowfreq == 'none':
+        return create_transform(size, **kw)
+    base = args.base_input_size
+    if lowfreq == 'fourier' or size == base:
+        return create_transform(base, **kw)
+    from curriculum.lowfreq import LanczosResize
+    # timm's separate=True gives (crop+flip, augment, to-tensor+normalize+erase); the
+    # Lanczos resize goes between the last two without touching timm's lists.
+    primary, secondary, final = create_transform(base, separate=True, **kw)
+    return transforms.Compose([primary, secondary, LanczosResize(size), final])
+
+
+def eval_transform(size, crop_pct=None):
+    """Resize(size / crop_pct, bicubic) + CenterCrop(size); at 384 and above, resize only."""
+    if size >= 384:
+        resize = [transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC)]
+    else:
+        crop_pct = crop_pct or 0.875
+        resize = [transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+                  transforms.CenterCrop(size)]
+    return transforms.Compose(resize + [transforms.ToTensor(),
+                                        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+class TransformedDataset(Dataset):
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, target = self.base[i]
+        return self.transform(img), target
+
+
+# ---------------------------------------------------------------------------
+# samplers and loaders
+# ---------------------------------------------------------------------------
+
+class StageBatchSampler(Sampler):
+    """Batches of (index, stage) pairs, sized by the stage the epoch belongs to."""
+
+    def __init__(self, sampler, plan):
+        self.sampler, self.plan = sampler, plan
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.stage = self.plan.stage_at(epoch)
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        bs, tag, batch = self.stage.loader_batch, self.stage.index, []
+        for i in self.sampler:
+            batch.append((i, tag))
+            if len(batch) == bs:
+                yield batch
+                batch = []
+
+    def __len__(self):
+        return len(self.sampler) // self.stage.loader_batch
+
+
+class ShardSampler(Sampler):
+    """Every rank takes indices rank, rank+world, ...: no padding, so sums over ranks are exact."""
+
+    def __init__(self, n, rank, world):
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def _worker_init(worker_id):
+    # numpy is not reseeded by torch's worker seeding; derive it from torch's seed.
+    np.random.seed(torch.initial_seed() % 2 ** 32)
+
+
+def build_train_loader(args, train_base, plan, rank, world):
+    transforms_per_stage = [train_transform(args, s.size, s.magnitude, plan.lowfreq) for s in plan.stages]
+    dataset = ScheduledTransformDataset(train_base, transforms_per_stage)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    per_rank = len(sampler)
+    for s in plan.stages:
+        if per_rank < s.loader_batch:
+            raise UserError(f'stage {s.index}: per-GPU loader batch {s.loader_batch} exceeds the {per_rank} '
+                            f'training images per process: lower --batch_size')
+    batch_sampler = StageBatchSampler(sampler, plan)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=args.num_workers, pin_memory=args.pin_mem,
+        persistent_workers=args.num_workers > 0, worker_init_fn=_worker_init)
+    return loader, batch_sampler
+
+
+def build_eval_loader(args, val_base, size, rank, world):
+    dataset = TransformedDataset(val_base, eval_transform(size, args.crop_pct))
+    if args.dist_eval and world > 1:
+        sampler = ShardSampler(len(dataset), rank, world)
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=int(1.5 * args.batch_size),
+                                       num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False)

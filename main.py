@@ -1,0 +1,426 @@
+"""Train or evaluate a timm backbone, optionally with the EfficientTrain(++) curriculum.
+
+    python main.py --data_set SYNTH --model resnet18 --input_size 64 --epochs 3 \
+        --batch_size 32 --device cpu --output_dir out/demo
+    torchrun --nproc_per_node=8 main.py --model convnext_tiny --curriculum etpp \
+        --epochs 200 --data_path /path/to/imagenet --output_dir out/x
+
+main() is wiring only: the plan (curriculum/) says what each epoch is, the engine
+trains and evaluates, utils writes checkpoints and logs.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+
+import utils
+from curriculum import PlanError, build_plan
+from curriculum.adapt import adapt_model, check_input_size, size_multiple
+from curriculum.lowfreq import FourierCrop
+from curriculum.replay import ReplayBuffer
+from datasets import build_base_datasets, build_eval_loader, build_train_loader
+from engine import TrainingDiverged, evaluate, train_one_epoch
+from models import create_model
+from models.checkpoint_compat import drop_mismatched_head, load_into
+from optim_factory import create_optimizer
+from utils import UserError, str2bool
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('EfficientTrain(++) training and evaluation', add_help=True)
+    b = str2bool
+    # model
+    p.add_argument('--model', default='convnext_tiny', type=str, help='recipe name or any timm model name')
+    p.add_argument('--input_size', default=224, type=int, help='image size for training without a curriculum '
+                                                              'and for evaluation')
+    p.add_argument('--drop_path', default=0.0, type=float)
+    p.add_argument('--layer_scale_init_value', default=None, type=float,
+                   help='layer-scale init of ConvNeXt/ViT-style models (model default if unset)')
+    p.add_argument('--nb_classes', default=None, type=int, help='number of classes (default: from the data)')
+    # optimisation
+    p.add_argument('--batch_size', default=64, type=int, help='per-GPU batch (at the base size)')
+    p.add_argument('--update_freq', default=1, type=int, help='gradient accumulation steps (at the base size)')
+    p.add_argument('--epochs', default=300, type=int,
+                   help='data epochs; equivalent epochs at --base_input_size with --curriculum etpp')
+    p.add_argument('--warmup_epochs', default=20, type=float)
+    p.add_argument('--warmup_steps', default=-1, type=int, help='overrides --warmup_epochs when > 0')
+    p.add_argument('--lr', default=4e-3, type=float)
+    p.add_argument('--min_lr', default=1e-6, type=float)
+    p.add_argument('--weight_decay', default=0.05, type=float)
+    p.add_argument('--weight_decay_end', default=None, type=float, help='final weight decay (cosine); '
+                                                                        'default: constant')
+    p.add_argument('--opt', default='adamw', type=str, help="any optimizer timm's factory knows")
+    p.add_argument('--opt_eps', default=1e-8, type=float)
+    p.add_argument('--opt_betas', default=None, type=float, nargs='+')
+    p.add_argument('--momentum', default=0.9, type=float)
+    p.add_argument('--clip_grad', default=None, type=float)
+    p.add_argument('--layer_decay', default=1.0, type=float)
+    # EMA
+    p.add_argument('--model_ema', default=False, type=b)
+    p.add_argument('--model_ema_decay', default=0.9999, type=float)
+    p.add_argument('--model_ema_force_cpu', default=False, type=b)
+    p.add_argument('--model_ema_eval', default=False, type=b)
+    # augmentation
+    p.add_argument('--color_jitter', default=0.4, type=float)
+    p.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str)
+    p.add_argument('--smoothing', default=0.1, type=float)
+    p.add_argument('--train_interpolation', default='bicubic', type=str)
+    p.add_argument('--crop_pct', default=None, type=float)
+    p.add_argument('--reprob', default=0.25, type=float)
+    p.add_argument('--remode', default='pixel', type=str)
+    p.add_argument('--recount', default=1, type=int)
+    p.add_argument('--resplit', default=False, type=b)
+    p.add_argument('--mixup', default=0.8, type=float)
+    p.add_argument('--cutmix', default=1.0, type=float)
+    p.add_argument('--cutmix_minmax', default=None, type=float, nargs='+')
+    p.add_argument('--mixup_prob', default=1.0, type=float)
+    p.add_argument('--mixup_switch_prob', default=0.5, type=float)
+    p.add_argument('--mixup_mode', default='batch', type=str)
+    # curriculum
+    p.add_argument('--curriculum', default='none', choices=['none', 'et', 'etpp'])
+    p.add_argument('--curriculum_file', default=None, type=str, help='custom stages (JSON); see TRAINING.md')
+    p.add_argument('--base_input_size', default=224, type=int, help='final bandwidth of a curriculum')
+    p.add_argument('--lowfreq', default='auto', choices=['auto', 'fourier', 'lanczos'],
+                   help='auto: fourier for et, lanczos for etpp')
+    p.add_argument('--replay_times', default=1, type=int, help='replay factor for stages below the base size')
+    p.add_argument('--replay_buffer_size', default=0, type=int)
+    p.add_argument('--replay_preset', default=False, type=b, help="the recipe's published replay settings")
+    p.add_argument('--baseline_epochs', default=300, type=int, help='baseline the speedup is reported against')
+    # data and runs
+    p.add_argument('--data_set', default='IMNET', choices=['IMNET', 'image_folder', 'CIFAR', 'SYNTH'])
+    p.add_argument('--data_path', default=None, type=str)
+    p.add_argument('--eval_data_path', default=None, type=str)
+    p.add_argument('--synth_classes', default=10, type=int)
+    p.add_argument('--synth_per_class', default=100, type=int)
+    p.add_argument('--synth_val_per_class', default=20, type=int)
+    p.add_argument('--synth_image_size', default=80, type=int)
+    p.add_argument('--synth_seed', default=0, type=int)
+    p.add_argument('--output_dir', default='', type=str)
+    p.add_argument('--log_dir', default=None, type=str,
+                   help='TensorBoard directory (default <output_dir>/tensorboard; "none" disables)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str)
+    p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--resume', default='', type=str)
+    p.add_argument('--auto_resume', default=True, type=b)
+    p.add_argument('--save_ckpt', default=True, type=b)
+    p.add_argument('--save_ckpt_freq', default=1, type=int)
+    p.add_argument('--save_ckpt_num', default=3, type=int)
+    p.add_argument('--start_epoch', default=0, type=int)
+    p.add_argument('--eval', default=False, type=b)
+    p.add_argument('--dist_eval', default=True, type=b)
+    p.add_argument('--disable_eval', default=False, type=b)
+    p.add_argument('--num_workers', default=min(10, os.cpu_count() or 1), type=int)
+    p.add_argument('--pin_mem', default=True, type=b)
+    p.add_argument('--use_amp', default=False, type=b)
+    p.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'])
+    p.add_argument('--finetune', default='', type=str)
+    p.add_argument('--head_init_scale', default=1.0, type=float)
+    p.add_argument('--model_key', default='model|module', type=str)
+    p.add_argument('--model_prefix', default='', type=str)
+    p.add_argument('--print_freq', default=10, type=int)
+    return p
+
+
+def check_args(args):
+    if args.batch_size < 1 or args.update_freq < 1:
+        raise UserError('--batch_size and --update_freq must be >= 1')
+    if args.epochs < 1 and not args.eval:
+        raise UserError(f'--epochs must be >= 1, got {args.epochs}')
+    if args.model_ema_eval and not args.model_ema:
+        raise UserError('--model_ema_eval true needs --model_ema true')
+    if args.curriculum_file and args.curriculum not in ('none', 'etpp', 'et'):
+        raise UserError('--curriculum_file replaces --curriculum: leave --curriculum unset')
+    if args.log_dir is None and args.output_dir:
+        args.log_dir = os.path.join(args.output_dir, 'tensorboard')
+    if args.log_dir in ('none', ''):
+        args.log_dir = None
+
+
+def _model_kwargs(args, nb_classes):
+    kw = dict(num_classes=nb_classes, drop_path_rate=args.drop_path)
+    if args.layer_scale_init_value is not None:
+        kw['layer_scale_init_value'] = args.layer_scale_init_value  # models.create_model maps it per family
+    return kw
+
+
+def _state_from(ckpt, keys, path):
+    for k in keys.split('|'):
+        if k in ckpt:
+            print(f'Loading weights from {path} [{k}]')
+            return ckpt[k], k
+    if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt, None
+    raise UserError(f'{path} has none of the keys {keys.split("|")} (it has {sorted(ckpt)[:5]}): '
+                    f'pass --model_key')
+
+
+def load_finetune(args, model):
+    ckpt = utils.load_checkpoint_file(args.finetune)
+    state, _ = _state_from(ckpt, args.model_key, args.finetune)
+    if args.model_prefix:
+        state = {k[len(args.model_prefix):]: v for k, v in state.items() if k.startswith(args.model_prefix)}
+    dropped = drop_mismatched_head(model, state)
+    if dropped:
+        print(f'Dropped classifier weights whose shape differs from the model: {", ".join(dropped)}')
+    report = load_into(model, state, strict=False)
+    print(f'Fine-tuning from {args.finetune}: missing {report.missing or "none"}, '
+          f'unexpected {report.unexpected or "none"}')
+    if args.head_init_scale != 1.0 and hasattr(model, 'get_classifier'):
+        head = model.get_classifier()
+        with torch.no_grad():
+            for p_ in head.parameters():
+                p_.mul_(args.head_init_scale)
+
+
+def main(args):
+    utils.init_distributed_mode(args)
+    check_args(args)
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda but no CUDA device is visible: pass --device cpu')
+    rank, world = utils.get_rank(), utils.get_world_size()
+    utils.seed_everything(args.seed + rank)
+    if args.output_dir and rank == 0:
+        utils.check_writable_dir(args.output_dir)
+    print(' '.join(sys.argv))
+
+    train_base, val_base, nb_classes = build_base_datasets(args)
+    args.nb_classes = nb_classes
+    try:
+        model = create_model(args.model, **_model_kwargs(args, nb_classes))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    final_size = args.input_size if (args.eval or args.curriculum == 'none' and not args.curriculum_file) \
+        else args.base_input_size
+    check_input_size(model, final_size)
+    adapt_model(model, final_size)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'Model {args.model}: {n_parameters / 1e6:.2f}M parameters, {nb_classes} classes')
+    amp_dtype = getattr(torch, args.amp_dtype) if args.use_amp else None
+
+    if args.eval:
+        return run_eval_only(args, model, val_base, device, amp_dtype, rank, world)
+
+    try:
+        plan = build_plan(args, size_multiple(model))
+    except PlanError as e:
+        raise UserError(str(e)) from None
+    for s in plan.stages:
+        try:
+            check_input_size(model, s.size)
+        except ValueError as e:
+            raise UserError(f'stage {s.index} of the plan: {e}') from None
+    print(plan.table(args.baseline_epochs))
+
+    if args.finetune:
+        load_finetune(args, model)
+    model.to(device)
+    model_ema = None
+    if args.model_ema:
+        # timm's ModelEmaV3 keeps a decayed copy; force_cpu keeps it off the GPU.
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device='cpu' if args.model_ema_force_cpu else None)
+    optimizer = create_optimizer(args, model)
+    loss_scaler = utils.LossScaler(device.type, enabled=args.use_amp and args.amp_dtype == 'float16')
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=nb_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+
+    current_size = final_size
+    start_epoch, max_acc, max_acc_ema = args.start_epoch, 0.0, 0.0
+    resume_path, ckpt = None, None
+    if args.resume:
+        resume_path, ckpt = args.resume, utils.load_checkpoint_file(args.resume)
+    elif args.auto_resume and args.output_dir:
+        resume_path, ckpt = utils.find_resume_checkpoint(args.output_dir)
+    if ckpt is not None:
+        # The checkpoint holds the model at the size it was trained at last.
+        ckpt_size = int(ckpt.get('input_size', current_size))
+        adapt_model(model, ckpt_size, optimizer, model_ema)
+        current_size = ckpt_size
+        state, _ = _state_from(ckpt, 'model', resume_path)
+        load_into(model, state, strict=True)
+        if 'optimizer' in ckpt and 'epoch' in ckpt:
+            optimizer.load_state_dict(ckpt['optimizer'])
+            loss_scaler.load_state_dict(ckpt.get('scaler'))
+            start_epoch = int(ckpt['epoch']) + 1
+            max_acc = float(ckpt.get('max_accuracy', 0.0))
+            max_acc_ema = float(ckpt.get('max_accuracy_ema', 0.0))
+        if model_ema is not None and 'model_ema' in ckpt:
+            model_ema.module.load_state_dict(ckpt['model_ema'])
+        print(f'Resumed from {resume_path} (epoch {ckpt.get("epoch")}); continuing at epoch {start_epoch}')
+
+    model_without_ddp = model
+    model = wrap_ddp(model_without_ddp, args)
+
+    train_loader, batch_sampler = build_train_loader(args, train_base, plan, rank, world)
+    per_rank = len(batch_sampler.sampler)
+    log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None
+    if rank == 0 and args.output_dir:
+        config = {'args': vars(utils.plain_args(args)), 'plan': plan.summary(), 'world_size': world}
+        with open(os.path.join(args.output_dir, 'config.json'), 'w', encoding='utf-8') as f:
+            json.dump(config, f, indent=2)
+
+    base = plan.base_size
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    warmup = plan.warmup
+    if args.warmup_steps > 0:
+        s0 = plan.stages[0]
+        warmup = plan.progress(0) + plan.epoch_weight(0) * args.warmup_steps / max(per_rank // s0.loader_batch, 1)
+
+    def hparams(progress):
+        lr = utils.cosine_schedule(progress, plan.total_progress, args.lr, args.min_lr, warmup)
+        wd = utils.cosine_schedule(progress, plan.total_progress, args.weight_decay, wd_end)
+        return lr, wd
+
+    def steps_in(epoch):
+        return per_rank // plan.stage_at(epoch).loader_batch
+
+    eval_loader, eval_size = None, None
+    replay, replay_stage = None, None
+    print(f'Start training for {plan.num_epochs} data epochs from epoch {start_epoch}')
+    start_time = time.time()
+    for epoch in range(start_epoch, plan.num_epochs):
+        stage = plan.stage_at(epoch)
+        if stage.size != current_size:
+            if adapt_model(model_without_ddp, stage.size, optimizer, model_ema):
+                model = wrap_ddp(model_without_ddp, args)
+            current_size = stage.size
+            print(f'Stage {stage.index}: model adapted to {stage.size}x{stage.size}')
+        lowfreq = FourierCrop(stage.size) if plan.lowfreq == 'fourier' and stage.size < base else None
+        if stage.replay_times > 1 and replay_stage != stage.index:
+            replay = ReplayBuffer(stage.buffer_size, stage.replay_times)
+            replay_stage = stage.index
+        elif stage.replay_times == 1:
+            replay, replay_stage = None, None
+        batch_sampler.set_epoch(epoch)
+        stage_desc = f'stage {stage.index}, B={stage.size}, m={stage.magnitude}'
+        train_stats = train_one_epoch(
+            model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
+            hparams_at=lambda frac, e=epoch: hparams(plan.progress(e, frac)),
+            update_freq=stage.update_freq, max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
+            amp_dtype=amp_dtype, lowfreq=lowfreq, replay=replay, log_writer=log_writer,
+            global_step=sum(steps_in(e) for e in range(epoch)), print_freq=args.print_freq,
+            header=f'Epoch: [{epoch}/{plan.num_epochs}] [{stage_desc}]', stage_desc=stage_desc)
+
+        last = epoch + 1 == plan.num_epochs
+        extra = {'input_size': current_size, 'max_accuracy': max_acc, 'max_accuracy_ema': max_acc_ema}
+        if args.output_dir and args.save_ckpt and ((epoch + 1) % args.save_ckpt_freq == 0 or last):
+            save_training_checkpoint(args, f'checkpoint-{epoch}.pth', epoch, model_without_ddp, optimizer,
+                                     loss_scaler, model_ema, extra)
+            if rank == 0:
+                utils.rotate_checkpoints(args.output_dir, args.save_ckpt_num)
+
+        test_stats, ema_stats = {}, {}
+        if not args.disable_eval:
+            if eval_size != stage.size:
+                eval_loader, eval_size = build_eval_loader(args, val_base, stage.size, rank, world), stage.size
+            reduce = args.dist_eval and world > 1
+            test_stats = evaluate(eval_loader, model_without_ddp, device, amp_dtype, reduce)
+            # Best checkpoints only at the base size: accuracies at lower B are not comparable,
+            # and those models would not load into the standard-size architecture.
+            if stage.size == base and test_stats['acc1'] > max_acc:
+                max_acc = test_stats['acc1']
+                extra['max_accuracy'] = max_acc
+                if args.output_dir and args.save_ckpt:
+                    save_training_checkpoint(args, 'checkpoint-best.pth', epoch, model_without_ddp, optimizer,
+                                             loss_scaler, model_ema, extra)
+            print(f'Accuracy of the network on {test_stats["num_images"]} test images at {stage.size}: '
+                  f'{test_stats["acc1"]:.2f}% (max at {base}: {max_acc:.2f}%)')
+            if model_ema is not None and args.model_ema_eval:
+                ema_stats = evaluate(eval_loader, model_ema.module, device, amp_dtype, reduce, header='Test EMA:')
+                if stage.size == base and ema_stats['acc1'] > max_acc_ema:
+                    max_acc_ema = ema_stats['acc1']
+                    extra['max_accuracy_ema'] = max_acc_ema
+                    if args.output_dir and args.save_ckpt:
+                        save_training_checkpoint(args, 'checkpoint-best-ema.pth', epoch, model_without_ddp,
+                                                 optimizer, loss_scaler, model_ema, extra)
+
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     **{f'test_ema_{k}': v for k, v in ema_stats.items()},
+                     'epoch': epoch, 'n_parameters': n_parameters, 'stage': stage.index,
+                     'input_size': stage.size, 'magnitude': stage.magnitude, 'batch_size': stage.batch_size,
+                     'update_freq': stage.update_freq, 'replay_times': stage.replay_times,
+                     'progress': plan.progress(epoch + 1), 'progress_frac': plan.progress(epoch + 1) / plan.total_progress}
+        if rank == 0:
+            if args.output_dir:
+                utils.save_json_line(os.path.join(args.output_dir, 'log.txt'), log_stats)
+            if log_writer is not None:
+                log_writer.add_scalars(epoch, 'epoch', **{k: v for k, v in log_stats.items() if v is not None})
+                log_writer.flush()
+
+    total = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f'Training time {total}')
+    return model_without_ddp
+
+
+def wrap_ddp(model, args):
+    if not args.distributed:
+        return model
+    kw = {'device_ids': [args.gpu]} if str(args.device).startswith('cuda') else {}
+    return torch.nn.parallel.DistributedDataParallel(model, **kw)
+
+
+def save_training_checkpoint(args, name, epoch, model, optimizer, loss_scaler, model_ema, extra):
+    if not utils.is_main_process():
+        return
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+             'scaler': loss_scaler.state_dict(), 'args': utils.plain_args(args), **extra}
+    if model_ema is not None:
+        state['model_ema'] = model_ema.module.state_dict()
+    utils.atomic_save(state, os.path.join(args.output_dir, name))
+
+
+def run_eval_only(args, model, val_base, device, amp_dtype, rank, world):
+    if not args.resume:
+        raise UserError('--eval true needs --resume FILE (the checkpoint to evaluate)')
+    ckpt = utils.load_checkpoint_file(args.resume)
+    key = 'model_ema' if (args.model_ema_eval and 'model_ema' in ckpt) else args.model_key
+    state, used = _state_from(ckpt, key, args.resume)
+    if 'input_size' in ckpt and int(ckpt['input_size']) != args.input_size:
+        adapt_model(model, int(ckpt['input_size']))
+    report = load_into(model, state, strict=True)
+    if report.missing or report.unexpected:
+        print(f'Note: missing {report.missing or "none"}, unexpected {report.unexpected or "none"}')
+    adapt_model(model, args.input_size)
+    model.to(device)
+    loader = build_eval_loader(args, val_base, args.input_size, rank, world)
+    stats = evaluate(loader, model, device, amp_dtype, reduce=args.dist_eval and world > 1)
+    print(f'Accuracy of the network ({used or "state_dict"}) on {stats["num_images"]} test images: '
+          f'{stats["acc1"]:.1f}%')
+    return stats
+
+
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(3)
+    finally:
+        if utils.is_dist_avail_and_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == '__main__':
+    cli()

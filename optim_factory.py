@@ -1,0 +1,139 @@
+"""Parameter groups (weight decay, layer-wise lr decay) and the optimizer.
+
+Layer ids follow the official recipes of each family, chosen by model class in
+LAYER_ID_TABLE. Families not in the table fall back to timm's own
+group_matcher-based layer decay. No weight decay on norms, biases, position
+embeddings and tokens (1-D tensors, '.bias' and the model's no_weight_decay()).
+"""
+import re
+
+from timm.models.convnext import ConvNeXt
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import create_optimizer_v2, param_groups_layer_decay
+
+
+def _convnext_layers(model):
+    return 12
+
+
+def _convnext_layer_id(name, num_layers):
+    # The ConvNeXt fine-tuning recipe: stem 0, stages 0/1 and their downsamples 1-3,
+    # stage 2 in groups of 3 blocks, stage 3 at the top; head above everything.
+    if name.startswith('stem'):
+        return 0
+    m = re.match(r'stages\.(\d+)\.(downsample|blocks)(?:\.(\d+))?', name)
+    if not m:
+        return num_layers + 1
+    stage = int(m.group(1))
+    if m.group(2) == 'downsample':
+        return {0: 0, 1: 2, 2: 3}.get(stage, num_layers)
+    block = int(m.group(3))
+    if stage in (0, 1):
+        return stage + 1
+    if stage == 2:
+        return 3 + block // 3
+    return num_layers
+
+
+def _vit_layers(model):
+    return len(model.blocks)
+
+
+def _vit_layer_id(name, num_layers):
+    if name in ('cls_token', 'dist_token', 'reg_token', 'pos_embed') or name.startswith('patch_embed'):
+        return 0
+    m = re.match(r'blocks\.(\d+)\.', name)
+    if m:
+        return int(m.group(1)) + 1
+    return num_layers + 1
+
+
+def _swin_depths(model):
+    return [len(layer.blocks) for layer in model.layers]
+
+
+def _swin_layers(model):
+    return sum(_swin_depths(model))
+
+
+def _swin_layer_id_fn(model):
+    depths = _swin_depths(model)
+    starts = [sum(depths[:i]) for i in range(len(depths))]
+
+    def layer_id(name, num_layers):
+        if name.startswith(('patch_embed', 'absolute_pos_embed')):
+            return 0
+        m = re.match(r'layers\.(\d+)\.(blocks|downsample)(?:\.(\d+))?', name)
+        if not m:
+            return num_layers + 1
+        stage = int(m.group(1))
+        if m.group(2) == 'downsample':
+            # timm runs the patch merging at the start of stage i; the official code at
+            # the end of stage i-1, where it shares the id of that stage's last block.
+            return starts[stage]
+        return starts[stage] + int(m.group(3)) + 1
+    return layer_id
+
+
+# model class -> (number of layers, layer_id(name, num_layers))
+LAYER_ID_TABLE = {
+    ConvNeXt: lambda m: (_convnext_layers(m), _convnext_layer_id),
+    VisionTransformer: lambda m: (_vit_layers(m), _vit_layer_id),
+    SwinTransformer: lambda m: (_swin_layers(m), _swin_layer_id_fn(m)),
+}
+
+
+def _no_decay_names(model):
+    return set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+
+
+def param_groups(model, weight_decay, layer_decay=1.0):
+    """Groups with 'lr_scale' and 'wd_scale' (0 for norms, biases, tokens, embeddings)."""
+    skip = _no_decay_names(model)
+    entry = next((v for k, v in LAYER_ID_TABLE.items() if isinstance(model, k)), None)
+    if layer_decay < 1.0 and entry is None:
+        # timm's group_matcher knows the block structure of the families we do not list.
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=layer_decay)
+        for g in groups:
+            g['wd_scale'] = 1.0 if g['weight_decay'] > 0 else 0.0
+        return groups
+    num_layers, layer_id = entry(model) if entry is not None else (0, lambda n, k: 0)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_wd = p.ndim <= 1 or name.endswith('.bias') or name in skip
+        lid = layer_id(name, num_layers) if layer_decay < 1.0 else 0
+        scale = layer_decay ** (num_layers + 1 - lid) if layer_decay < 1.0 else 1.0
+        key = (lid, no_wd)
+        if key not in groups:
+            groups[key] = {'params': [], 'param_names': [], 'weight_decay': 0.0 if no_wd else weight_decay,
+                           'wd_scale': 0.0 if no_wd else 1.0, 'lr_scale': scale, 'layer_id': lid}
+        groups[key]['params'].append(p)
+        groups[key]['param_names'].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def create_optimizer(args, model):
+    groups = param_groups(model, args.weight_decay, args.layer_decay)
+    for g in groups:
+        g.pop('param_names', None)
+    kwargs = {}
+    if args.opt_eps is not None:
+        kwargs['eps'] = args.opt_eps
+    if args.opt_betas is not None:
+        kwargs['betas'] = tuple(args.opt_betas)
+    # timm's factory knows adamw, sgd, lamb, lion, ...; per-group weight_decay is kept.
+    return create_optimizer_v2(groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                               momentum=args.momentum, **kwargs)
+
+
+def apply_hparams(optimizer, lr, weight_decay):
+    for g in optimizer.param_groups:
+        g['lr'] = lr * g.get('lr_scale', 1.0)
+        g['weight_decay'] = weight_decay * g.get('wd_scale', 1.0)
+
+
+__all__ = ['param_groups', 'create_optimizer', 'apply_hparams', 'LAYER_ID_TABLE']

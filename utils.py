@@ -1,0 +1,428 @@
+"""Distributed setup, metric logging, mixed precision, checkpoints and schedules.
+
+Checkpoints are plain dictionaries in the ConvNeXt/EfficientTrain layout
+(``model``, ``optimizer``, ``epoch``, ``scaler``, ``args`` and optionally
+``model_ema``), written atomically and read with ``weights_only=True``.
+"""
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import defaultdict, deque
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; main() prints it on one line and exits 2."""
+
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ('true', 't', 'yes', 'y', '1'):
+        return True
+    if s in ('false', 'f', 'no', 'n', '0'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{v}'")
+
+
+# ---------------------------------------------------------------------------
+# distributed
+# ---------------------------------------------------------------------------
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on all ranks but 0; print(..., force=True) still goes through."""
+    import builtins
+    builtin_print = builtins.print
+
+    def print_(*args, **kwargs):
+        force = kwargs.pop('force', False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_
+
+
+def init_distributed_mode(args):
+    """Read torchrun's or SLURM's environment; NCCL for CUDA, gloo otherwise."""
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        args.rank = int(os.environ['RANK'])
+        args.world_size = int(os.environ['WORLD_SIZE'])
+        args.gpu = int(os.environ.get('LOCAL_RANK', 0))
+    elif 'SLURM_PROCID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+        args.rank = int(os.environ['SLURM_PROCID'])
+        args.world_size = int(os.environ['SLURM_NTASKS'])
+        args.gpu = int(os.environ.get('SLURM_LOCALID', 0))
+        os.environ.setdefault('RANK', str(args.rank))
+        os.environ.setdefault('WORLD_SIZE', str(args.world_size))
+        os.environ.setdefault('LOCAL_RANK', str(args.gpu))
+        if 'MASTER_ADDR' not in os.environ:
+            raise UserError('SLURM run without MASTER_ADDR: export MASTER_ADDR (the first node of '
+                            '$SLURM_JOB_NODELIST) and MASTER_PORT before srun, as scripts/slurm_train.sh does')
+        os.environ.setdefault('MASTER_PORT', '29500')
+    else:
+        args.distributed = False
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        return
+    args.distributed = True
+    use_cuda = str(args.device).startswith('cuda')
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f'cuda:{args.gpu}'
+    args.dist_backend = 'nccl' if use_cuda else 'gloo'
+    dist.init_process_group(backend=args.dist_backend, init_method='env://',
+                            world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(minutes=30))
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of floats over ranks (float64, so counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------
+# metric logging
+# ---------------------------------------------------------------------------
+
+class SmoothedValue:
+    """A windowed median/average plus the global average of a series."""
+
+    def __init__(self, window_size=20, fmt='{median:.4f} ({global_avg:.4f})'):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self, device):
+        self.count, self.total = all_reduce_sum([self.count, self.total], device)
+
+    @property
+    def median(self):
+        return torch.tensor(list(self.deque)).median().item() if self.deque else 0.0
+
+    @property
+    def avg(self):
+        return sum(self.deque) / len(self.deque) if self.deque else 0.0
+
+    @property
+    def global_avg(self):
+        return self.total / self.count if self.count else 0.0
+
+    @property
+    def max(self):
+        return max(self.deque) if self.deque else 0.0
+
+    @property
+    def value(self):
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    def __init__(self, delimiter='  '):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        for k, v in kwargs.items():
+            if v is None:
+                continue
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            self.meters[k].update(float(v))
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def __getattr__(self, attr):
+        if attr in self.__dict__.get('meters', {}):
+            return self.meters[attr]
+        raise AttributeError(attr)
+
+    def __str__(self):
+        return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self, device):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes(device)
+
+    def log_every(self, iterable, print_freq, header='', total=None):
+        """Yield from iterable, printing progress, ETA and timings every print_freq items."""
+        total = len(iterable) if total is None else total
+        start = end = time.time()
+        iter_time = SmoothedValue(fmt='{avg:.4f}')
+        data_time = SmoothedValue(fmt='{avg:.4f}')
+        width = len(str(total))
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                msg = [header, f'[{i:{width}d}/{total}]', f'eta: {eta}', str(self),
+                       f'time: {iter_time}', f'data: {data_time}']
+                if torch.cuda.is_available():
+                    msg.append(f'max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB')
+                print(self.delimiter.join(m for m in msg if m), flush=True)
+            end = time.time()
+        elapsed = datetime.timedelta(seconds=int(time.time() - start))
+        print(f'{header} Total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)',
+              flush=True)
+
+
+class TensorboardLogger:
+    def __init__(self, log_dir):
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(logdir=log_dir)
+
+    def add_scalars(self, step, prefix='', **values):
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.writer.add_scalar(f'{prefix}/{k}' if prefix else k, v, step)
+
+    def flush(self):
+        self.writer.flush()
+
+
+# ---------------------------------------------------------------------------
+# mixed precision
+# ---------------------------------------------------------------------------
+
+class LossScaler:
+    """Backward, optional unscale + clip, and step, with a GradScaler only for fp16."""
+
+    state_dict_key = 'amp_scaler'
+
+    def __init__(self, device_type, enabled):
+        self.enabled = enabled
+        self._scaler = torch.amp.GradScaler(device_type, enabled=enabled)
+
+    def __call__(self, loss, optimizer, clip_grad=None, parameters=None, update_grad=True):
+        self._scaler.scale(loss).backward()
+        if not update_grad:
+            return None
+        self._scaler.unscale_(optimizer)
+        params = [p for p in parameters if p.grad is not None]
+        if clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        else:
+            norm = grad_norm(params)
+        scale_before = self._scaler.get_scale() if self.enabled else 1.0
+        self._scaler.step(optimizer)
+        self._scaler.update()
+        # A shrinking scale means GradScaler skipped this step for inf/nan gradients.
+        self.last_step_skipped = self.enabled and self._scaler.get_scale() < scale_before
+        return norm
+
+    def state_dict(self):
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state):
+        if state:
+            self._scaler.load_state_dict(state)
+
+
+def grad_norm(params, norm_type=2.0):
+    if not params:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad.detach(), norm_type) for p in params]), norm_type)
+
+
+# ---------------------------------------------------------------------------
+# schedules: pure functions of training progress
+# ---------------------------------------------------------------------------
+
+def cosine_schedule(progress, total, base_value, final_value, warmup=0.0, warmup_start=0.0):
+    """Value at `progress` of a linear warmup to base_value, then a cosine to final_value.
+
+    `progress` and `total` are in the same unit (epochs or compute), so the value
+    is the same whether it is asked mid-run or after a resume.
+    """
+    if warmup > 0 and progress < warmup:
+        return warmup_start + (base_value - warmup_start) * progress / warmup
+    span = max(total - warmup, 1e-12)
+    t = min(max((progress - warmup) / span, 0.0), 1.0)
+    return final_value + 0.5 * (base_value - final_value) * (1.0 + math.cos(math.pi * t))
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------
+
+def _safe_globals():
+    # Released EfficientTrain/ConvNeXt files store 'args' as an argparse.Namespace;
+    # that is the only non-tensor class the formats need.
+    return [argparse.Namespace]
+
+
+def load_checkpoint_file(path, map_location='cpu'):
+    """torch.load without executing pickled code; one-line UserError on failure."""
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} does not exist: check the --resume/--finetune path')
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'{path} is not a readable checkpoint ({first[:200]}): '
+                        f'point to a .pth file written by torch.save') from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dictionary: '
+                        f"expected {{'model': state_dict, ...}}")
+    return ckpt
+
+
+def plain_args(args):
+    """A Namespace of plain values only, so weights_only loading accepts it."""
+    out = argparse.Namespace()
+    for k, v in vars(args).items():
+        if v is None or isinstance(v, (bool, int, float, str)):
+            setattr(out, k, v)
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
+            setattr(out, k, list(v))
+        else:
+            setattr(out, k, str(v))
+    return out
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file in the same directory, fsync, then rename over path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-' + os.path.basename(path) + '.', dir=directory)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+_CKPT_RE = re.compile(r'checkpoint-(\d+)\.pth$')
+
+
+def list_epoch_checkpoints(output_dir):
+    """[(epoch_number, path)] of checkpoint-N.pth files, newest number first."""
+    found = []
+    for p in glob.glob(os.path.join(output_dir, 'checkpoint-*.pth')):
+        m = _CKPT_RE.search(os.path.basename(p))
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def rotate_checkpoints(output_dir, keep):
+    """Delete all but the newest `keep` checkpoint-N.pth (called after a save succeeded)."""
+    if keep is None or keep <= 0:
+        return
+    for _, p in list_epoch_checkpoints(output_dir)[keep:]:
+        try:
+            os.remove(p)
+        except OSError:
+            pass
+
+
+def find_resume_checkpoint(output_dir):
+    """Newest checkpoint in output_dir that loads, by recorded progress; damaged ones are skipped."""
+    candidates = []
+    for _, p in list_epoch_checkpoints(output_dir):
+        try:
+            ckpt = load_checkpoint_file(p)
+        except UserError as e:
+            print(f'WARNING: skipping damaged checkpoint: {e}')
+            continue
+        if 'model' not in ckpt or 'epoch' not in ckpt:
+            print(f'WARNING: skipping {p}: no model/epoch entry')
+            continue
+        candidates.append((int(ckpt['epoch']), p, ckpt))
+    if not candidates:
+        return None, None
+    epoch, path, ckpt = max(candidates, key=lambda c: c[0])
+    return path, ckpt
+
+
+def save_json_line(path, record):
+    with open(path, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def seed_everything(seed):
+    import random
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def check_writable_dir(path, what='--output_dir'):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix='.write-test-', delete=True)
+        probe.close()
+    except OSError as e:
+        raise UserError(f'{what} {path} cannot be written ({e.strerror}): choose a writable directory') from None
+
+
+def format_exit(e):
+    """One line for a UserError, for main()'s handler."""
+    return f'error: {e}'
+
+
+def exit_on_user_error(fn):
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except UserError as e:
+            print(format_exit(e), file=sys.stderr, flush=True)
+            sys.exit(2)
+    return wrapper
