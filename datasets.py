@@ -51,7 +51,7 @@ class SynthDataset(Dataset):
     """Deterministic generated images with low- and high-frequency class cues.
 
     Low-frequency cues: a two-colour gradient at some angle and a large shape. High-
-    frequency cue: a grating with a period of 2-4 px at 64 px and some orientation,
+    frequency cue: a grating with a period of 2.5-4.5 px and some orientation,
     which survives only at high bandwidth. Classes 2k and 2k+1 share their
     low-frequency layout and differ only in texture, so low-pass views separate the
     pairs and the full bandwidth is needed to tell each pair apart: a low-frequency
@@ -85,7 +85,7 @@ class SynthDataset(Dataset):
             'shape': self.SHAPES[(c // 2) % len(self.SHAPES)],
             'centre': low.uniform(0.3, 0.7, 2), 'radius': low.uniform(0.15, 0.28),
             'shape_col': low.uniform(0, 255, 3),
-            'period': high.uniform(2.0, 4.0) / 64.0, 'orient': orient,
+            'period': high.uniform(2.5, 4.5) / self.size, 'orient': orient,
         }
 
     def __len__(self):

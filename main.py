@@ -161,6 +161,19 @@ def _state_from(ckpt, keys, path):
                     f'pass --model_key')
 
 
+def load_weights(model, state, path, finetune=False):
+    """Load released or own weights; anything but a fine-tune must fit the model exactly."""
+    try:
+        report = load_into(model, state, strict_arch=True)
+    except ValueError as e:
+        raise UserError(f'{path}: {e}') from None
+    if report.dropped_head and not finetune:
+        raise UserError(f'{path}: its classifier ({", ".join(report.dropped_head)}) does not fit the '
+                        f'{model.num_classes if hasattr(model, "num_classes") else "?"} classes of the data: '
+                        f'use --finetune to train a new head, or evaluate on data with the same classes')
+    return report
+
+
 def load_finetune(args, model):
     ckpt = utils.load_checkpoint_file(args.finetune)
     state, _ = _state_from(ckpt, args.model_key, args.finetune)
@@ -169,7 +182,7 @@ def load_finetune(args, model):
     dropped = drop_mismatched_head(model, state)
     if dropped:
         print(f'Dropped classifier weights whose shape differs from the model: {", ".join(dropped)}')
-    report = load_into(model, state, strict=False)
+    report = load_weights(model, state, args.finetune, finetune=True)
     print(f'Fine-tuning from {args.finetune}: missing {report.missing or "none"}, '
           f'unexpected {report.unexpected or "none"}')
     if args.head_init_scale != 1.0 and hasattr(model, 'get_classifier'):
@@ -254,7 +267,10 @@ def main(args):
         adapt_model(model, ckpt_size, optimizer, model_ema)
         current_size = ckpt_size
         state, _ = _state_from(ckpt, 'model', resume_path)
-        load_into(model, state, strict=True)
+        report = load_weights(model, state, resume_path)
+        if report.missing or report.unexpected:
+            raise UserError(f'{resume_path} does not fit --model {args.model} (missing {report.missing[:3]}, '
+                            f'unexpected {report.unexpected[:3]}): resume with the same --model')
         if 'optimizer' in ckpt and 'epoch' in ckpt:
             optimizer.load_state_dict(ckpt['optimizer'])
             loss_scaler.load_state_dict(ckpt.get('scaler'))
@@ -395,7 +411,7 @@ def run_eval_only(args, model, val_base, device, amp_dtype, rank, world):
     state, used = _state_from(ckpt, key, args.resume)
     if 'input_size' in ckpt and int(ckpt['input_size']) != args.input_size:
         adapt_model(model, int(ckpt['input_size']))
-    report = load_into(model, state, strict=True)
+    report = load_weights(model, state, args.resume)
     if report.missing or report.unexpected:
         print(f'Note: missing {report.missing or "none"}, unexpected {report.unexpected or "none"}')
     adapt_model(model, args.input_size)
