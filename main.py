@@ -199,6 +199,7 @@ def main(args):
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda but no CUDA device is visible: pass --device cpu')
     rank, world = utils.get_rank(), utils.get_world_size()
+    args.pin_mem = args.pin_mem and device.type == 'cuda'
     utils.seed_everything(args.seed + rank)
     if args.output_dir and rank == 0:
         utils.check_writable_dir(args.output_dir)
@@ -230,7 +231,7 @@ def main(args):
             check_input_size(model, s.size)
         except ValueError as e:
             raise UserError(f'stage {s.index} of the plan: {e}') from None
-    print(plan.table(args.baseline_epochs))
+    print(plan.table(None if plan.name == 'baseline' else args.baseline_epochs))
 
     if args.finetune:
         load_finetune(args, model)
@@ -326,6 +327,9 @@ def main(args):
             replay, replay_stage = None, None
         batch_sampler.set_epoch(epoch)
         stage_desc = f'stage {stage.index}, B={stage.size}, m={stage.magnitude}'
+        print(f'Epoch {epoch}: {stage_desc}, batch {stage.batch_size} x {stage.update_freq} per GPU'
+              f'{f", replay {stage.replay_times}x (buffer {stage.buffer_size})" if stage.replay_times > 1 else ""}, '
+              f'progress {plan.progress(epoch):.2f}/{plan.total_progress:.2f} {plan.progress_unit}')
         train_stats = train_one_epoch(
             model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
             hparams_at=lambda frac, e=epoch: hparams(plan.progress(e, frac)),
@@ -356,8 +360,9 @@ def main(args):
                 if args.output_dir and args.save_ckpt:
                     save_training_checkpoint(args, 'checkpoint-best.pth', epoch, model_without_ddp, optimizer,
                                              loss_scaler, model_ema, extra)
+            best = f' (max at {base}: {max_acc:.2f}%)' if max_acc > 0 else ''
             print(f'Accuracy of the network on {test_stats["num_images"]} test images at {stage.size}: '
-                  f'{test_stats["acc1"]:.2f}% (max at {base}: {max_acc:.2f}%)')
+                  f'{test_stats["acc1"]:.2f}%{best}')
             if model_ema is not None and args.model_ema_eval:
                 ema_stats = evaluate(eval_loader, model_ema.module, device, amp_dtype, reduce, header='Test EMA:')
                 if stage.size == base and ema_stats['acc1'] > max_acc_ema:
@@ -381,6 +386,16 @@ def main(args):
                 log_writer.add_scalars(epoch, 'epoch', **{k: v for k, v in log_stats.items() if v is not None})
                 log_writer.flush()
 
+    if current_size != base and not args.disable_eval and start_epoch < plan.num_epochs:
+        # A custom plan may end below the base size; the final model is judged at the base size.
+        if adapt_model(model_without_ddp, base, optimizer, model_ema):
+            model = wrap_ddp(model_without_ddp, args)
+        current_size = base
+        final = evaluate(build_eval_loader(args, val_base, base, rank, world), model_without_ddp, device,
+                         amp_dtype, args.dist_eval and world > 1, header=f'Final test at {base}:')
+        if rank == 0 and args.output_dir:
+            utils.save_json_line(os.path.join(args.output_dir, 'log.txt'),
+                                 {'final_test_at_base': {**final, 'input_size': base}})
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total}')
     return model_without_ddp

@@ -135,9 +135,17 @@ def test_finetune_loads_backbone(trained):
     assert model.fc.weight.shape[0] == 6
 
 
-def _torchrun(args, timeout=600):
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=0',
+    # torchrun's static rendezvous needs a real port (0 hangs)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
            os.path.join(ROOT, 'main.py')] + args
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
