@@ -1,19 +1,24 @@
 """Datasets, per-stage transforms and the loaders.
 
 Training uses ONE DataLoader for the whole run: the dataset holds one transform
-per curriculum stage (timm's ScheduledTransformDataset) and the batch sampler
-tags every index with the current stage and cuts batches of the stage's size. The
-sampler runs in the main process, so a new stage starts at the first batch of its
-first epoch even with persistent workers.
+per curriculum stage and the batch sampler tags every index with the current
+stage and epoch and cuts batches of the stage's size. The sampler runs in the main
+process, so a new stage starts at the first batch of its first epoch even with
+persistent workers. Augmentation randomness is seeded from (seed, epoch, index),
+so a sample's augmentation does not depend on the worker that draws it or on an
+interruption: resuming needs only the epoch and the number of batches done.
 """
+import contextlib
+import multiprocessing
 import os
+import random
 import re
+import signal
 
 import numpy as np
 import torch
-from PIL import Image
-from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ScheduledTransformDataset,
-                       create_transform)
+from PIL import Image, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from PIL import ImageOps
@@ -209,6 +214,11 @@ def train_transform(args, size, magnitude, lowfreq):
               auto_augment=None if aa in (None, '', 'none') else aa, interpolation=args.train_interpolation,
               re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
               mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    if getattr(args, 'data_pipeline', 'published') == 'fast':
+        # same crop, flip and augmentation, done at the output size; uint8 out, and the
+        # normalisation and random erasing happen on the device (curriculum/fastpath.py)
+        from curriculum.fastpath import fast_train_transform
+        return fast_train_transform(size, size if lowfreq == 'none' else args.base_input_size, lowfreq, kw)
     if lowfreq == 'none':
         return create_transform(size, **kw)
     base = args.base_input_size
@@ -249,29 +259,106 @@ class TransformedDataset(Dataset):
 # samplers and loaders
 # ---------------------------------------------------------------------------
 
+class BadImageError(UserError):
+    pass
+
+
+# Decoding failures of broken, truncated or non-image files. Transform bugs (ValueError,
+# TypeError, ...) are not in this list and still surface as themselves.
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError)
+
+
+@contextlib.contextmanager
+def _seeded(seed):
+    """Seed python, numpy and torch for one sample; outside a worker, restore the caller's state."""
+    in_worker = torch.utils.data.get_worker_info() is not None
+    if not in_worker:
+        py, np_state = random.getstate(), np.random.get_state()
+        torch_state = torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if not in_worker:
+            random.setstate(py)
+            np.random.set_state(np_state)
+            torch.set_rng_state(torch_state)
+
+
+def sample_seed(seed, epoch, index):
+    # a fixed integer mix: the same (seed, epoch, index) gives the same augmentation everywhere
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + index) % (2 ** 63 - 1)
+
+
+class StageTransformDataset(Dataset):
+    """Sample `index` through the transform of `stage`, seeded from (seed, epoch, index).
+
+    Unreadable images fail naming the file, or with skip_bad=True are replaced by the
+    next readable one and counted in `bad_count` (shared with the workers).
+    """
+
+    def __init__(self, base, transforms, seed=0, skip_bad=False):
+        self.base, self.transforms, self.seed, self.skip_bad = base, list(transforms), seed, skip_bad
+        self.bad_count = multiprocessing.Value('i', 0)
+
+    def __len__(self):
+        return len(self.base)
+
+    def _path(self, index):
+        samples = getattr(self.base, 'samples', None)
+        return samples[index][0] if samples is not None else f'sample {index}'
+
+    def __getitem__(self, key):
+        index, stage, epoch = key
+        for attempt in range(len(self.base)):
+            i = (index + attempt) % len(self.base)
+            try:
+                with _seeded(sample_seed(self.seed, epoch, i)):
+                    img, target = self.base[i]
+                    return self.transforms[stage](img), target
+            except _DECODE_ERRORS as e:
+                if not self.skip_bad:
+                    raise BadImageError(f'{self._path(i)} is not a readable image ({type(e).__name__}: '
+                                        f'{str(e)[:120]}): remove or replace it, or pass --skip_bad_images true')
+                with self.bad_count.get_lock():
+                    self.bad_count.value += 1
+                print(f'WARNING: skipped unreadable image {self._path(i)} ({type(e).__name__})', flush=True)
+        raise BadImageError('no readable image in the training set: check --data_path')
+
+
 class StageBatchSampler(Sampler):
-    """Batches of (index, stage) pairs, sized by the stage the epoch belongs to."""
+    """Batches of (index, stage, epoch), sized by the stage the epoch belongs to.
+
+    set_epoch(epoch, skip=k) leaves out the first k batches: a mid-epoch resume
+    continues with exactly the batches the interrupted run had not seen.
+    """
 
     def __init__(self, sampler, plan):
         self.sampler, self.plan = sampler, plan
         self.set_epoch(0)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
         self.stage = self.plan.stage_at(epoch)
         if hasattr(self.sampler, 'set_epoch'):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        bs, tag, batch = self.stage.loader_batch, self.stage.index, []
-        for i in self.sampler:
-            batch.append((i, tag))
-            if len(batch) == bs:
-                yield batch
-                batch = []
+        bs, tag, epoch = self.stage.loader_batch, self.stage.index, self.epoch
+        indices = list(self.sampler)[self.skip * bs:]
+        for start in range(0, len(indices) - bs + 1, bs):
+            yield [(i, tag, epoch) for i in indices[start:start + bs]]
 
     def __len__(self):
-        return len(self.sampler) // self.stage.loader_batch
+        return len(self.sampler) // self.stage.loader_batch - self.skip
+
+
+def _worker_init(worker_id):
+    # Schedulers send SIGTERM to every process of a job. The main process saves a recovery
+    # checkpoint and shuts the loader down itself; a worker dying first would crash it instead.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ShardSampler(Sampler):
@@ -287,14 +374,14 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def _worker_init(worker_id):
-    # numpy is not reseeded by torch's worker seeding; derive it from torch's seed.
-    np.random.seed(torch.initial_seed() % 2 ** 32)
-
-
 def build_train_loader(args, train_base, plan, rank, world):
     transforms_per_stage = [train_transform(args, s.size, s.magnitude, plan.lowfreq) for s in plan.stages]
-    dataset = ScheduledTransformDataset(train_base, transforms_per_stage)
+    if getattr(args, 'data_pipeline', 'published') == 'fast' and isinstance(train_base, tv_datasets.ImageFolder):
+        # the fast path picks the crop and the JPEG decoding scale before decoding
+        from curriculum.fastpath import LazyImageFolder
+        train_base = LazyImageFolder(train_base)
+    dataset = StageTransformDataset(train_base, transforms_per_stage, seed=args.seed,
+                                    skip_bad=getattr(args, 'skip_bad_images', False))
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
     per_rank = len(sampler)
@@ -305,7 +392,10 @@ def build_train_loader(args, train_base, plan, rank, world):
     batch_sampler = StageBatchSampler(sampler, plan)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=args.num_workers, pin_memory=args.pin_mem,
-        persistent_workers=args.num_workers > 0, worker_init_fn=_worker_init)
+        persistent_workers=args.num_workers > 0, worker_init_fn=_worker_init,
+        # its own generator: creating the loader's iterator must not draw from the global RNG,
+        # whose stream (dropout, mixup) a resumed run has to continue exactly
+        generator=torch.Generator().manual_seed(args.seed))
     return loader, batch_sampler
 
 
@@ -316,4 +406,5 @@ def build_eval_loader(args, val_base, size, rank, world):
     else:
         sampler = torch.utils.data.SequentialSampler(dataset)
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=int(1.5 * args.batch_size),
-                                       num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False)
+                                       num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False,
+                                       generator=torch.Generator().manual_seed(args.seed))

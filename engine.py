@@ -20,28 +20,43 @@ def _autocast(device, amp_dtype):
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler, *,
                     hparams_at, update_freq=1, max_norm=None, model_ema=None, mixup_fn=None,
                     amp_dtype=None, lowfreq=None, replay=None, log_writer=None, global_step=0,
-                    print_freq=10, header=None, stage_desc=''):
+                    print_freq=10, header=None, stage_desc='', device_transform=None,
+                    start_step=0, meter_state=None, stop_requested=None, on_update=None):
     """Train over one pass of data_loader.
 
     hparams_at(frac) -> (lr, weight_decay) at fraction frac of this epoch; it is
-    asked before every optimizer update. lowfreq crops the normalised batch on the
+    asked before every optimizer update. device_transform finishes the batch on the
+    device (the fast data path's uint8 -> normalised float and random erasing), first.
+    lowfreq crops the normalised batch on the
     device (EfficientTrain's Fourier path); replay mixes in buffered chunks; both run
     before mixup, as published. Returns the epoch's averaged metrics.
+
+    Resuming mid-epoch: data_loader yields only the batches after start_step and
+    meter_state continues the epoch's averages. Every micro-step the ranks agree on two
+    flags, a non-finite loss anywhere (all stop with TrainingDiverged) and
+    stop_requested() anywhere (all stop at the next update, after on_update).
+    on_update(batches_done, metric_logger, stop) runs after every optimizer update.
     """
     model.train(True)
     metric_logger = utils.MetricLogger(delimiter='  ')
+    metric_logger.load_state_dict(meter_state)
     header = header or f'Epoch: [{epoch}]'
-    num_steps = len(data_loader)
+    num_steps = start_step + len(data_loader)
     if num_steps == 0:
         raise utils.UserError('the training loader yields no batch: lower --batch_size')
+    distributed = utils.is_dist_avail_and_initialized()
     optimizer.zero_grad(set_to_none=True)
     lr = wd = 0.0
-    for it, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    stop = False
+    batches = metric_logger.log_every(data_loader, print_freq, header, start_index=start_step)
+    for it, (samples, targets) in enumerate(batches, start=start_step):
         if it % update_freq == 0:
             lr, wd = hparams_at(it / num_steps)
             apply_hparams(optimizer, lr, wd)
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        if device_transform is not None:
+            samples = device_transform(samples)
         if lowfreq is not None:
             samples = lowfreq(samples)
         if replay is not None:
@@ -57,8 +72,15 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
                 output = model(samples)
                 loss = criterion(output, targets)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f'loss is {loss_value} at epoch {epoch}, step {it}/{num_steps}'
+            flags = [0.0 if math.isfinite(loss_value) else 1.0,
+                     1.0 if (stop_requested is not None and stop_requested()) else 0.0]
+            if distributed:
+                # one rank alone raising would leave the others waiting in DDP's all-reduce
+                flags = utils.all_reduce_sum(flags, device)
+            stop = stop or flags[1] > 0
+            if flags[0] > 0:
+                where = loss_value if not math.isfinite(loss_value) else 'non-finite on another rank'
+                raise TrainingDiverged(f'loss is {where} at epoch {epoch}, step {it}/{num_steps}'
                                        f'{" (" + stage_desc + ")" if stage_desc else ""}: training diverged; '
                                        f'lower --lr, enable --clip_grad, or use --amp_dtype bfloat16')
             norm = loss_scaler(loss / update_freq, optimizer, clip_grad=max_norm,
@@ -75,6 +97,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
             metric_logger.update(grad_norm=float(norm))
         if log_writer is not None and update:
             log_writer.add_scalars(global_step + it, 'train', loss=loss_value, lr=lr, weight_decay=wd)
+        if update and on_update is not None:
+            on_update(it + 1, metric_logger, stop)
     optimizer.zero_grad(set_to_none=True)
     metric_logger.synchronize_between_processes(device)
     print('Averaged stats:', metric_logger, flush=True)

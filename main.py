@@ -112,12 +112,25 @@ def get_args_parser():
     p.add_argument('--save_ckpt', default=True, type=b)
     p.add_argument('--save_ckpt_freq', default=1, type=int)
     p.add_argument('--save_ckpt_num', default=3, type=int)
+    p.add_argument('--save_ckpt_steps', default=0, type=int,
+                   help='also write checkpoint-recovery.pth every N optimizer steps inside an epoch')
+    p.add_argument('--deterministic', default=False, type=b,
+                   help='deterministic kernels (torch.use_deterministic_algorithms), for bit-exact resume')
+    p.add_argument('--skip_bad_images', default=False, type=b,
+                   help='skip and count unreadable training images instead of failing on the first')
     p.add_argument('--start_epoch', default=0, type=int)
     p.add_argument('--eval', default=False, type=b)
     p.add_argument('--dist_eval', default=True, type=b)
     p.add_argument('--disable_eval', default=False, type=b)
     p.add_argument('--num_workers', default=min(10, os.cpu_count() or 1), type=int)
     p.add_argument('--pin_mem', default=True, type=b)
+    p.add_argument('--data_pipeline', default='published', choices=['published', 'fast'],
+                   help='published: the papers\' CPU order (crop/augment at the base size, then resize to B); '
+                        'fast: crop and augment at B, reduced-size JPEG decoding, uint8 batches normalised '
+                        'and random-erased on the device (curriculum/fastpath.py)')
+    p.add_argument('--channels_last', default=False, type=b, help='model (and fast-path batches) in NHWC layout')
+    p.add_argument('--compile', default=False, type=b,
+                   help='torch.compile the training model with static shapes: one compilation per stage size')
     p.add_argument('--use_amp', default=False, type=b)
     p.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'])
     p.add_argument('--finetune', default='', type=str)
@@ -135,8 +148,10 @@ def check_args(args):
         raise UserError(f'--epochs must be >= 1, got {args.epochs}')
     if args.model_ema_eval and not args.model_ema:
         raise UserError('--model_ema_eval true needs --model_ema true')
-    if args.curriculum_file and args.curriculum not in ('none', 'etpp', 'et'):
-        raise UserError('--curriculum_file replaces --curriculum: leave --curriculum unset')
+    if args.curriculum_file and args.curriculum != 'none':
+        raise UserError('--curriculum_file replaces --curriculum: drop --curriculum')
+    if args.save_ckpt_steps < 0:
+        raise UserError('--save_ckpt_steps must be >= 0 (0: no mid-epoch recovery checkpoints)')
     if args.log_dir is None and args.output_dir:
         args.log_dir = os.path.join(args.output_dir, 'tensorboard')
     if args.log_dir in ('none', ''):
@@ -201,6 +216,11 @@ def main(args):
     rank, world = utils.get_rank(), utils.get_world_size()
     args.pin_mem = args.pin_mem and device.type == 'cuda'
     utils.seed_everything(args.seed + rank)
+    if args.deterministic:
+        # CPU kernels are deterministic already; this also pins cuDNN/cuBLAS choices on GPU.
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     if args.output_dir and rank == 0:
         utils.check_writable_dir(args.output_dir)
     print(' '.join(sys.argv))
@@ -236,6 +256,10 @@ def main(args):
     if args.finetune:
         load_finetune(args, model)
     model.to(device)
+    if args.channels_last:
+        # 4-D weights in NHWC; convolutions then run (and return) channels_last whatever
+        # the input layout (PyTorch picks NHWC when input or weight is channels_last).
+        model.to(memory_format=torch.channels_last)
     model_ema = None
     if args.model_ema:
         # timm's ModelEmaV3 keeps a decayed copy; force_cpu keeps it off the GPU.
@@ -256,7 +280,8 @@ def main(args):
         criterion = torch.nn.CrossEntropyLoss()
 
     current_size = final_size
-    start_epoch, max_acc, max_acc_ema = args.start_epoch, 0.0, 0.0
+    start_epoch, start_step, meter_state = args.start_epoch, 0, None
+    max_acc, max_acc_ema = 0.0, 0.0
     resume_path, ckpt = None, None
     if args.resume:
         resume_path, ckpt = args.resume, utils.load_checkpoint_file(args.resume)
@@ -273,19 +298,39 @@ def main(args):
             raise UserError(f'{resume_path} does not fit --model {args.model} (missing {report.missing[:3]}, '
                             f'unexpected {report.unexpected[:3]}): resume with the same --model')
         if 'optimizer' in ckpt and 'epoch' in ckpt:
+            saved_opt = getattr(ckpt.get('args'), 'opt', args.opt)
+            if saved_opt != args.opt:
+                raise UserError(f'{resume_path} holds a {saved_opt} optimizer state but --opt is {args.opt}: '
+                                f'resume with --opt {saved_opt}, or start a new --output_dir with --finetune')
             optimizer.load_state_dict(ckpt['optimizer'])
             loss_scaler.load_state_dict(ckpt.get('scaler'))
-            start_epoch = int(ckpt['epoch']) + 1
+            start_epoch, start_step = utils.checkpoint_position(ckpt)
             max_acc = float(ckpt.get('max_accuracy', 0.0))
             max_acc_ema = float(ckpt.get('max_accuracy_ema', 0.0))
+            restore_rank_state(ckpt, rank, world)
+            if start_step:
+                meter_state = ckpt['meters'][rank] if len(ckpt.get('meters', [])) == world else None
         if model_ema is not None and 'model_ema' in ckpt:
             model_ema.module.load_state_dict(ckpt['model_ema'])
-        print(f'Resumed from {resume_path} (epoch {ckpt.get("epoch")}); continuing at epoch {start_epoch}')
+        where = f'epoch {start_epoch}' + (f', batch {start_step}' if start_step else '')
+        print(f'Resumed from {resume_path}; continuing at {where}')
+    if rank == 0 and args.output_dir:
+        # a run killed mid-write leaves temporary files and possibly log lines of epochs it
+        # will now redo
+        utils.remove_stale_temp_files(args.output_dir)
+        utils.truncate_log(os.path.join(args.output_dir, 'log.txt'), start_epoch)
 
     model_without_ddp = model
     model = wrap_ddp(model_without_ddp, args)
 
     train_loader, batch_sampler = build_train_loader(args, train_base, plan, rank, world)
+    device_transform = None
+    if args.data_pipeline == 'fast':
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        from curriculum.fastpath import DeviceTransform
+        device_transform = DeviceTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=args.reprob,
+                                           re_mode=args.remode, re_count=args.recount,
+                                           channels_last=args.channels_last).to(device)
     per_rank = len(batch_sampler.sampler)
     log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None
     if rank == 0 and args.output_dir:
@@ -294,20 +339,12 @@ def main(args):
             json.dump(config, f, indent=2)
 
     base = plan.base_size
-    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
-    warmup = plan.warmup
-    if args.warmup_steps > 0:
-        s0 = plan.stages[0]
-        warmup = plan.progress(0) + plan.epoch_weight(0) * args.warmup_steps / max(per_rank // s0.loader_batch, 1)
-
-    def hparams(progress):
-        lr = utils.cosine_schedule(progress, plan.total_progress, args.lr, args.min_lr, warmup)
-        wd = utils.cosine_schedule(progress, plan.total_progress, args.weight_decay, wd_end)
-        return lr, wd
+    hparams = make_hparams(args, plan, per_rank)
 
     def steps_in(epoch):
         return per_rank // plan.stage_at(epoch).loader_batch
 
+    stop_request = utils.StopRequest().install()
     eval_loader, eval_size = None, None
     replay, replay_stage = None, None
     print(f'Start training for {plan.num_epochs} data epochs from epoch {start_epoch}')
@@ -325,28 +362,42 @@ def main(args):
             replay_stage = stage.index
         elif stage.replay_times == 1:
             replay, replay_stage = None, None
-        batch_sampler.set_epoch(epoch)
+        skip = start_step if epoch == start_epoch else 0
+        batch_sampler.set_epoch(epoch, skip=skip)
         stage_desc = f'stage {stage.index}, B={stage.size}, m={stage.magnitude}'
         print(f'Epoch {epoch}: {stage_desc}, batch {stage.batch_size} x {stage.update_freq} per GPU'
               f'{f", replay {stage.replay_times}x (buffer {stage.buffer_size})" if stage.replay_times > 1 else ""}, '
               f'progress {plan.progress(epoch):.2f}/{plan.total_progress:.2f} {plan.progress_unit}')
+        extra = {'input_size': current_size, 'max_accuracy': max_acc, 'max_accuracy_ema': max_acc_ema}
+
+        def on_update(done, meters, stop, epoch=epoch, extra=extra):
+            periodic = args.save_ckpt_steps > 0 and done % args.save_ckpt_steps == 0 and done < steps_in(epoch)
+            if args.output_dir and (stop or periodic):
+                save_training_checkpoint(args, utils.RECOVERY_NAME, epoch, model_without_ddp, optimizer,
+                                         loss_scaler, model_ema, extra, step=done, meters=meters.state_dict())
+            if stop:
+                saved = f'; recovery checkpoint {os.path.join(args.output_dir, utils.RECOVERY_NAME)}' \
+                    if args.output_dir else ' (no --output_dir: nothing saved)'
+                raise utils.TrainingInterrupted(f'stopped by SIGTERM at epoch {epoch}, batch {done}{saved}; '
+                                                f'run the same command again to continue')
+
         train_stats = train_one_epoch(
             model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
             hparams_at=lambda frac, e=epoch: hparams(plan.progress(e, frac)),
             update_freq=stage.update_freq, max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
             amp_dtype=amp_dtype, lowfreq=lowfreq, replay=replay, log_writer=log_writer,
+            device_transform=device_transform,
             global_step=sum(steps_in(e) for e in range(epoch)), print_freq=args.print_freq,
-            header=f'Epoch: [{epoch}/{plan.num_epochs}] [{stage_desc}]', stage_desc=stage_desc)
+            header=f'Epoch: [{epoch}/{plan.num_epochs}] [{stage_desc}]', stage_desc=stage_desc,
+            start_step=skip, meter_state=meter_state if skip else None,
+            stop_requested=stop_request.requested, on_update=on_update)
+        bad = train_loader.dataset.bad_count.value
+        if bad:
+            print(f'WARNING: {bad} unreadable training images skipped so far (--skip_bad_images)')
 
-        last = epoch + 1 == plan.num_epochs
-        extra = {'input_size': current_size, 'max_accuracy': max_acc, 'max_accuracy_ema': max_acc_ema}
-        if args.output_dir and args.save_ckpt and ((epoch + 1) % args.save_ckpt_freq == 0 or last):
-            save_training_checkpoint(args, f'checkpoint-{epoch}.pth', epoch, model_without_ddp, optimizer,
-                                     loss_scaler, model_ema, extra)
-            if rank == 0:
-                utils.rotate_checkpoints(args.output_dir, args.save_ckpt_num)
-
-        test_stats, ema_stats = {}, {}
+        # Evaluate and log before the epoch's checkpoint: a kill in between repeats the epoch
+        # from the previous checkpoint, and the resumed run rewrites this log line.
+        test_stats, ema_stats, improved, improved_ema = {}, {}, False, False
         if not args.disable_eval:
             if eval_size != stage.size:
                 eval_loader, eval_size = build_eval_loader(args, val_base, stage.size, rank, world), stage.size
@@ -355,22 +406,14 @@ def main(args):
             # Best checkpoints only at the base size: accuracies at lower B are not comparable,
             # and those models would not load into the standard-size architecture.
             if stage.size == base and test_stats['acc1'] > max_acc:
-                max_acc = test_stats['acc1']
-                extra['max_accuracy'] = max_acc
-                if args.output_dir and args.save_ckpt:
-                    save_training_checkpoint(args, 'checkpoint-best.pth', epoch, model_without_ddp, optimizer,
-                                             loss_scaler, model_ema, extra)
+                max_acc, improved = test_stats['acc1'], True
             best = f' (max at {base}: {max_acc:.2f}%)' if max_acc > 0 else ''
             print(f'Accuracy of the network on {test_stats["num_images"]} test images at {stage.size}: '
                   f'{test_stats["acc1"]:.2f}%{best}')
             if model_ema is not None and args.model_ema_eval:
                 ema_stats = evaluate(eval_loader, model_ema.module, device, amp_dtype, reduce, header='Test EMA:')
                 if stage.size == base and ema_stats['acc1'] > max_acc_ema:
-                    max_acc_ema = ema_stats['acc1']
-                    extra['max_accuracy_ema'] = max_acc_ema
-                    if args.output_dir and args.save_ckpt:
-                        save_training_checkpoint(args, 'checkpoint-best-ema.pth', epoch, model_without_ddp,
-                                                 optimizer, loss_scaler, model_ema, extra)
+                    max_acc_ema, improved_ema = ema_stats['acc1'], True
 
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                      **{f'test_{k}': v for k, v in test_stats.items()},
@@ -378,13 +421,32 @@ def main(args):
                      'epoch': epoch, 'n_parameters': n_parameters, 'stage': stage.index,
                      'input_size': stage.size, 'magnitude': stage.magnitude, 'batch_size': stage.batch_size,
                      'update_freq': stage.update_freq, 'replay_times': stage.replay_times,
-                     'progress': plan.progress(epoch + 1), 'progress_frac': plan.progress(epoch + 1) / plan.total_progress}
+                     'progress': plan.progress(epoch + 1),
+                     'progress_frac': plan.progress(epoch + 1) / plan.total_progress}
         if rank == 0:
             if args.output_dir:
                 utils.save_json_line(os.path.join(args.output_dir, 'log.txt'), log_stats)
             if log_writer is not None:
                 log_writer.add_scalars(epoch, 'epoch', **{k: v for k, v in log_stats.items() if v is not None})
                 log_writer.flush()
+
+        extra.update(max_accuracy=max_acc, max_accuracy_ema=max_acc_ema)
+        last = epoch + 1 == plan.num_epochs
+        if args.output_dir and args.save_ckpt:
+            if (epoch + 1) % args.save_ckpt_freq == 0 or last:
+                save_training_checkpoint(args, f'checkpoint-{epoch}.pth', epoch, model_without_ddp, optimizer,
+                                         loss_scaler, model_ema, extra)
+                if rank == 0:
+                    utils.rotate_checkpoints(args.output_dir, args.save_ckpt_num)
+                    recovery = os.path.join(args.output_dir, utils.RECOVERY_NAME)
+                    if os.path.exists(recovery):
+                        os.remove(recovery)
+            if improved:
+                save_training_checkpoint(args, 'checkpoint-best.pth', epoch, model_without_ddp, optimizer,
+                                         loss_scaler, model_ema, extra)
+            if improved_ema:
+                save_training_checkpoint(args, 'checkpoint-best-ema.pth', epoch, model_without_ddp,
+                                         optimizer, loss_scaler, model_ema, extra)
 
     if current_size != base and not args.disable_eval and start_epoch < plan.num_epochs:
         # A custom plan may end below the base size; the final model is judged at the base size.
@@ -402,20 +464,72 @@ def main(args):
 
 
 def wrap_ddp(model, args):
-    if not args.distributed:
-        return model
-    kw = {'device_ids': [args.gpu]} if str(args.device).startswith('cuda') else {}
-    return torch.nn.parallel.DistributedDataParallel(model, **kw)
+    """The training model: DDP when distributed, then torch.compile when --compile true.
+
+    dynamic=False keeps every graph specialised to one input shape: a stage has one batch
+    shape (full batches only), so dynamo compiles once when a stage's size first arrives
+    and never inside a stage; without it the second size would switch to a dynamic-shape
+    graph.  Evaluation runs the uncompiled module (its last batch is ragged).
+    """
+    if args.distributed:
+        kw = {'device_ids': [args.gpu]} if str(args.device).startswith('cuda') else {}
+        model = torch.nn.parallel.DistributedDataParallel(model, **kw)
+    if getattr(args, 'compile', False):
+        model = torch.compile(model, dynamic=False)
+    return model
 
 
-def save_training_checkpoint(args, name, epoch, model, optimizer, loss_scaler, model_ema, extra):
+def save_training_checkpoint(args, name, epoch, model, optimizer, loss_scaler, model_ema, extra,
+                             step=None, meters=None):
+    """Write a checkpoint from rank 0; every rank must call (their RNG states and meters are gathered).
+
+    step/meters make it a mid-epoch recovery checkpoint: training continues at batch `step`
+    of `epoch` with the epoch's running averages.
+    """
+    rng = utils.gather_rng_states()
+    gathered_meters = None
+    if meters is not None:
+        gathered_meters = [meters]
+        if utils.is_dist_avail_and_initialized():
+            gathered_meters = [None] * utils.get_world_size()
+            torch.distributed.all_gather_object(gathered_meters, meters)
     if not utils.is_main_process():
         return
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-             'scaler': loss_scaler.state_dict(), 'args': utils.plain_args(args), **extra}
+             'scaler': loss_scaler.state_dict(), 'args': utils.plain_args(args), 'rng': rng, **extra}
+    if step is not None:
+        state['step'] = step
+        state['meters'] = gathered_meters
     if model_ema is not None:
         state['model_ema'] = model_ema.module.state_dict()
     utils.atomic_save(state, os.path.join(args.output_dir, name))
+
+
+def restore_rank_state(ckpt, rank, world):
+    """This rank's generator states from the checkpoint, if it was written by as many ranks."""
+    states = ckpt.get('rng')
+    if not states:
+        return
+    if len(states) != world:
+        print(f'WARNING: checkpoint written by {len(states)} processes, resuming with {world}: '
+              f'random streams restart, so the run is not bit-exact from here')
+        return
+    utils.set_rng_state(states[rank])
+
+
+def make_hparams(args, plan, per_rank_images=None):
+    """progress -> (lr, weight decay): cosine with linear warmup, as pure functions of progress."""
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    warmup = plan.warmup
+    if args.warmup_steps > 0 and per_rank_images:
+        steps0 = max(per_rank_images // plan.stages[0].loader_batch, 1)
+        warmup = plan.progress(0) + plan.epoch_weight(0) * args.warmup_steps / steps0
+
+    def hparams(progress):
+        lr = utils.cosine_schedule(progress, plan.total_progress, args.lr, args.min_lr, warmup)
+        wd = utils.cosine_schedule(progress, plan.total_progress, args.weight_decay, wd_end)
+        return lr, wd
+    return hparams
 
 
 def run_eval_only(args, model, val_base, device, amp_dtype, rank, world):
@@ -448,6 +562,9 @@ def cli(argv=None):
     except TrainingDiverged as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(3)
+    except utils.TrainingInterrupted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(143)
     finally:
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()

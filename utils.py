@@ -184,14 +184,25 @@ class MetricLogger:
         for meter in self.meters.values():
             meter.synchronize_between_processes(device)
 
-    def log_every(self, iterable, print_freq, header='', total=None):
-        """Yield from iterable, printing progress, ETA and timings every print_freq items."""
-        total = len(iterable) if total is None else total
+    def state_dict(self):
+        """Totals and counts: enough to continue an epoch's averages after a mid-epoch resume."""
+        return {k: [m.total, m.count] for k, m in self.meters.items()}
+
+    def load_state_dict(self, state):
+        for k, (total, count) in (state or {}).items():
+            self.meters[k].total, self.meters[k].count = float(total), float(count)
+
+    def log_every(self, iterable, print_freq, header='', total=None, start_index=0):
+        """Yield from iterable, printing progress, ETA and timings every print_freq items.
+
+        start_index: items already done before this call (a mid-epoch resume).
+        """
+        total = start_index + len(iterable) if total is None else total
         start = end = time.time()
         iter_time = SmoothedValue(fmt='{avg:.4f}')
         data_time = SmoothedValue(fmt='{avg:.4f}')
         width = len(str(total))
-        for i, obj in enumerate(iterable):
+        for i, obj in enumerate(iterable, start=start_index):
             data_time.update(time.time() - end)
             yield obj
             iter_time.update(time.time() - end)
@@ -204,8 +215,8 @@ class MetricLogger:
                 print(self.delimiter.join(m for m in msg if m), flush=True)
             end = time.time()
         elapsed = datetime.timedelta(seconds=int(time.time() - start))
-        print(f'{header} Total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)',
-              flush=True)
+        done = max(total - start_index, 1)
+        print(f'{header} Total time: {elapsed} ({(time.time() - start) / done:.4f} s / it)', flush=True)
 
 
 class TensorboardLogger:
@@ -372,10 +383,27 @@ def rotate_checkpoints(output_dir, keep):
             pass
 
 
+RECOVERY_NAME = 'checkpoint-recovery.pth'
+
+
+def checkpoint_position(ckpt):
+    """(epoch, batches done) where training continues from this checkpoint."""
+    if 'step' in ckpt:
+        return int(ckpt['epoch']), int(ckpt['step'])
+    return int(ckpt['epoch']) + 1, 0
+
+
 def find_resume_checkpoint(output_dir):
-    """Newest checkpoint in output_dir that loads, by recorded progress; damaged ones are skipped."""
-    candidates = []
-    for _, p in list_epoch_checkpoints(output_dir):
+    """The loadable checkpoint in output_dir that is furthest along, by recorded progress.
+
+    Damaged files (a kill mid-write of a non-atomic copy, a full disk) are skipped with a warning.
+    """
+    paths = [p for _, p in list_epoch_checkpoints(output_dir)]
+    recovery = os.path.join(output_dir, RECOVERY_NAME)
+    if os.path.exists(recovery):
+        paths.append(recovery)
+    best = None
+    for p in paths:
         try:
             ckpt = load_checkpoint_file(p)
         except UserError as e:
@@ -384,16 +412,106 @@ def find_resume_checkpoint(output_dir):
         if 'model' not in ckpt or 'epoch' not in ckpt:
             print(f'WARNING: skipping {p}: no model/epoch entry')
             continue
-        candidates.append((int(ckpt['epoch']), p, ckpt))
-    if not candidates:
+        pos = checkpoint_position(ckpt)
+        if best is None or pos > best[0]:
+            best = (pos, p, ckpt)
+    if best is None:
         return None, None
-    epoch, path, ckpt = max(candidates, key=lambda c: c[0])
-    return path, ckpt
+    return best[1], best[2]
 
 
 def save_json_line(path, record):
     with open(path, 'a', encoding='utf-8') as f:
         f.write(json.dumps(record) + '\n')
+
+
+def rng_state():
+    """This process's python, numpy, torch (and CUDA) generator states, as plain values and tensors."""
+    import random
+    import numpy as np
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': [version, list(words), gauss],
+             'numpy': [name, torch.from_numpy(keys.astype('int64')), int(pos), int(has_gauss), float(cached)],
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    import random
+    import numpy as np
+    version, words, gauss = state['python']
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype('uint32'), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def gather_rng_states():
+    """Every rank's generator states, in rank order (all ranks must call this)."""
+    mine = rng_state()
+    if not is_dist_avail_and_initialized():
+        return [mine]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+class StopRequest:
+    """Remembers a SIGTERM (what schedulers send before killing a job) instead of dying at once."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self):
+        import signal
+        signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def requested(self):
+        return self.signum is not None
+
+
+class TrainingInterrupted(Exception):
+    pass
+
+
+def remove_stale_temp_files(output_dir):
+    """Temporary files of atomic_save/truncate_log left by a killed run (never a real checkpoint)."""
+    for p in glob.glob(os.path.join(output_dir, '.tmp-*')):
+        try:
+            os.remove(p)
+        except OSError:
+            pass
+
+
+def truncate_log(path, first_epoch):
+    """Drop log.txt records of epochs >= first_epoch: they are about to be written again."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding='utf-8') as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if rec.get('epoch', -1) < first_epoch and 'final_test_at_base' not in rec:
+            keep.append(json.dumps(rec) + '\n')
+    if len(keep) != len(lines):
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix='.tmp-log.', dir=directory)
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
 
 
 def seed_everything(seed):

@@ -1,0 +1,292 @@
+"""Crash safety and input safety: kills, SIGTERM, divergence, damaged files, bad input."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import main as main_mod
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import fault_inject  # noqa: E402
+
+# etpp at base 64 with E=2: B=32 -> 48 -> 64 inside 4 short epochs; mixup, cutmix, drop path,
+# RandAugment, random erasing and EMA all draw random numbers.
+RUN = ['--data_set', 'SYNTH', '--synth_classes', '4', '--synth_per_class', '24', '--synth_val_per_class', '4',
+       '--synth_image_size', '72', '--model', 'test_convnext', '--curriculum', 'etpp', '--base_input_size', '64',
+       '--epochs', '2', '--batch_size', '16', '--device', 'cpu', '--num_workers', '0', '--deterministic', 'true',
+       '--drop_path', '0.1', '--model_ema', 'true', '--save_ckpt_steps', '2']
+
+TINY = ['--data_set', 'SYNTH', '--synth_classes', '4', '--synth_per_class', '8', '--synth_val_per_class', '2',
+        '--synth_image_size', '36', '--input_size', '32', '--model', 'test_convnext', '--batch_size', '8',
+        '--device', 'cpu', '--num_workers', '0', '--epochs', '1', '--print_freq', '100']
+
+
+def cli_error(argv, capsys, code=2):
+    with pytest.raises(SystemExit) as e:
+        main_mod.cli(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert err and '\n' not in err, err
+    assert 'Traceback' not in err
+    return err
+
+
+def digest(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# kills and signals
+# ---------------------------------------------------------------------------
+
+def test_sigkill_at_random_points_resumes_exactly(tmp_path):
+    rc = fault_inject.main(['--kills', '2', '--seed', '1', '--workdir', str(tmp_path), '--'] + RUN)
+    assert rc == 0
+
+
+def test_sigterm_two_processes_gloo_resumes_exactly(tmp_path):
+    argv = [a for a in RUN]
+    argv[argv.index('--batch_size') + 1] = '8'
+    rc = fault_inject.main(['--kills', '1', '--signal', 'TERM', '--nproc', '2', '--seed', '3',
+                            '--workdir', str(tmp_path), '--'] + argv + ['--num_workers', '1'])
+    assert rc == 0
+
+
+def test_sigterm_saves_recovery_checkpoint_and_exits_cleanly(tmp_path):
+    out = str(tmp_path / 'run')
+    cmd = fault_inject.command(RUN, out, 1)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if fault_inject.STEP_LINE.match(line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143
+    assert 'stopped by SIGTERM' in err and 'Traceback' not in err
+    ckpt = utils.load_checkpoint_file(os.path.join(out, utils.RECOVERY_NAME))
+    assert ckpt['epoch'] == 0 and ckpt['step'] >= 1 and len(ckpt['meters']) == 1 and len(ckpt['rng']) == 1
+
+
+# ---------------------------------------------------------------------------
+# divergence
+# ---------------------------------------------------------------------------
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / 'div')
+    main_mod.cli(TINY + ['--epochs', '2', '--output_dir', out])
+    good = os.path.join(out, 'checkpoint-1.pth')
+    before = digest(good)
+    log_before = open(os.path.join(out, 'log.txt')).read()
+    capsys.readouterr()
+    # resume the finished 2-epoch run into a longer one with an absurd learning rate
+    err = cli_error(TINY + ['--epochs', '4', '--output_dir', out, '--lr', '1e30', '--warmup_epochs', '0'],
+                    capsys, code=3)
+    assert 'diverged' in err and 'epoch 2' in err and 'step' in err and 'stage 0' in err
+    assert digest(good) == before
+    assert not os.path.exists(os.path.join(out, 'checkpoint-2.pth'))
+    assert open(os.path.join(out, 'log.txt')).read() == log_before
+
+
+def test_grad_scaler_skipped_steps_are_not_divergence():
+    scaler = utils.LossScaler('cpu', enabled=True)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    # a finite loss whose scaled gradient overflows: GradScaler skips the step, nothing raises
+    loss = (w * torch.tensor([3e38, 1.0, 1.0])).sum()
+    assert torch.isfinite(loss)
+    scaler(loss, opt, parameters=[w])
+    assert scaler.last_step_skipped
+    assert torch.equal(w.detach(), torch.ones(3))
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------
+
+def test_auto_resume_skips_damaged_and_picks_furthest(tmp_path, capsys):
+    out = str(tmp_path / 'ck')
+    main_mod.cli(TINY + ['--epochs', '2', '--output_dir', out])
+    # a newer-numbered but truncated file, and a non-checkpoint
+    data = open(os.path.join(out, 'checkpoint-1.pth'), 'rb').read()
+    with open(os.path.join(out, 'checkpoint-7.pth'), 'wb') as f:
+        f.write(data[: len(data) // 2])
+    with open(os.path.join(out, 'checkpoint-9.pth'), 'w') as f:
+        f.write('not a checkpoint')
+    capsys.readouterr()
+    path, ckpt = utils.find_resume_checkpoint(out)
+    assert path.endswith('checkpoint-1.pth') and ckpt['epoch'] == 1
+    assert 'skipping damaged checkpoint' in capsys.readouterr().out
+
+
+def test_rotation_keeps_newest_and_leaves_no_temp_files(tmp_path):
+    out = str(tmp_path / 'rot')
+    main_mod.cli(TINY + ['--epochs', '4', '--output_dir', out, '--save_ckpt_num', '2'])
+    names = sorted(os.listdir(out))
+    assert 'checkpoint-2.pth' in names and 'checkpoint-3.pth' in names and 'checkpoint-1.pth' not in names
+    assert not [n for n in names if n.startswith('.tmp')]
+    assert utils.RECOVERY_NAME not in names
+
+
+def test_atomic_save_failure_leaves_old_file(tmp_path):
+    path = str(tmp_path / 'checkpoint-0.pth')
+    utils.atomic_save({'model': {'w': torch.ones(2)}, 'epoch': 0}, path)
+    before = digest(path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError('disk full')
+    with pytest.raises(RuntimeError):
+        utils.atomic_save({'model': Unpicklable()}, path)
+    assert digest(path) == before
+    assert os.listdir(tmp_path) == ['checkpoint-0.pth']
+
+
+@pytest.mark.parametrize('content,needle', [
+    (b'', 'not a readable checkpoint'),
+    (b'hello world', 'not a readable checkpoint'),
+])
+def test_bad_checkpoint_files(tmp_path, capsys, content, needle):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(content)
+    err = cli_error(TINY + ['--eval', 'true', '--resume', str(bad)], capsys)
+    assert needle in err and str(bad) in err
+
+
+def test_truncated_checkpoint_and_other_architecture(tmp_path, capsys):
+    out = str(tmp_path / 'arch')
+    main_mod.cli(TINY + ['--output_dir', out])
+    good = os.path.join(out, 'checkpoint-0.pth')
+    trunc = tmp_path / 'trunc.pth'
+    trunc.write_bytes(open(good, 'rb').read()[:5000])
+    capsys.readouterr()
+    err = cli_error(TINY + ['--eval', 'true', '--resume', str(trunc)], capsys)
+    assert 'not a readable checkpoint' in err
+    err = cli_error(TINY[:TINY.index('--model')] + ['--model', 'resnet18'] + TINY[TINY.index('--model') + 2:]
+                    + ['--eval', 'true', '--resume', good], capsys)
+    assert 'does not match model' in err and '--model' in err
+
+
+def test_resume_with_another_optimizer_is_refused(tmp_path, capsys):
+    out = str(tmp_path / 'opt')
+    main_mod.cli(TINY + ['--output_dir', out])
+    capsys.readouterr()
+    err = cli_error(TINY + ['--output_dir', out, '--epochs', '2', '--opt', 'sgd'], capsys)
+    assert 'adamw' in err and '--opt' in err
+
+
+def test_bad_resume_does_not_touch_output_dir(tmp_path, capsys):
+    out = str(tmp_path / 'keep')
+    main_mod.cli(TINY + ['--output_dir', out])
+    snapshot = {n: digest(os.path.join(out, n)) for n in os.listdir(out) if n.endswith(('.pth', '.txt'))}
+    bad = tmp_path / 'bad.pth'
+    bad.write_text('x')
+    capsys.readouterr()
+    cli_error(TINY + ['--output_dir', out, '--resume', str(bad), '--epochs', '3'], capsys)
+    assert {n: digest(os.path.join(out, n)) for n in snapshot} == snapshot
+
+
+# ---------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------
+
+def _folder(root, classes, n=3, size=40):
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(n):
+            Image.new('RGB', (size, size), (i * 40, 80, 160)).save(os.path.join(root, c, f'{i}.png'))
+    return str(root)
+
+
+def folder_args(train, val, extra=()):
+    return ['--data_set', 'image_folder', '--data_path', train, '--eval_data_path', val, '--model', 'test_convnext',
+            '--input_size', '32', '--batch_size', '4', '--device', 'cpu', '--num_workers', '0', '--epochs', '1',
+            '--print_freq', '100'] + list(extra)
+
+
+def test_missing_and_empty_data_dirs(tmp_path, capsys):
+    err = cli_error(['--data_path', str(tmp_path / 'nope'), '--device', 'cpu'], capsys)
+    assert 'nope' in err and 'data' in err
+    empty = tmp_path / 'empty'
+    (empty / 'train').mkdir(parents=True)
+    (empty / 'val').mkdir()
+    err = cli_error(['--data_path', str(empty), '--device', 'cpu'], capsys)
+    assert 'class folders' in err or 'no images' in err
+
+
+def test_class_lists_differ(tmp_path, capsys):
+    train = _folder(tmp_path / 'train', ['a', 'b'])
+    val = _folder(tmp_path / 'val', ['a', 'c'])
+    err = cli_error(folder_args(train, val), capsys)
+    assert 'differ' in err and "'b'" in err and "'c'" in err
+
+
+def test_nb_classes_disagrees(tmp_path, capsys):
+    train = _folder(tmp_path / 'train', ['a', 'b'])
+    val = _folder(tmp_path / 'val', ['a', 'b'])
+    err = cli_error(folder_args(train, val, ['--nb_classes', '1000']), capsys)
+    assert '--nb_classes 1000' in err and '2 classes' in err
+
+
+def _with_bad_images(tmp_path):
+    train = _folder(tmp_path / 'train', ['a', 'b'], n=4)
+    val = _folder(tmp_path / 'val', ['a', 'b'], n=2)
+    good = open(os.path.join(train, 'a', '0.png'), 'rb').read()
+    with open(os.path.join(train, 'a', 'truncated.png'), 'wb') as f:
+        f.write(good[: len(good) // 2])
+    with open(os.path.join(train, 'b', 'notes.jpg'), 'w') as f:
+        f.write('this is not an image')
+    return train, val
+
+
+def test_bad_image_fails_naming_the_file(tmp_path, capsys):
+    train, val = _with_bad_images(tmp_path)
+    err = cli_error(folder_args(train, val, ['--output_dir', str(tmp_path / 'o')]), capsys)
+    assert ('truncated.png' in err or 'notes.jpg' in err) and '--skip_bad_images' in err
+
+
+def test_bad_images_skipped_and_counted(tmp_path, capsys):
+    train, val = _with_bad_images(tmp_path)
+    main_mod.cli(folder_args(train, val, ['--skip_bad_images', 'true', '--output_dir', str(tmp_path / 'o'),
+                                          '--batch_size', '2']))
+    out = capsys.readouterr().out
+    assert 'unreadable training images skipped so far' in out
+    assert json.loads(open(tmp_path / 'o' / 'log.txt').readline())['epoch'] == 0
+
+
+def test_unknown_model_suggests_names(capsys):
+    err = cli_error(TINY[:TINY.index('--model')] + ['--model', 'convnext_tiyn'] + TINY[TINY.index('--model') + 2:],
+                    capsys)
+    assert 'convnext_tiny' in err
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    err = cli_error(TINY + ['--output_dir', str(blocker / 'sub')], capsys)
+    assert 'cannot be written' in err
+
+
+def test_impossible_curriculum_settings(capsys):
+    err = cli_error(TINY + ['--curriculum', 'etpp', '--base_input_size', '64', '--replay_times', '2',
+                            '--replay_buffer_size', '4', '--update_freq', '2'], capsys)
+    assert 'update_freq' in err
+    err = cli_error(TINY + ['--curriculum', 'etpp', '--batch_size', '100000', '--base_input_size', '64'], capsys)
+    assert 'batch' in err
+
+
+def test_bad_flag_values(capsys):
+    err = cli_error(TINY + ['--save_ckpt_steps', '-1'], capsys)
+    assert 'save_ckpt_steps' in err
+    err = cli_error(TINY + ['--batch_size', '0'], capsys)
+    assert 'batch_size' in err
