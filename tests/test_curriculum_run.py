@@ -41,7 +41,7 @@ def vit_run(tmp_path_factory):
 
 def test_cnn_etpp_scaled_sizes_and_final_shapes(tmp_path, capsys):
     out = str(tmp_path / 'cnn')
-    run(etpp_argv('resnet18', 64, out))
+    run(etpp_argv('test_resnet', 64, out))
     text = capsys.readouterr().out
     assert 'Training plan: EfficientTrain++' in text and 'theoretical speedup' in text
     log = read_log(out)
@@ -103,7 +103,7 @@ def test_swin_etpp_windows_follow_b(tmp_path):
 
 def test_et_fourier_path_on_device(tmp_path):
     out = str(tmp_path / 'et')
-    run(SYNTH + ['--model', 'resnet18', '--curriculum', 'et', '--base_input_size', '64', '--synth_image_size', '72',
+    run(SYNTH + ['--model', 'test_resnet', '--curriculum', 'et', '--base_input_size', '64', '--synth_image_size', '72',
                  '--epochs', '5', '--batch_size', '16', '--update_freq', '2', '--output_dir', out])
     log = read_log(out)
     # 160 and 192 both land on 48 on the 16-pixel grid at base 64
@@ -115,7 +115,7 @@ def test_et_fourier_path_on_device(tmp_path):
 
 def test_replay_run(tmp_path):
     out = str(tmp_path / 'replay')
-    run(etpp_argv('resnet18', 64, out, ['--batch_size', '64', '--replay_times', '2', '--epochs', '2',
+    run(etpp_argv('test_resnet', 64, out, ['--batch_size', '64', '--replay_times', '2', '--epochs', '2',
                                          '--replay_buffer_size', '2', '--synth_per_class', '64']))
     log = read_log(out)
     low = [r for r in log if r['input_size'] < 64]

@@ -152,7 +152,7 @@ def _torchrun(args, timeout=300):
 
 def test_torchrun_two_processes_gloo(trained, tmp_path):
     out = str(tmp_path / 'ddp')
-    r = _torchrun(TINY + ['--epochs', '2', '--batch_size', '16', '--output_dir', out])
+    r = _torchrun(TINY + ['--epochs', '2', '--batch_size', '16', '--output_dir', out, '--model', 'test_convnext'])
     assert r.returncode == 0, r.stderr[-3000:]
     log = read_log(out)
     assert [x['epoch'] for x in log] == [0, 1]
