@@ -76,7 +76,9 @@ def get_args_parser():
     p.add_argument('--reprob', default=0.25, type=float)
     p.add_argument('--remode', default='pixel', type=str)
     p.add_argument('--recount', default=1, type=int)
-    p.add_argument('--resplit', default=False, type=b)
+    p.add_argument('--resplit', default=False, type=b,
+                   help='per-split random erasing; only has an effect with augmentation splits, which this '
+                        'codebase does not use (kept for command-line compatibility)')
     p.add_argument('--mixup', default=0.8, type=float)
     p.add_argument('--cutmix', default=1.0, type=float)
     p.add_argument('--cutmix_minmax', default=None, type=float, nargs='+')
@@ -411,7 +413,10 @@ def main(args):
             print(f'Accuracy of the network on {test_stats["num_images"]} test images at {stage.size}: '
                   f'{test_stats["acc1"]:.2f}%{best}')
             if model_ema is not None and args.model_ema_eval:
-                ema_stats = evaluate(eval_loader, model_ema.module, device, amp_dtype, reduce, header='Test EMA:')
+                # --model_ema_force_cpu keeps the average (and so its evaluation) on the CPU
+                ema_device = next(model_ema.module.parameters()).device
+                ema_stats = evaluate(eval_loader, model_ema.module, ema_device, amp_dtype, reduce,
+                                     header='Test EMA:')
                 if stage.size == base and ema_stats['acc1'] > max_acc_ema:
                     max_acc_ema, improved_ema = ema_stats['acc1'], True
 

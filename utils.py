@@ -102,11 +102,17 @@ def init_distributed_mode(args):
     setup_for_distributed(args.rank == 0)
 
 
-def all_reduce_sum(values, device):
-    """Sum a list of floats over ranks (float64, so counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if is_dist_avail_and_initialized():
-        dist.all_reduce(t)
+def all_reduce_sum(values, device=None):
+    """Sum a list of floats over ranks (float64, so counts stay exact).
+
+    The tensor goes where the backend wants it (NCCL: this rank's GPU, gloo: CPU), whatever
+    device the values came from (an EMA kept on the CPU, say).
+    """
+    if not is_dist_avail_and_initialized():
+        return [float(v) for v in values]
+    on = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
+    t = torch.tensor(values, dtype=torch.float64, device=on)
+    dist.all_reduce(t)
     return t.tolist()
 
 

@@ -167,11 +167,19 @@ def _warmup(args, rule, plan):
     return plan.progress_after_plain_epochs(args.warmup_epochs)
 
 
+# The replay buffer splits every loaded batch into this many chunks (METHOD.md).
+REPLAY_CHUNKS = 32
+
+
 def _check_replay_update_freq(stages):
     for s in stages:
         if s.replay_times > 1 and s.update_freq > 1:
             raise PlanError(f'stage {s.index} (B={s.size}): replay needs update_freq 1 but the stage has '
                             f'{s.update_freq}: raise --batch_size or lower --update_freq, or turn replay off')
+        if s.replay_times > 1 and s.loader_batch % REPLAY_CHUNKS:
+            raise PlanError(f'stage {s.index} (B={s.size}): the loader batch {s.batch_size}/{s.replay_times} = '
+                            f'{s.loader_batch} does not split into {REPLAY_CHUNKS} equal replay chunks: choose a '
+                            f'per-GPU batch that is a multiple of {REPLAY_CHUNKS * s.replay_times}')
 
 
 # ---------------------------------------------------------------------------
@@ -260,8 +268,9 @@ def load_plan_file(path, args, size_multiple=16):
             raise _field_error(path, f'{where}.update_freq', f'must be 1 with replay_times {rt}')
         if rt > 1 and buf < 1:
             raise _field_error(path, f'{where}.buffer_size', f'must be >= 1 with replay_times {rt}')
-        if bs % rt:
-            raise _field_error(path, f'{where}.batch_size', f'{bs} not divisible by replay_times {rt}')
+        if bs % rt or (rt > 1 and (bs // rt) % REPLAY_CHUNKS):
+            raise _field_error(path, f'{where}.batch_size', f'{bs} must be a multiple of replay_times x '
+                                                           f'{REPLAY_CHUNKS} = {rt * REPLAY_CHUNKS}')
         per_epoch = (size / base) ** 2 * rt if unit == 'compute' else 1.0
         raw.append((share * args.epochs / per_epoch, Stage(0, size, mag, 1, bs, uf, rt, buf)))
     total_share = sum(s['share'] for s in stages_spec)
@@ -277,6 +286,7 @@ def load_plan_file(path, args, size_multiple=16):
         raise _field_error(path, 'stages', f'every stage rounds to 0 epochs at --epochs {args.epochs}')
     name = spec.get('name', os.path.basename(path))
     plan = Plan(f'custom: {name}', stages, base, unit, lowfreq)
+    _check_replay_update_freq(plan.stages)
     plan.budget = args.epochs
     if 'warmup_fraction' in spec:
         wf = spec['warmup_fraction']
