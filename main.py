@@ -47,6 +47,8 @@ def get_args_parser():
     # optimisation
     p.add_argument('--batch_size', default=64, type=int, help='per-GPU batch (at the base size)')
     p.add_argument('--update_freq', default=1, type=int, help='gradient accumulation steps (at the base size)')
+    p.add_argument('--global_batch_size', default=None, type=int,
+                   help='total batch per optimizer step; sets --update_freq from --batch_size and the GPU count')
     p.add_argument('--epochs', default=300, type=int,
                    help='data epochs; equivalent epochs at --base_input_size with --curriculum etpp')
     p.add_argument('--warmup_epochs', default=20, type=float)
@@ -216,6 +218,17 @@ def main(args):
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda but no CUDA device is visible: pass --device cpu')
     rank, world = utils.get_rank(), utils.get_world_size()
+    if args.global_batch_size:
+        per_step = args.batch_size * world
+        if args.global_batch_size % per_step:
+            raise UserError(f'--global_batch_size {args.global_batch_size} does not divide among {world} GPU(s) x '
+                            f'--batch_size {args.batch_size}: choose a per-GPU batch such that batch x GPUs '
+                            f'divides it')
+        freq = args.global_batch_size // per_step
+        if args.update_freq not in (1, freq):
+            raise UserError(f'--update_freq {args.update_freq} contradicts --global_batch_size '
+                            f'{args.global_batch_size} ({world} GPU(s) x {args.batch_size} needs {freq}): drop one')
+        args.update_freq = freq
     args.pin_mem = args.pin_mem and device.type == 'cuda'
     utils.seed_everything(args.seed + rank)
     if args.deterministic:

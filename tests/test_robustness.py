@@ -285,6 +285,14 @@ def test_impossible_curriculum_settings(capsys):
     assert 'batch' in err
 
 
+def test_global_batch_that_does_not_divide(capsys, tmp_path):
+    err = cli_error(TINY + ['--global_batch_size', '100'], capsys)
+    assert '--global_batch_size 100' in err and 'divide' in err
+    main_mod.cli(TINY + ['--global_batch_size', '32', '--output_dir', str(tmp_path)])
+    rec = json.loads(open(tmp_path / 'log.txt').readline())
+    assert (rec['batch_size'], rec['update_freq']) == (8, 4)
+
+
 def test_bad_flag_values(capsys):
     err = cli_error(TINY + ['--save_ckpt_steps', '-1'], capsys)
     assert 'save_ckpt_steps' in err
