@@ -28,7 +28,7 @@ from curriculum.replay import ReplayBuffer
 from datasets import build_base_datasets, build_eval_loader, build_train_loader
 from engine import TrainingDiverged, evaluate, train_one_epoch
 from models import create_model
-from models.checkpoint_compat import drop_mismatched_head, load_into
+from models.checkpoint_compat import load_into
 from optim_factory import create_optimizer
 from utils import UserError, str2bool
 
@@ -198,10 +198,10 @@ def load_finetune(args, model):
     state, _ = _state_from(ckpt, args.model_key, args.finetune)
     if args.model_prefix:
         state = {k[len(args.model_prefix):]: v for k, v in state.items() if k.startswith(args.model_prefix)}
-    dropped = drop_mismatched_head(model, state)
-    if dropped:
-        print(f'Dropped classifier weights whose shape differs from the model: {", ".join(dropped)}')
+    # load_into maps official names first, then drops a classifier of another shape
     report = load_weights(model, state, args.finetune, finetune=True)
+    if report.dropped_head:
+        print(f'Dropped classifier weights whose shape differs from the model: {", ".join(report.dropped_head)}')
     print(f'Fine-tuning from {args.finetune}: missing {report.missing or "none"}, '
           f'unexpected {report.unexpected or "none"}')
     if args.head_init_scale != 1.0 and hasattr(model, 'get_classifier'):

@@ -240,6 +240,13 @@ def _adapt_module(module: nn.Module, size: int, optimizer: Optional[torch.optim.
         for name, fn in resamplers.items():
             old = before[name]
             _set_parameter(module, name, nn.Parameter(fn(old.detach()), requires_grad=old.requires_grad))
+    # Some timm versions rebuild buffers (Swin's attention masks) on the CPU; keep every
+    # buffer with the parameters so a GPU model stays on its GPU.
+    device = next(iter(before.values())).device if before else None
+    for name, buf in list(module.named_buffers()):
+        if device is not None and buf.device != device:
+            owner, _, leaf = name.rpartition(".")
+            (module.get_submodule(owner) if owner else module)._buffers[leaf] = buf.to(device)
     after = dict(module.named_parameters())
     if after.keys() != before.keys():
         raise RuntimeError(f"adapting {type(module).__name__} to {size} added or removed parameters")

@@ -117,8 +117,10 @@ class Plan:
         total = self.total_compute
         hdr = (f'{"stage":>5} {"B":>4} {"m":>3} {"epochs":>15} {"equiv ep":>9} {"compute":>8} '
                f'{"batch x freq":>12} {"replay":>12}')
-        lines = [f'Training plan: {self.name} (B in {self.lowfreq} mode, base {base}, '
-                 f'schedules follow {self.progress_unit})', hdr, '-' * len(hdr)]
+        mode = {'fourier': 'B by Fourier crop on the device', 'lanczos': 'B by Lanczos resize on the CPU',
+                'none': 'no low-frequency crop'}[self.lowfreq]
+        lines = [f'Training plan: {self.name} ({mode}, base {base}, schedules follow {self.progress_unit})',
+                 hdr, '-' * len(hdr)]
         for s in self.stages:
             rep = f'{s.replay_times}x/{s.buffer_size}' if s.replay_times > 1 else '-'
             ep = f'{s.start_epoch}-{s.start_epoch + s.epochs - 1} ({s.epochs})'

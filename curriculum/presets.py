@@ -121,7 +121,8 @@ def _build_etpp(args, base, multiple, lowfreq):
         bs, uf, r = stage_batches(args.batch_size, args.update_freq, recipe.batch_at[b_pub] // last)
         if r != recipe.batch_at[b_pub] // last:
             notes.append(f'segment {k}: micro-batch x{r} instead of the published '
-                         f'x{recipe.batch_at[b_pub] // last} (--update_freq {args.update_freq} does not divide)')
+                         f'x{recipe.batch_at[b_pub] // last}: --update_freq {args.update_freq} is not a multiple '
+                         f'of {recipe.batch_at[b_pub] // last}, and the global batch must stay constant')
         if rt > 1 and bs % rt:
             raise PlanError(f'segment {k}: per-GPU batch {bs} not divisible by replay_times {rt}: '
                             f'choose --batch_size a multiple of {rt}')

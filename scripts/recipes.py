@@ -1,0 +1,407 @@
+#!/usr/bin/env python3
+"""Launch the published EfficientTrain++ / EfficientTrain / baseline recipes.
+
+One table (RECIPES) holds every per-model hyper-parameter (METHOD.md); the drop path at
+a budget E, the batch split for the number of GPUs and the torchrun / SLURM launch line
+are derived from it, so the per-model wrappers (scripts/train_<model>.sh, written by
+`recipes.py wrappers`) cannot drift apart.
+
+    python scripts/recipes.py list
+    python scripts/recipes.py train swin_tiny --data_path /data/imagenet [--budget 150]
+        [--variant etpp|et|baseline] [--replay] [--gpus 8] [--dry_run] [main.py flags]
+    python scripts/recipes.py eval swin_tiny CHECKPOINT --data_path /data/imagenet [--ema]
+    python scripts/recipes.py wrappers
+
+Flags the launcher does not know are passed to main.py after the recipe's own, so they
+override it (argparse keeps the last value). Launch settings come from flags or the
+environment: GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, RDZV_ID,
+DATA_PATH, OUTPUT_DIR (or OUTPUT_ROOT), BUDGET, DRY_RUN=1. Nothing is passed through a
+shell: the command is an argument list, printed shell-quoted.
+"""
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MAIN = os.path.join(ROOT, 'main.py')
+
+# The published recipes keep this global batch at every stage, on 8 GPUs.
+GLOBAL_BATCH = 4096
+PUBLISHED_GPUS = 8
+DEFAULT_LR = 4e-3
+DEFAULT_WEIGHT_DECAY = 0.05
+WARMUP_EPOCHS = 20
+
+Flags = Tuple[Tuple[str, str], ...]
+EMA: Flags = (('--model_ema', 'true'), ('--model_ema_eval', 'true'))
+AMP: Flags = (('--use_amp', 'true'),)
+CLIP: Flags = (('--clip_grad', '5.0'),)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    family: str
+    # drop path of the 300-epoch baseline; EfficientTrain++ scales it by E/200
+    drop_path: float
+    # per-GPU batch x update_freq at B=224 on 8 GPUs; curriculum/presets.py derives the
+    # larger micro-batches of the lower-B stages from it
+    batch: int
+    update_freq: int
+    flags: Flags = ()
+    lr: float = DEFAULT_LR
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
+    # METHOD.md publishes replay settings for this model (--replay_preset true)
+    replay: bool = False
+    source: str = 'METHOD.md'
+
+
+_METAFORMER = ('sail-sg/metaformer training scripts (METHOD.md gives no CAFormer recipe); '
+               'their head dropout has no main.py flag')
+
+RECIPES: Dict[str, Recipe] = {
+    'resnet50': Recipe('resnet', 0.0, 512, 1, replay=True),
+    'convnext_tiny': Recipe('convnext', 0.1, 128, 4, EMA),
+    'convnext_small': Recipe('convnext', 0.4, 64, 8, EMA),
+    'convnext_base': Recipe('convnext', 0.5, 64, 8, EMA),
+    'deit_tiny_patch16_224': Recipe('deit', 0.1, 256, 2, AMP + CLIP, replay=True),
+    'deit_small_patch16_224': Recipe('deit', 0.1, 256, 2, AMP + CLIP, replay=True),
+    'swin_tiny': Recipe('swin', 0.2, 256, 2, AMP + CLIP, replay=True),
+    'swin_small': Recipe('swin', 0.3, 128, 4, AMP + CLIP),
+    'swin_base': Recipe('swin', 0.5, 128, 4, AMP + CLIP),
+    'CSWin_64_12211_tiny_224': Recipe('cswin', 0.2, 256, 2, AMP + EMA, replay=True),
+    'CSWin_64_24322_small_224': Recipe('cswin', 0.4, 128, 4, AMP + EMA),
+    'CSWin_96_24322_base_224': Recipe(
+        'cswin', 0.5, 128, 4,
+        AMP + EMA + (('--model_ema_decay', '0.9998'), ('--opt', 'lamb'), ('--opt_eps', '1e-6')),
+        lr=8e-3, weight_decay=0.1),
+    'caformer_s18': Recipe('caformer', 0.15, 128, 4, (('--opt', 'lamb'),), lr=8e-3, source=_METAFORMER),
+    'caformer_s36': Recipe('caformer', 0.3, 128, 4, (('--opt', 'lamb'),), lr=8e-3, source=_METAFORMER),
+    'caformer_m36': Recipe('caformer', 0.4, 128, 4, (('--opt', 'lamb'),), lr=8e-3, source=_METAFORMER),
+}
+
+# variant -> (--curriculum, default budget): EfficientTrain++ counts equivalent epochs
+# at 224; EfficientTrain and the baseline count data epochs.
+VARIANTS = {'etpp': ('etpp', 200), 'et': ('et', 300), 'baseline': ('none', 300)}
+PUBLISHED_BUDGETS = (100, 150, 200, 300)
+
+
+class LaunchError(ValueError):
+    pass
+
+
+def drop_path(recipe: Recipe, variant: str, budget: int) -> float:
+    """EfficientTrain++ scales the base rate by E/200; the other variants keep it."""
+    if variant == 'etpp':
+        return round(recipe.drop_path * budget / 200, 6)
+    return recipe.drop_path
+
+
+def split_batch(recipe: Recipe, world: int, batch: Optional[int] = None) -> Tuple[int, int]:
+    """(per-GPU batch, update_freq) at B=224 that keep the global batch at GLOBAL_BATCH.
+
+    The published per-GPU batch is the most that fits a GPU at 224, so it is kept and
+    update_freq absorbs the GPU count; with more GPUs than that allows, the per-GPU
+    share of the global batch is the batch and update_freq is 1.
+    """
+    if world < 1:
+        raise LaunchError(f'the number of GPUs must be >= 1, got {world}')
+    if GLOBAL_BATCH % world:
+        raise LaunchError(f'the global batch {GLOBAL_BATCH} is not divisible by {world} GPUs: use a power of '
+                          f'two, or pass --batch_size and --update_freq after the recipe flags yourself')
+    per_gpu = GLOBAL_BATCH // world
+    b = batch if batch else min(recipe.batch, per_gpu)
+    if b < 1 or per_gpu % b:
+        raise LaunchError(f'--batch_size {b} does not divide the per-GPU share {per_gpu} of the global batch '
+                          f'{GLOBAL_BATCH} on {world} GPUs: choose a divisor of {per_gpu}')
+    return b, per_gpu // b
+
+
+def _fmt(x: float) -> str:
+    return f'{x:g}'
+
+
+def main_args(model: str, variant: str = 'etpp', budget: Optional[int] = None, world: int = PUBLISHED_GPUS,
+              data_path: Optional[str] = None, output_dir: Optional[str] = None, replay: bool = False,
+              batch: Optional[int] = None, extra: Sequence[str] = ()) -> List[str]:
+    """main.py's arguments for a recipe (everything after `main.py`)."""
+    if model not in RECIPES:
+        raise LaunchError(f'no published recipe for {model!r}: one of {", ".join(RECIPES)} '
+                          f'(other models: call main.py directly, see TRAINING.md)')
+    if variant not in VARIANTS:
+        raise LaunchError(f'unknown variant {variant!r}: one of {", ".join(VARIANTS)}')
+    r = RECIPES[model]
+    curriculum, default_budget = VARIANTS[variant]
+    budget = default_budget if budget is None else budget
+    if budget < 1:
+        raise LaunchError(f'--budget must be >= 1, got {budget}')
+    if replay and variant != 'etpp':
+        raise LaunchError('--replay uses the EfficientTrain++ replay settings: only with --variant etpp')
+    if replay and not r.replay:
+        with_replay = ', '.join(m for m, x in RECIPES.items() if x.replay)
+        raise LaunchError(f'no published replay settings for {model} (published for {with_replay}); '
+                          f'pass --replay_times N --replay_buffer_size M instead')
+    b, uf = split_batch(r, world, batch)
+    args = ['--model', model, '--curriculum', curriculum, '--epochs', str(budget),
+            '--batch_size', str(b), '--update_freq', str(uf),
+            '--lr', _fmt(r.lr), '--weight_decay', _fmt(r.weight_decay),
+            '--warmup_epochs', str(WARMUP_EPOCHS), '--drop_path', _fmt(drop_path(r, variant, budget))]
+    for flag, value in r.flags:
+        args += [flag, value]
+    if replay:
+        args += ['--replay_preset', 'true']
+    if data_path:
+        args += ['--data_path', data_path]
+    if output_dir:
+        args += ['--output_dir', output_dir]
+    return args + list(extra)
+
+
+def eval_args(model: str, checkpoint: str, data_path: Optional[str] = None, ema: bool = False,
+              input_size: int = 224, batch: int = 128, extra: Sequence[str] = ()) -> List[str]:
+    """main.py's arguments to evaluate a checkpoint (fp32, exact sharded evaluation)."""
+    if model not in RECIPES:
+        from_timm = 'any timm model name also works with main.py directly'
+        raise LaunchError(f'no published recipe for {model!r}: one of {", ".join(RECIPES)} ({from_timm})')
+    args = ['--model', model, '--eval', 'true', '--resume', checkpoint,
+            '--input_size', str(input_size), '--batch_size', str(batch)]
+    if ema:
+        args += ['--model_ema', 'true', '--model_ema_eval', 'true']
+    if data_path:
+        args += ['--data_path', data_path]
+    return args + list(extra)
+
+
+# --------------------------------------------------------------------------- launching
+
+@dataclass
+class Launch:
+    launcher: str                 # 'python', 'torchrun' or 'slurm'
+    gpus: int                     # processes per node (torchrun); ignored for slurm
+    nnodes: int = 1
+    node_rank: Optional[int] = None
+    master_addr: Optional[str] = None
+    master_port: Optional[str] = None
+    rdzv_backend: str = 'c10d'
+    rdzv_id: Optional[str] = None
+
+    @property
+    def world(self) -> int:
+        if self.launcher == 'slurm':
+            return int(os.environ.get('SLURM_NTASKS', '1'))
+        return self.gpus * self.nnodes
+
+
+def _env_int(name: str) -> Optional[int]:
+    v = os.environ.get(name)
+    if v in (None, ''):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise LaunchError(f'${name} must be an integer, got {v!r}') from None
+
+
+def _visible_gpus() -> Optional[int]:
+    cvd = os.environ.get('CUDA_VISIBLE_DEVICES')
+    if cvd is not None and cvd.strip() not in ('', '-1'):
+        return len([d for d in cvd.split(',') if d.strip()])
+    try:
+        out = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    n = sum(1 for line in out.stdout.splitlines() if line.startswith('GPU '))
+    return n or None
+
+
+def resolve_launch(ns) -> Launch:
+    gpus = ns.gpus or _env_int('GPUS_PER_NODE')
+    if gpus is None and ns.launcher != 'slurm':
+        gpus = _visible_gpus()
+        if gpus is None:
+            raise LaunchError('cannot tell how many GPUs to use: pass --gpus N or set GPUS_PER_NODE')
+    nnodes = ns.nnodes or _env_int('NNODES') or 1
+    node_rank = ns.node_rank if ns.node_rank is not None else _env_int('NODE_RANK')
+    launch = Launch(
+        launcher=ns.launcher, gpus=gpus or 1, nnodes=nnodes, node_rank=node_rank,
+        master_addr=ns.master_addr or os.environ.get('MASTER_ADDR') or None,
+        master_port=str(ns.master_port or os.environ.get('MASTER_PORT') or '') or None,
+        rdzv_backend=ns.rdzv_backend, rdzv_id=ns.rdzv_id or os.environ.get('RDZV_ID') or None)
+    if launch.launcher == 'auto':
+        launch.launcher = 'torchrun' if launch.world > 1 else 'python'
+    if launch.launcher == 'python' and launch.world > 1:
+        raise LaunchError(f'--launcher python runs one process, but {launch.world} GPUs were asked for')
+    if launch.nnodes > 1 and launch.launcher == 'torchrun':
+        if not (launch.master_addr and launch.master_port):
+            raise LaunchError('multi-node runs need the rendezvous host and port: --master_addr/--master_port '
+                              'or $MASTER_ADDR/$MASTER_PORT (the same on every node)')
+        if launch.rdzv_backend == 'static' and launch.node_rank is None:
+            raise LaunchError('--rdzv_backend static needs this node\'s rank: --node_rank or $NODE_RANK')
+    return launch
+
+
+def launcher_prefix(launch: Launch, default_rdzv_id: str) -> List[str]:
+    """What comes before main.py: the interpreter, and torchrun's options."""
+    if launch.launcher in ('python', 'slurm'):
+        # under srun every task is one rank: utils.init_distributed_mode reads SLURM_*
+        return [sys.executable]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(launch.gpus)]
+    if launch.nnodes == 1:
+        if launch.master_port:
+            return cmd + ['--master_port', launch.master_port]
+        # a free port chosen by torchrun, so concurrent single-node jobs do not collide
+        return cmd + ['--standalone']
+    cmd += ['--nnodes', str(launch.nnodes)]
+    if launch.rdzv_backend == 'static':
+        return cmd + ['--node_rank', str(launch.node_rank), '--master_addr', launch.master_addr,
+                      '--master_port', launch.master_port]
+    # c10d assigns ranks on arrival; a node rank would be ignored
+    return cmd + ['--rdzv_backend', 'c10d', '--rdzv_endpoint', f'{launch.master_addr}:{launch.master_port}',
+                  '--rdzv_id', launch.rdzv_id or default_rdzv_id]
+
+
+def _truthy(v: Optional[str]) -> bool:
+    return str(v or '').strip().lower() in ('1', 'true', 'yes', 'y', 't')
+
+
+def _add_launch_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('launch (flags win over the environment)')
+    g.add_argument('--gpus', type=int, default=None, help='GPUs (processes) per node [$GPUS_PER_NODE, '
+                                                          'else the visible GPUs]')
+    g.add_argument('--nnodes', type=int, default=None, help='[$NNODES, else 1]')
+    g.add_argument('--node_rank', type=int, default=None, help='only for --rdzv_backend static [$NODE_RANK]')
+    g.add_argument('--master_addr', default=None, help='rendezvous host of a multi-node run [$MASTER_ADDR]')
+    g.add_argument('--master_port', default=None, help='rendezvous port [$MASTER_PORT; single node: a free '
+                                                       'one]')
+    g.add_argument('--rdzv_backend', default='c10d', choices=['c10d', 'static'])
+    g.add_argument('--rdzv_id', default=None, help='job id shared by all nodes [$RDZV_ID, else from the run]')
+    g.add_argument('--launcher', default='auto', choices=['auto', 'torchrun', 'python', 'slurm'],
+                   help='auto: torchrun for more than one GPU; slurm: one srun task per GPU '
+                        '(scripts/slurm_train.sh)')
+    g.add_argument('--dry_run', action='store_true', help='print the command and exit [$DRY_RUN=1]')
+    g.add_argument('--data_path', default=None, help='ImageNet root with train/ and val/ [$DATA_PATH]')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='recipes.py', allow_abbrev=False,
+                                description='Published EfficientTrain(++) recipes; unknown flags go to main.py.')
+    sub = p.add_subparsers(dest='cmd', required=True)
+    sub.add_parser('list', help='print the recipe table')
+    t = sub.add_parser('train', allow_abbrev=False, help='train a model with its published recipe')
+    t.add_argument('model', choices=list(RECIPES), metavar='MODEL', help=f'one of {", ".join(RECIPES)}')
+    t.add_argument('--variant', default='etpp', choices=list(VARIANTS),
+                   help='etpp: EfficientTrain++ (default); et: EfficientTrain (ICCV); baseline: no curriculum')
+    t.add_argument('--budget', '-E', type=int, default=None,
+                   help='etpp: equivalent epochs E (default 200; published 100/150/200/300); '
+                        'et/baseline: epochs (default 300) [$BUDGET]')
+    t.add_argument('--replay', action='store_true', help='the published replay-buffer settings (etpp)')
+    t.add_argument('--batch_size', type=int, default=None,
+                   help='per-GPU batch at 224 (default: the published one); update_freq keeps 4096 global')
+    t.add_argument('--output_dir', default=None,
+                   help='[$OUTPUT_DIR, else $OUTPUT_ROOT/<model>_<variant>_E<budget>, OUTPUT_ROOT=output]')
+    _add_launch_flags(t)
+    e = sub.add_parser('eval', allow_abbrev=False, help='evaluate a checkpoint (released or own)')
+    e.add_argument('model', choices=list(RECIPES), metavar='MODEL', help='a recipe name, as for train')
+    e.add_argument('checkpoint')
+    e.add_argument('--ema', action='store_true', help="evaluate the checkpoint's 'model_ema' entry")
+    e.add_argument('--input_size', type=int, default=224)
+    e.add_argument('--batch_size', type=int, default=128, help='per-GPU batch (x1.5 for evaluation)')
+    _add_launch_flags(e)
+    sub.add_parser('wrappers', help='(re)write scripts/train_<model>.sh')
+    return p
+
+
+def wrapper_text(model: str) -> str:
+    return (
+        '#!/usr/bin/env bash\n'
+        f'# {model}: EfficientTrain++ at budget E (default 200), --variant et or baseline.\n'
+        '# Written by `python scripts/recipes.py wrappers`; the recipe lives in scripts/recipes.py.\n'
+        f'# Usage: scripts/train_{model}.sh --data_path DIR [--budget E] [--variant etpp|et|baseline]\n'
+        '#        [--replay] [--gpus N] [--dry_run] [main.py flags]\n'
+        'set -euo pipefail\n'
+        f'exec "${{PYTHON:-python}}" "$(dirname "${{BASH_SOURCE[0]}}")/recipes.py" train {model} "$@"\n'
+    )
+
+
+def write_wrappers() -> List[str]:
+    paths = []
+    for model in RECIPES:
+        path = os.path.join(HERE, f'train_{model}.sh')
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(wrapper_text(model))
+        os.chmod(path, 0o755)
+        paths.append(path)
+    return paths
+
+
+def recipe_table() -> str:
+    hdr = f'{"model":<26} {"family":<9} {"lr":>6} {"wd":>5} {"batch@224 x uf":>14} {"drop path E=100/150/200/300":>28}  flags'
+    lines = [hdr, '-' * len(hdr)]
+    for name, r in RECIPES.items():
+        dps = '/'.join(_fmt(drop_path(r, 'etpp', e)) for e in PUBLISHED_BUDGETS)
+        flags = ' '.join(f'{k} {v}' for k, v in r.flags) + (' [replay]' if r.replay else '')
+        lines.append(f'{name:<26} {r.family:<9} {_fmt(r.lr):>6} {_fmt(r.weight_decay):>5} '
+                     f'{f"{r.batch} x {r.update_freq}":>14} {dps:>28}  {flags}')
+    lines.append(f'batch x update_freq on {PUBLISHED_GPUS} GPUs (global {GLOBAL_BATCH}); baseline and et use the '
+                 f'E=200 drop path column.')
+    lines += [f'{n}: from {r.source}' for n, r in RECIPES.items() if r.source != 'METHOD.md']
+    return '\n'.join(lines)
+
+
+def _split_passthrough(argv: List[str]) -> Tuple[List[str], List[str]]:
+    if '--' in argv:
+        i = argv.index('--')
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def build_command(argv: Sequence[str]) -> Tuple[List[str], bool]:
+    """(command, dry_run) for a train/eval command line; LaunchError for a bad request."""
+    own, after = _split_passthrough(list(argv))
+    ns, unknown = build_parser().parse_known_args(own)
+    extra = unknown + after
+    launch = resolve_launch(ns)
+    data_path = ns.data_path or os.environ.get('DATA_PATH') or None
+    if not data_path and not any(a == '--data_set' or a.startswith('--data_set=') for a in extra):
+        raise LaunchError('no data: pass --data_path DIR (or set $DATA_PATH), or a --data_set of main.py')
+    dry = ns.dry_run or _truthy(os.environ.get('DRY_RUN'))
+    if ns.cmd == 'train':
+        if ns.budget is None and os.environ.get('BUDGET'):
+            ns.budget = _env_int('BUDGET')
+        budget = VARIANTS[ns.variant][1] if ns.budget is None else ns.budget
+        out = ns.output_dir or os.environ.get('OUTPUT_DIR') or os.path.join(
+            os.environ.get('OUTPUT_ROOT') or 'output', f'{ns.model}_{ns.variant}_E{budget}')
+        args = main_args(ns.model, ns.variant, budget, launch.world, data_path, out, ns.replay, ns.batch_size, extra)
+        rdzv = f'{ns.model}_{ns.variant}_E{budget}'
+    else:
+        args = eval_args(ns.model, ns.checkpoint, data_path, ns.ema, ns.input_size, ns.batch_size, extra)
+        rdzv = f'eval_{ns.model}'
+    return launcher_prefix(launch, rdzv) + [MAIN] + args, dry
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['list']:
+        print(recipe_table())
+        return 0
+    if argv[:1] == ['wrappers']:
+        for path in write_wrappers():
+            print(path)
+        return 0
+    try:
+        cmd, dry = build_command(argv)
+    except LaunchError as e:
+        print(f'recipes.py: error: {e}', file=sys.stderr)
+        return 2
+    print(shlex.join(cmd), flush=True)
+    if dry:
+        return 0
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == '__main__':
+    sys.exit(cli())
