@@ -248,7 +248,10 @@ def main(args):
         raise UserError(str(e)) from None
     final_size = args.input_size if (args.eval or args.curriculum == 'none' and not args.curriculum_file) \
         else args.base_input_size
-    check_input_size(model, final_size)
+    try:
+        check_input_size(model, final_size)
+    except ValueError as e:
+        raise UserError(f'{"--input_size" if final_size == args.input_size else "--base_input_size"}: {e}') from None
     adapt_model(model, final_size)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'Model {args.model}: {n_parameters / 1e6:.2f}M parameters, {nb_classes} classes')
