@@ -269,7 +269,7 @@ _DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, Image.Decompress
 
 
 @contextlib.contextmanager
-def _seeded(seed):
+def seeded(seed):
     """Seed python, numpy and torch for one sample; outside a worker, restore the caller's state."""
     in_worker = torch.utils.data.get_worker_info() is not None
     if not in_worker:
@@ -315,7 +315,7 @@ class StageTransformDataset(Dataset):
         for attempt in range(len(self.base)):
             i = (index + attempt) % len(self.base)
             try:
-                with _seeded(sample_seed(self.seed, epoch, i)):
+                with seeded(sample_seed(self.seed, epoch, i)):
                     img, target = self.base[i]
                     return self.transforms[stage](img), target
             except _DECODE_ERRORS as e:

@@ -180,6 +180,20 @@ def _state_from(ckpt, keys, path):
                     f'pass --model_key')
 
 
+def checked_plan(args, model):
+    """The plan for these flags, every stage's B checked against the model before training."""
+    try:
+        plan = build_plan(args, size_multiple(model))
+    except PlanError as e:
+        raise UserError(str(e)) from None
+    for s in plan.stages:
+        try:
+            check_input_size(model, s.size)
+        except ValueError as e:
+            raise UserError(f'stage {s.index} of the plan: {e}') from None
+    return plan
+
+
 def load_weights(model, state, path, finetune=False):
     """Load released or own weights; anything but a fine-tune must fit the model exactly."""
     try:
@@ -260,15 +274,7 @@ def main(args):
     if args.eval:
         return run_eval_only(args, model, val_base, device, amp_dtype, rank, world)
 
-    try:
-        plan = build_plan(args, size_multiple(model))
-    except PlanError as e:
-        raise UserError(str(e)) from None
-    for s in plan.stages:
-        try:
-            check_input_size(model, s.size)
-        except ValueError as e:
-            raise UserError(f'stage {s.index} of the plan: {e}') from None
+    plan = checked_plan(args, model)
     print(plan.table(None if plan.name == 'baseline' else args.baseline_epochs))
 
     if args.finetune:

@@ -9,10 +9,8 @@ pictures show the run those flags would train. plan.png needs matplotlib
 stages.png needs only Pillow.
 """
 import os
-import random
 import re
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -28,10 +26,8 @@ from torchvision import transforms  # noqa: E402
 
 import main as train_main  # noqa: E402
 import utils  # noqa: E402
-from curriculum import PlanError, build_plan  # noqa: E402
-from curriculum.adapt import check_input_size, size_multiple  # noqa: E402
 from curriculum.lowfreq import LanczosResize, fourier_crop  # noqa: E402
-from datasets import IMG_EXTENSIONS, eval_transform, train_transform  # noqa: E402
+from datasets import IMG_EXTENSIONS, eval_transform, seeded, train_transform  # noqa: E402
 from models import create_model  # noqa: E402
 from utils import UserError, str2bool  # noqa: E402
 
@@ -67,16 +63,7 @@ def build_training_plan(args):
             model = create_model(args.model, num_classes=args.nb_classes or 1000)
     except ValueError as e:
         raise UserError(str(e)) from None
-    try:
-        plan = build_plan(args, size_multiple(model))
-    except PlanError as e:
-        raise UserError(str(e)) from None
-    for s in plan.stages:
-        try:
-            check_input_size(model, s.size)
-        except ValueError as e:
-            raise UserError(f'stage {s.index} of the plan: {e}') from None
-    return plan
+    return train_main.checked_plan(args, model)
 
 
 def compute_starts(plan):
@@ -232,25 +219,6 @@ def load_rgb(path):
             return im.convert('RGB')
     except OSError as e:
         raise UserError(f'{path} cannot be read as an image ({e})') from None
-
-
-@contextmanager
-def seeded(seed):
-    """Seed every RNG the transforms draw from, restoring the caller's state afterwards.
-
-    timm's RandAugment picks ops with numpy and magnitudes with `random`; crops,
-    flips and erasing use torch. Restoring keeps this usable from inside other code.
-    """
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
 
 
 def _split_at_to_tensor(compose):
