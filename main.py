@@ -96,7 +96,9 @@ def get_args_parser():
     p.add_argument('--replay_times', default=1, type=int, help='replay factor for stages below the base size')
     p.add_argument('--replay_buffer_size', default=0, type=int)
     p.add_argument('--replay_preset', default=False, type=b, help="the recipe's published replay settings")
-    p.add_argument('--baseline_epochs', default=300, type=int, help='baseline the speedup is reported against')
+    p.add_argument('--baseline_epochs', default=None, type=int,
+                   help='baseline the printed speedup is against (default: as published: 300 epochs for '
+                        'etpp, the same --epochs for et and custom files)')
     # data and runs
     p.add_argument('--data_set', default='IMNET', choices=['IMNET', 'image_folder', 'CIFAR', 'SYNTH'])
     p.add_argument('--data_path', default=None, type=str)
@@ -178,6 +180,13 @@ def _state_from(ckpt, keys, path):
         return ckpt, None
     raise UserError(f'{path} has none of the keys {keys.split("|")} (it has {sorted(ckpt)[:5]}): '
                     f'pass --model_key')
+
+
+def baseline_epochs(args):
+    """ET compares with the baseline at the same epochs; ETPP's budget E with the 300-epoch baseline."""
+    if args.baseline_epochs:
+        return args.baseline_epochs
+    return 300 if args.curriculum == 'etpp' and not args.curriculum_file else args.epochs
 
 
 def checked_plan(args, model):
@@ -275,7 +284,7 @@ def main(args):
         return run_eval_only(args, model, val_base, device, amp_dtype, rank, world)
 
     plan = checked_plan(args, model)
-    print(plan.table(None if plan.name == 'baseline' else args.baseline_epochs))
+    print(plan.table(None if plan.name == 'baseline' else baseline_epochs(args)))
 
     if args.finetune:
         load_finetune(args, model)

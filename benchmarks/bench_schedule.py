@@ -23,6 +23,7 @@ from common import train_args  # first: puts the repository on sys.path
 
 from curriculum.adapt import size_multiple  # noqa: E402
 from curriculum import build_plan  # noqa: E402
+import main as main_mod  # noqa: E402
 from models import create_model  # noqa: E402
 
 
@@ -134,8 +135,8 @@ def main(argv=None):
     pipelines = [p for p in ('published', 'fast') if p in data['pipelines']]
     results = []
     for w in own.workers:
-        pred = predict(plan, data, step, w, pipelines, args.baseline_epochs)
-        print(table(pred, plan, args.baseline_epochs, step), flush=True)
+        pred = predict(plan, data, step, w, pipelines, main_mod.baseline_epochs(args))
+        print(table(pred, plan, main_mod.baseline_epochs(args), step), flush=True)
         print()
         results.append(pred)
     extra = [p for p in pipelines if p != 'published' and 'published' in pipelines]
