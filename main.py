@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from timm.data import Mixup
@@ -234,7 +235,8 @@ def load_finetune(args, model):
                 p_.mul_(args.head_init_scale)
 
 
-def main(args):
+def setup_run(args):
+    """Distributed init, flag checks, seeding and determinism; returns (device, rank, world)."""
     utils.init_distributed_mode(args)
     check_args(args)
     device = torch.device(args.device)
@@ -261,31 +263,109 @@ def main(args):
         torch.backends.cudnn.benchmark = False
     if args.output_dir and rank == 0:
         utils.check_writable_dir(args.output_dir)
-    print(' '.join(sys.argv))
+    return device, rank, world
 
-    train_base, val_base, nb_classes = build_base_datasets(args)
-    args.nb_classes = nb_classes
+
+def build_model(args, nb_classes):
+    """The model at the size it ends (or is evaluated) at, and that size."""
     try:
         model = create_model(args.model, **_model_kwargs(args, nb_classes))
     except ValueError as e:
         raise UserError(str(e)) from None
-    final_size = args.input_size if (args.eval or args.curriculum == 'none' and not args.curriculum_file) \
-        else args.base_input_size
+    curriculum = args.curriculum != 'none' or args.curriculum_file
+    final_size = args.base_input_size if curriculum and not args.eval else args.input_size
     try:
         check_input_size(model, final_size)
     except ValueError as e:
         raise UserError(f'{"--input_size" if final_size == args.input_size else "--base_input_size"}: {e}') from None
     adapt_model(model, final_size)
+    return model, final_size
+
+
+def build_loss(args, nb_classes):
+    """(mixup_fn or None, criterion): soft targets with mixup/cutmix, label smoothing otherwise."""
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=nb_classes)
+        return mixup_fn, SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return None, torch.nn.CrossEntropyLoss()
+
+
+@dataclass
+class ResumePoint:
+    epoch: int = 0
+    step: int = 0
+    meters: dict = None
+    max_acc: float = 0.0
+    max_acc_ema: float = 0.0
+    size: int = 0
+
+
+def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, world):
+    """Load --resume, or the furthest checkpoint in --output_dir; where training continues."""
+    point = ResumePoint(epoch=args.start_epoch, size=size)
+    resume_path, ckpt = None, None
+    if args.resume:
+        resume_path, ckpt = args.resume, utils.load_checkpoint_file(args.resume)
+    elif args.auto_resume and args.output_dir:
+        resume_path, ckpt = utils.find_resume_checkpoint(args.output_dir)
+    if ckpt is None:
+        return point
+    # The checkpoint holds the model at the size it was trained at last.
+    point.size = int(ckpt.get('input_size', size))
+    adapt_model(model, point.size, optimizer, model_ema)
+    state, _ = _state_from(ckpt, 'model', resume_path)
+    report = load_weights(model, state, resume_path)
+    if report.missing or report.unexpected:
+        raise UserError(f'{resume_path} does not fit --model {args.model} (missing {report.missing[:3]}, '
+                        f'unexpected {report.unexpected[:3]}): resume with the same --model')
+    if 'optimizer' in ckpt and 'epoch' in ckpt:
+        saved_opt = getattr(ckpt.get('args'), 'opt', args.opt)
+        if saved_opt != args.opt:
+            raise UserError(f'{resume_path} holds a {saved_opt} optimizer state but --opt is {args.opt}: '
+                            f'resume with --opt {saved_opt}, or start a new --output_dir with --finetune')
+        optimizer.load_state_dict(ckpt['optimizer'])
+        loss_scaler.load_state_dict(ckpt.get('scaler'))
+        point.epoch, point.step = utils.checkpoint_position(ckpt)
+        point.max_acc = float(ckpt.get('max_accuracy', 0.0))
+        point.max_acc_ema = float(ckpt.get('max_accuracy_ema', 0.0))
+        restore_rank_state(ckpt, rank, world)
+        if point.step and len(ckpt.get('meters', [])) == world:
+            point.meters = ckpt['meters'][rank]
+    if model_ema is not None and 'model_ema' in ckpt:
+        model_ema.module.load_state_dict(ckpt['model_ema'])
+    where = f'epoch {point.epoch}' + (f', batch {point.step}' if point.step else '')
+    print(f'Resumed from {resume_path}; continuing at {where}')
+    return point
+
+
+def build_device_transform(args, device):
+    """The fast data path's device half (uint8 -> normalised, random erasing), else None."""
+    if args.data_pipeline != 'fast':
+        return None
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from curriculum.fastpath import DeviceTransform
+    return DeviceTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=args.reprob, re_mode=args.remode,
+                           re_count=args.recount, channels_last=args.channels_last).to(device)
+
+
+def main(args):
+    device, rank, world = setup_run(args)
+    print(' '.join(sys.argv))
+    train_base, val_base, nb_classes = build_base_datasets(args)
+    args.nb_classes = nb_classes
+    model, final_size = build_model(args, nb_classes)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'Model {args.model}: {n_parameters / 1e6:.2f}M parameters, {nb_classes} classes')
     amp_dtype = getattr(torch, args.amp_dtype) if args.use_amp else None
-
     if args.eval:
         return run_eval_only(args, model, val_base, device, amp_dtype, rank, world)
 
     plan = checked_plan(args, model)
     print(plan.table(None if plan.name == 'baseline' else baseline_epochs(args)))
-
     if args.finetune:
         load_finetune(args, model)
     model.to(device)
@@ -300,70 +380,19 @@ def main(args):
                                device='cpu' if args.model_ema_force_cpu else None)
     optimizer = create_optimizer(args, model)
     loss_scaler = utils.LossScaler(device.type, enabled=args.use_amp and args.amp_dtype == 'float16')
+    mixup_fn, criterion = build_loss(args, nb_classes)
 
-    mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=nb_classes)
-        criterion = SoftTargetCrossEntropy()
-    elif args.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
-
-    current_size = final_size
-    start_epoch, start_step, meter_state = args.start_epoch, 0, None
-    max_acc, max_acc_ema = 0.0, 0.0
-    resume_path, ckpt = None, None
-    if args.resume:
-        resume_path, ckpt = args.resume, utils.load_checkpoint_file(args.resume)
-    elif args.auto_resume and args.output_dir:
-        resume_path, ckpt = utils.find_resume_checkpoint(args.output_dir)
-    if ckpt is not None:
-        # The checkpoint holds the model at the size it was trained at last.
-        ckpt_size = int(ckpt.get('input_size', current_size))
-        adapt_model(model, ckpt_size, optimizer, model_ema)
-        current_size = ckpt_size
-        state, _ = _state_from(ckpt, 'model', resume_path)
-        report = load_weights(model, state, resume_path)
-        if report.missing or report.unexpected:
-            raise UserError(f'{resume_path} does not fit --model {args.model} (missing {report.missing[:3]}, '
-                            f'unexpected {report.unexpected[:3]}): resume with the same --model')
-        if 'optimizer' in ckpt and 'epoch' in ckpt:
-            saved_opt = getattr(ckpt.get('args'), 'opt', args.opt)
-            if saved_opt != args.opt:
-                raise UserError(f'{resume_path} holds a {saved_opt} optimizer state but --opt is {args.opt}: '
-                                f'resume with --opt {saved_opt}, or start a new --output_dir with --finetune')
-            optimizer.load_state_dict(ckpt['optimizer'])
-            loss_scaler.load_state_dict(ckpt.get('scaler'))
-            start_epoch, start_step = utils.checkpoint_position(ckpt)
-            max_acc = float(ckpt.get('max_accuracy', 0.0))
-            max_acc_ema = float(ckpt.get('max_accuracy_ema', 0.0))
-            restore_rank_state(ckpt, rank, world)
-            if start_step:
-                meter_state = ckpt['meters'][rank] if len(ckpt.get('meters', [])) == world else None
-        if model_ema is not None and 'model_ema' in ckpt:
-            model_ema.module.load_state_dict(ckpt['model_ema'])
-        where = f'epoch {start_epoch}' + (f', batch {start_step}' if start_step else '')
-        print(f'Resumed from {resume_path}; continuing at {where}')
+    start = resume_training(args, model, optimizer, loss_scaler, model_ema, final_size, rank, world)
     if rank == 0 and args.output_dir:
         # a run killed mid-write leaves temporary files and possibly log lines of epochs it
         # will now redo
         utils.remove_stale_temp_files(args.output_dir)
-        utils.truncate_log(os.path.join(args.output_dir, 'log.txt'), start_epoch)
+        utils.truncate_log(os.path.join(args.output_dir, 'log.txt'), start.epoch)
 
     model_without_ddp = model
     model = wrap_ddp(model_without_ddp, args)
-
     train_loader, batch_sampler = build_train_loader(args, train_base, plan, rank, world)
-    device_transform = None
-    if args.data_pipeline == 'fast':
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        from curriculum.fastpath import DeviceTransform
-        device_transform = DeviceTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=args.reprob,
-                                           re_mode=args.remode, re_count=args.recount,
-                                           channels_last=args.channels_last).to(device)
+    device_transform = build_device_transform(args, device)
     per_rank = len(batch_sampler.sampler)
     log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None
     if rank == 0 and args.output_dir:
@@ -377,12 +406,17 @@ def main(args):
     def steps_in(epoch):
         return per_rank // plan.stage_at(epoch).loader_batch
 
+    def save(name, epoch, extra, **kw):
+        save_training_checkpoint(args, name, epoch, model_without_ddp, optimizer, loss_scaler, model_ema,
+                                 extra, **kw)
+
     stop_request = utils.StopRequest().install()
     eval_loader, eval_size = None, None
     replay, replay_stage = None, None
-    print(f'Start training for {plan.num_epochs} data epochs from epoch {start_epoch}')
+    current_size, max_acc, max_acc_ema = start.size, start.max_acc, start.max_acc_ema
+    print(f'Start training for {plan.num_epochs} data epochs from epoch {start.epoch}')
     start_time = time.time()
-    for epoch in range(start_epoch, plan.num_epochs):
+    for epoch in range(start.epoch, plan.num_epochs):
         stage = plan.stage_at(epoch)
         if stage.size != current_size:
             if adapt_model(model_without_ddp, stage.size, optimizer, model_ema):
@@ -391,11 +425,10 @@ def main(args):
             print(f'Stage {stage.index}: model adapted to {stage.size}x{stage.size}')
         lowfreq = FourierCrop(stage.size) if plan.lowfreq == 'fourier' and stage.size < base else None
         if stage.replay_times > 1 and replay_stage != stage.index:
-            replay = ReplayBuffer(stage.buffer_size, stage.replay_times)
-            replay_stage = stage.index
+            replay, replay_stage = ReplayBuffer(stage.buffer_size, stage.replay_times), stage.index
         elif stage.replay_times == 1:
             replay, replay_stage = None, None
-        skip = start_step if epoch == start_epoch else 0
+        skip = start.step if epoch == start.epoch else 0
         batch_sampler.set_epoch(epoch, skip=skip)
         stage_desc = f'stage {stage.index}, B={stage.size}, m={stage.magnitude}'
         print(f'Epoch {epoch}: {stage_desc}, batch {stage.batch_size} x {stage.update_freq} per GPU'
@@ -406,8 +439,7 @@ def main(args):
         def on_update(done, meters, stop, epoch=epoch, extra=extra):
             periodic = args.save_ckpt_steps > 0 and done % args.save_ckpt_steps == 0 and done < steps_in(epoch)
             if args.output_dir and (stop or periodic):
-                save_training_checkpoint(args, utils.RECOVERY_NAME, epoch, model_without_ddp, optimizer,
-                                         loss_scaler, model_ema, extra, step=done, meters=meters.state_dict())
+                save(utils.RECOVERY_NAME, epoch, extra, step=done, meters=meters.state_dict())
             if stop:
                 saved = f'; recovery checkpoint {os.path.join(args.output_dir, utils.RECOVERY_NAME)}' \
                     if args.output_dir else ' (no --output_dir: nothing saved)'
@@ -422,7 +454,7 @@ def main(args):
             device_transform=device_transform,
             global_step=sum(steps_in(e) for e in range(epoch)), print_freq=args.print_freq,
             header=f'Epoch: [{epoch}/{plan.num_epochs}] [{stage_desc}]', stage_desc=stage_desc,
-            start_step=skip, meter_state=meter_state if skip else None,
+            start_step=skip, meter_state=start.meters if skip else None,
             stop_requested=stop_request.requested, on_update=on_update)
         bad = train_loader.dataset.bad_count.value
         if bad:
@@ -430,26 +462,22 @@ def main(args):
 
         # Evaluate and log before the epoch's checkpoint: a kill in between repeats the epoch
         # from the previous checkpoint, and the resumed run rewrites this log line.
-        test_stats, ema_stats, improved, improved_ema = {}, {}, False, False
+        test_stats, ema_stats = {}, {}
         if not args.disable_eval:
             if eval_size != stage.size:
                 eval_loader, eval_size = build_eval_loader(args, val_base, stage.size, rank, world), stage.size
-            reduce = args.dist_eval and world > 1
-            test_stats = evaluate(eval_loader, model_without_ddp, device, amp_dtype, reduce)
-            # Best checkpoints only at the base size: accuracies at lower B are not comparable,
-            # and those models would not load into the standard-size architecture.
-            if stage.size == base and test_stats['acc1'] > max_acc:
-                max_acc, improved = test_stats['acc1'], True
+            test_stats, ema_stats = evaluate_stage(args, eval_loader, model_without_ddp, model_ema, device,
+                                                   amp_dtype, world)
+        # Best checkpoints only at the base size: accuracies at lower B are not comparable,
+        # and those models would not load into the standard-size architecture.
+        improved = stage.size == base and test_stats.get('acc1', -1) > max_acc
+        improved_ema = stage.size == base and ema_stats.get('acc1', -1) > max_acc_ema
+        max_acc = test_stats['acc1'] if improved else max_acc
+        max_acc_ema = ema_stats['acc1'] if improved_ema else max_acc_ema
+        if test_stats:
             best = f' (max at {base}: {max_acc:.2f}%)' if max_acc > 0 else ''
             print(f'Accuracy of the network on {test_stats["num_images"]} test images at {stage.size}: '
                   f'{test_stats["acc1"]:.2f}%{best}')
-            if model_ema is not None and args.model_ema_eval:
-                # --model_ema_force_cpu keeps the average (and so its evaluation) on the CPU
-                ema_device = next(model_ema.module.parameters()).device
-                ema_stats = evaluate(eval_loader, model_ema.module, ema_device, amp_dtype, reduce,
-                                     header='Test EMA:')
-                if stage.size == base and ema_stats['acc1'] > max_acc_ema:
-                    max_acc_ema, improved_ema = ema_stats['acc1'], True
 
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                      **{f'test_{k}': v for k, v in test_stats.items()},
@@ -467,36 +495,41 @@ def main(args):
                 log_writer.flush()
 
         extra.update(max_accuracy=max_acc, max_accuracy_ema=max_acc_ema)
-        last = epoch + 1 == plan.num_epochs
         if args.output_dir and args.save_ckpt:
-            if (epoch + 1) % args.save_ckpt_freq == 0 or last:
-                save_training_checkpoint(args, f'checkpoint-{epoch}.pth', epoch, model_without_ddp, optimizer,
-                                         loss_scaler, model_ema, extra)
+            if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == plan.num_epochs:
+                save(f'checkpoint-{epoch}.pth', epoch, extra)
                 if rank == 0:
                     utils.rotate_checkpoints(args.output_dir, args.save_ckpt_num)
                     recovery = os.path.join(args.output_dir, utils.RECOVERY_NAME)
                     if os.path.exists(recovery):
                         os.remove(recovery)
             if improved:
-                save_training_checkpoint(args, 'checkpoint-best.pth', epoch, model_without_ddp, optimizer,
-                                         loss_scaler, model_ema, extra)
+                save('checkpoint-best.pth', epoch, extra)
             if improved_ema:
-                save_training_checkpoint(args, 'checkpoint-best-ema.pth', epoch, model_without_ddp,
-                                         optimizer, loss_scaler, model_ema, extra)
+                save('checkpoint-best-ema.pth', epoch, extra)
 
-    if current_size != base and not args.disable_eval and start_epoch < plan.num_epochs:
+    if current_size != base and not args.disable_eval and start.epoch < plan.num_epochs:
         # A custom plan may end below the base size; the final model is judged at the base size.
-        if adapt_model(model_without_ddp, base, optimizer, model_ema):
-            model = wrap_ddp(model_without_ddp, args)
-        current_size = base
+        adapt_model(model_without_ddp, base, optimizer, model_ema)
         final = evaluate(build_eval_loader(args, val_base, base, rank, world), model_without_ddp, device,
                          amp_dtype, args.dist_eval and world > 1, header=f'Final test at {base}:')
         if rank == 0 and args.output_dir:
             utils.save_json_line(os.path.join(args.output_dir, 'log.txt'),
                                  {'final_test_at_base': {**final, 'input_size': base}})
-    total = datetime.timedelta(seconds=int(time.time() - start_time))
-    print(f'Training time {total}')
+    print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     return model_without_ddp
+
+
+def evaluate_stage(args, eval_loader, model, model_ema, device, amp_dtype, world):
+    """(model stats, EMA stats or {}) on the current stage's evaluation loader."""
+    reduce = args.dist_eval and world > 1
+    test_stats = evaluate(eval_loader, model, device, amp_dtype, reduce)
+    ema_stats = {}
+    if model_ema is not None and args.model_ema_eval:
+        # --model_ema_force_cpu keeps the average (and so its evaluation) on the CPU
+        ema_device = next(model_ema.module.parameters()).device
+        ema_stats = evaluate(eval_loader, model_ema.module, ema_device, amp_dtype, reduce, header='Test EMA:')
+    return test_stats, ema_stats
 
 
 def wrap_ddp(model, args):
