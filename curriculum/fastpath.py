@@ -28,7 +28,7 @@ steps 1-2 and 5 apply) and the Fourier crop to B still runs on the device after
 ``DeviceTransform``, so random erasing precedes the crop as in the published order.
 
 How close it is (tests/test_fastpath.py checks all of this).  For the same crop box
-and flip, on the 200 ImageNet samples (/work/shared/data/imagenet-samples), the PSNR of
+and flip, on the 200 ImageNet samples (../shared/data/imagenet-samples), the PSNR of
 this path against the published order is 42 dB at B=96 and 44 dB at B=160 (mean; 5th
 percentile 35 dB), while the exact Fourier crop of EfficientTrain, the operation
 EfficientTrain++'s Lanczos resize approximates, is 28 dB and 35 dB from the published

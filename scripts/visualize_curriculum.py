@@ -1,7 +1,7 @@
 """Draw a curriculum: its schedules (plan.png) and what the network sees at each stage (stages.png).
 
     python scripts/visualize_curriculum.py --model resnet50 --curriculum etpp --epochs 200 \
-        --images /work/shared/data/imagenet-samples --out out/viz
+        --images ../shared/data/imagenet-samples --out out/viz
 
 Every flag of main.py is accepted and the plan is built the way main.py builds it, so the
 pictures show the run those flags would train. plan.png needs matplotlib

@@ -18,14 +18,7 @@ SWIN = ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(1, 2, 2, 2), 
 RESNET = ("resnet10t", {})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # The tensors here are tiny: intra-op threads only add synchronisation, and on a
-    # busy 2-core machine their spin-waiting costs several times the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _make(spec, seed=0):

@@ -3,7 +3,7 @@
 Images: generated JPEGs with a 1/f colour spectrum and hard-edged shapes (the second-order
 statistics of natural images), saved at quality 90 like ImageNet's.  On them the PSNRs
 below come out within 1-2 dB of those on the real ImageNet samples in
-/work/shared/data/imagenet-samples (checked by the last test when that folder exists).
+../shared/data/imagenet-samples (checked by the last test when that folder exists).
 """
 import math
 import os

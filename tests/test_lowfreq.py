@@ -9,17 +9,11 @@ from PIL import Image
 
 from curriculum.lowfreq import FourierCrop, LanczosResize, fourier_crop, fourier_upsample
 
-SAMPLES = "/work/shared/data/imagenet-samples"
+SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                       "shared", "data", "imagenet-samples")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # The tensors here are tiny: intra-op threads only add synchronisation, and on a
-    # busy 2-core machine their spin-waiting costs several times the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _freqs(n):

@@ -1,5 +1,4 @@
 """Parameter groups: no weight decay on norms/biases/tokens, layer-wise lr decay per family."""
-import argparse
 
 import pytest
 import timm

@@ -4,14 +4,7 @@ import torch
 from curriculum.replay import ReplayBuffer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # The tensors here are tiny: intra-op threads only add synchronisation, and on a
-    # busy 2-core machine their spin-waiting costs several times the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _batch(batch_index, n=64, size=8):
