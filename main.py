@@ -571,7 +571,12 @@ def save_training_checkpoint(args, name, epoch, model, optimizer, loss_scaler, m
         state['meters'] = gathered_meters
     if model_ema is not None:
         state['model_ema'] = model_ema.module.state_dict()
-    utils.atomic_save(state, os.path.join(args.output_dir, name))
+    path = os.path.join(args.output_dir, name)
+    try:
+        utils.atomic_save(state, path)
+    except OSError as e:
+        raise UserError(f'could not write {path} ({e.strerror or e}): free space in --output_dir and re-run '
+                        f'the same command; earlier checkpoints are intact') from None
 
 
 def restore_rank_state(ckpt, rank, world):

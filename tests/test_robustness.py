@@ -138,6 +138,24 @@ def test_rotation_keeps_newest_and_leaves_no_temp_files(tmp_path):
     assert utils.RECOVERY_NAME not in names
 
 
+def test_full_disk_is_a_clear_error_and_keeps_checkpoints(tmp_path, capsys, monkeypatch):
+    import errno
+    out = str(tmp_path / 'full')
+    main_mod.cli(TINY + ['--output_dir', out])
+    before = digest(os.path.join(out, 'checkpoint-0.pth'))
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    capsys.readouterr()
+    err = cli_error(TINY + ['--output_dir', out, '--epochs', '2'], capsys)
+    assert 'No space left on device' in err and 'intact' in err
+    assert digest(os.path.join(out, 'checkpoint-0.pth')) == before
+    assert not [n for n in os.listdir(out) if n.startswith('.tmp')]
+
+
 def test_atomic_save_failure_leaves_old_file(tmp_path):
     path = str(tmp_path / 'checkpoint-0.pth')
     utils.atomic_save({'model': {'w': torch.ones(2)}, 'epoch': 0}, path)
