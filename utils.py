@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import sys
 import tempfile
 import time
 from collections import defaultdict, deque
@@ -535,18 +534,3 @@ def check_writable_dir(path, what='--output_dir'):
         probe.close()
     except OSError as e:
         raise UserError(f'{what} {path} cannot be written ({e.strerror}): choose a writable directory') from None
-
-
-def format_exit(e):
-    """One line for a UserError, for main()'s handler."""
-    return f'error: {e}'
-
-
-def exit_on_user_error(fn):
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except UserError as e:
-            print(format_exit(e), file=sys.stderr, flush=True)
-            sys.exit(2)
-    return wrapper

@@ -29,7 +29,6 @@ class Stage:
     replay_times: int = 1
     buffer_size: int = 0
     start_epoch: int = 0
-    note: str = ''
 
     @property
     def loader_batch(self):
@@ -140,7 +139,8 @@ class Plan:
     def summary(self):
         """Plain values for config.json."""
         return {
-            'name': self.name, 'base_size': self.base_size, 'progress_unit': self.progress_unit,
+            'name': self.name, 'budget_epochs': self.budget, 'base_size': self.base_size,
+            'progress_unit': self.progress_unit,
             'lowfreq': self.lowfreq, 'warmup': self.warmup, 'num_epochs': self.num_epochs,
             'total_compute': self.total_compute,
             'stages': [{k: getattr(s, k) for k in ('index', 'size', 'magnitude', 'epochs', 'batch_size',
