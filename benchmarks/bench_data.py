@@ -17,11 +17,10 @@ from other processes on a shared machine changes them little.  Ratios are agains
 """
 import argparse
 import contextlib
-import json
 import statistics
 import time
 
-from common import DEFAULT_DATA, host_info, plan_for, train_args  # first: puts the repository on sys.path
+from common import report, DEFAULT_DATA, host_info, plan_for, train_args  # first: puts the repository on sys.path
 
 import torch  # noqa: E402
 from torchvision import datasets as tv_datasets  # noqa: E402
@@ -195,11 +194,7 @@ def table(res):
 def main(argv=None):
     own, rest = parse(argv)
     res = measure(own, rest)
-    print(table(res), flush=True)
-    if own.json:
-        with open(own.json, 'w', encoding='utf-8') as f:
-            json.dump(res, f, indent=1)
-    return res
+    return report(res, table, own.json)
 
 
 if __name__ == '__main__':

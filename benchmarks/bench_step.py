@@ -29,11 +29,10 @@ Replay is left out (the micro-batch is the loader batch).
 import argparse
 import contextlib
 import io
-import json
 import statistics
 import time
 
-from common import host_info, plan_for, train_args  # first: puts the repository on sys.path
+from common import report, host_info, plan_for, train_args  # first: puts the repository on sys.path
 
 import torch  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup  # noqa: E402
@@ -274,11 +273,7 @@ def main(argv=None):
     res = measure(own, args)
     res['host']['threads'] = torch.get_num_threads()
     res['argv'] = rest
-    print(table(res), flush=True)
-    if own.json:
-        with open(own.json, 'w', encoding='utf-8') as f:
-            json.dump(res, f, indent=1)
-    return res
+    return report(res, table, own.json)
 
 
 if __name__ == '__main__':

@@ -41,9 +41,17 @@ def train_args(argv):
 
 
 def plan_for(args):
-    """The curriculum plan main.py would build for args (the model is built for its size grid)."""
-    from curriculum import build_plan
-    from curriculum.adapt import size_multiple
+    """The curriculum plan main.py would build and check for args (the model only gives its size grid)."""
+    import main as main_mod
     from models import create_model
-    model = create_model(args.model, num_classes=10)
-    return build_plan(args, size_multiple(model))
+    return main_mod.checked_plan(args, create_model(args.model, num_classes=10))
+
+
+def report(res, table, json_path=None):
+    """Print the benchmark's table and, if asked, keep the numbers as JSON."""
+    import json
+    print(table(res), flush=True)
+    if json_path:
+        with open(json_path, 'w', encoding='utf-8') as f:
+            json.dump(res, f, indent=1)
+    return res

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, 'scripts')
 sys.path.insert(0, SCRIPTS)
 import recipes  # noqa: E402
+from test_checkpoint_compat import to_official_convnext  # noqa: E402  (one inverse name mapping)
 
 MODELS = list(recipes.RECIPES)
 PUBLISHED = ['resnet50', 'convnext_tiny', 'convnext_small', 'convnext_base', 'deit_tiny_patch16_224',
@@ -291,20 +292,6 @@ EVAL_ARGV = ['--data_set', 'SYNTH', '--synth_classes', '4', '--synth_per_class',
 ACC_RE = re.compile(r'\* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3}) loss (\d+\.\d{3})')
 
 
-def to_facebookresearch_convnext(sd):
-    """timm ConvNeXt names -> facebookresearch/ConvNeXt names (downsample_layers, dwconv,
-    pwconv1/2 as Linear, norm and head at the top level)."""
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r'^stem\.', 'downsample_layers.0.', k)
-        k = re.sub(r'^stages\.(\d+)\.downsample\.', r'downsample_layers.\1.', k)
-        k = re.sub(r'^stages\.(\d+)\.blocks\.(\d+)\.', r'stages.\1.\2.', k)
-        k = k.replace('.conv_dw.', '.dwconv.').replace('.mlp.fc1.', '.pwconv1.').replace('.mlp.fc2.', '.pwconv2.')
-        k = re.sub(r'^head\.norm\.', 'norm.', k).replace('head.fc.', 'head.')
-        out[k] = v.flatten(1) if '.pwconv' in k and v.ndim == 4 else v
-    return out
-
-
 def perturbed_convnext(seed):
     torch.manual_seed(seed)
     m = create_model('convnext_atto', num_classes=4)
@@ -327,10 +314,10 @@ def direct_eval(model):
 
 def test_released_convnext_checkpoint_evaluates_through_main(tmp_path, capsys):
     model, ema = perturbed_convnext(1), perturbed_convnext(2)
-    names = to_facebookresearch_convnext(model.state_dict())
+    names = to_official_convnext(model.state_dict())
     assert 'downsample_layers.0.0.weight' in names and 'stages.0.0.dwconv.weight' in names
     path = str(tmp_path / 'released.pth')
-    torch.save({'model': names, 'model_ema': to_facebookresearch_convnext(ema.state_dict()), 'epoch': 199,
+    torch.save({'model': names, 'model_ema': to_official_convnext(ema.state_dict()), 'epoch': 199,
                 'args': argparse.Namespace(model='convnext_atto', lr=4e-3, drop_path=0.1)}, path)
 
     for extra, ref, entry in (([], model, 'model'), (['--model_ema', 'true', '--model_ema_eval', 'true'], ema,
