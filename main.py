@@ -135,6 +135,10 @@ def get_args_parser():
                    help='published: the papers\' CPU order (crop/augment at the base size, then resize to B); '
                         'fast: crop and augment at B, reduced-size JPEG decoding, uint8 batches normalised '
                         'and random-erased on the device (curriculum/fastpath.py)')
+    p.add_argument('--image_store', default=None,
+                   help='with --data_pipeline fast: a store of reduced-size copies of the training images, built '
+                        'by scripts/build_image_store.py, read instead of the originals when the crop allows '
+                        '(curriculum/store.py)')
     p.add_argument('--channels_last', default=False, type=b, help='model (and fast-path batches) in NHWC layout')
     p.add_argument('--compile', default=False, type=b,
                    help='torch.compile the training model with static shapes: one compilation per stage size')

@@ -16,8 +16,11 @@ from other processes on a shared machine changes them little.  Ratios are agains
 (no curriculum, the --aa policy as given, published order).
 """
 import argparse
+import atexit
 import contextlib
+import shutil
 import statistics
+import tempfile
 import time
 
 from common import report, DEFAULT_DATA, host_info, plan_for, train_args  # first: puts the repository on sys.path
@@ -26,9 +29,9 @@ import torch  # noqa: E402
 from torchvision import datasets as tv_datasets  # noqa: E402
 
 import datasets  # noqa: E402
-from curriculum import fastpath  # noqa: E402
+from scripts import build_image_store  # noqa: E402
 
-PIPELINES = ('published', 'fast', 'fast-nodraft', 'decode')
+PIPELINES = ('published', 'fast', 'fast-store', 'fast-nodraft', 'decode')
 
 
 class DecodeOnly:
@@ -38,10 +41,7 @@ class DecodeOnly:
         self.crop = crop
 
     def __call__(self, img):
-        i, j, h, w = self.crop.get_params(img)
-        s = fastpath._draft_scale(min(h, w), self.crop.size, self.crop.draft_margin)
-        if s > 1:
-            img.draft('RGB', (max(img.size[0] // s, 1), max(img.size[1] // s, 1)))
+        img, _ = self.crop.decode(img, self.crop.get_params(img))
         img.load()
         return torch.zeros(1)
 
@@ -52,9 +52,13 @@ def parse(argv=None):
     p.add_argument('--data_path', default=DEFAULT_DATA, help='an ImageFolder tree (class folders of images)')
     p.add_argument('--rounds', type=int, default=3, help='measurement rounds, one data epoch each (averaged)')
     p.add_argument('--batch', type=int, default=32, help='loader batch (collation) in the measurement')
-    p.add_argument('--pipelines', default='published,fast,decode',
-                   help=f'comma-separated, from {",".join(PIPELINES)}; decode: only the fast path\'s '
-                        f'file read and reduced-size decode, the ceiling of any pipeline order')
+    p.add_argument('--pipelines', default='published,fast,fast-store,decode',
+                   help=f'comma-separated, from {",".join(PIPELINES)}; fast-store: the fast path reading '
+                        f'the reduced copies of --image_store (built into a temporary directory when not '
+                        f'given); decode: only the fast path\'s file read and reduced-size decode of the '
+                        f'originals, the ceiling of any order without a store')
+    p.add_argument('--image_store', default=None,
+                   help='the store fast-store reads (scripts/build_image_store.py); default: built for the run')
     p.add_argument('--json', default=None, help='also write the results here')
     own, rest = p.parse_known_args(argv)
     for name in own.pipelines.split(','):
@@ -87,9 +91,11 @@ def variant(pipeline):
         datasets.train_transform = orig
 
 
-def training_loader(argv, folder, pipeline, batch):
+def training_loader(argv, folder, pipeline, batch, image_store=None):
     """(plan, loader, batch_sampler) exactly as main.py builds them for training, in-process."""
     data_pipeline = 'published' if pipeline == 'published' else 'fast'
+    if pipeline == 'fast-store':
+        argv = argv + ['--image_store', image_store]
     args = train_args(argv + ['--data_pipeline', data_pipeline, '--num_workers', '0', '--pin_mem', 'false',
                               '--batch_size', str(batch), '--update_freq', '1', '--replay_times', '1',
                               '--replay_preset', 'false'])
@@ -125,13 +131,18 @@ def measure(own, rest):
             f.read()
 
     names = own.pipelines.split(',')
+    image_store = own.image_store
+    if 'fast-store' in names and image_store is None:
+        image_store = tempfile.mkdtemp(prefix='image-store-')
+        atexit.register(shutil.rmtree, image_store, True)
+        build_image_store.main(['--data_path', own.data_path, '--out', image_store])
     configs = {}
     none_argv = rest + ['--curriculum', 'none', '--input_size', str(train_args(rest).base_input_size)]
     _, loader, bs = training_loader(none_argv, folder, 'published', own.batch)
     configs['plain224'] = (loader, bs, 0, 300)
     plan = None
     for name in names:
-        plan, loader, bs = training_loader(rest, folder, name, own.batch)
+        plan, loader, bs = training_loader(rest, folder, name, own.batch, image_store)
         for s in plan.stages:
             configs[(name, s.index)] = (loader, bs, s.start_epoch, s.epochs)
     run_once(*configs['plain224'][:3])  # lazy imports, allocator

@@ -12,7 +12,7 @@ loading, 1 / (workers x per-worker images/s of that stage's pipeline, from
 bench_data.py), and computing, replay_times / (training images/s at B, from
 bench_step.py).  The longer one is the stage's bottleneck.  The baseline is
 --baseline_epochs epochs at the base size with the same data pipeline (the plain 224
-pipeline for the published order, the fast pipeline at the base size for the fast one).
+pipeline for the published order, the fast pipeline at the base size for the fast ones).
 Workers are assumed to scale linearly (one core each) and loading to overlap compute
 fully, as DataLoader prefetching does; the theoretical speedup assumes compute only.
 """
@@ -125,14 +125,14 @@ def main(argv=None):
             data = json.load(f)
     else:
         import bench_data
-        data = bench_data.main(rest + ['--pipelines', 'published,fast'])
+        data = bench_data.main(rest + ['--pipelines', 'published,fast,fast-store'])
     if own.step_json:
         with open(own.step_json, encoding='utf-8') as f:
             step = json.load(f)
     else:
         import bench_step
         step = bench_step.main(rest + ['--data_pipeline', 'fast'])
-    pipelines = [p for p in ('published', 'fast') if p in data['pipelines']]
+    pipelines = [p for p in ('published', 'fast', 'fast-store') if p in data['pipelines']]
     results = []
     for w in own.workers:
         pred = predict(plan, data, step, w, pipelines, main_mod.baseline_epochs(args))

@@ -9,7 +9,9 @@ the same operations in a cheaper order:
    own sampler (same distribution, same RNG draws as the published order).
 2. JPEGs are decoded at 1/2, 1/4 or 1/8 scale (PIL ``Image.draft``, i.e. libjpeg's
    DCT-domain scaling) when the crop box still covers at least B decoded pixels on
-   each side (``DRAFT_MARGIN``).
+   each side (``DRAFT_MARGIN``).  With ``--image_store`` a reduced copy of the image
+   (curriculum/store.py) is read instead under the same condition, which also saves the
+   Huffman decoding of the full-size file that DCT-domain scaling cannot skip.
 3. The box is resampled straight to B with an anti-aliased filter (PIL's convolution
    resize widens its kernel with the reduction factor): bicubic below the base size,
    standing in for the published bicubic crop to 224 followed by the Lanczos resize,
@@ -43,6 +45,7 @@ B=96 / B=160): Lanczos 2.00x / 1.37x, 45 / 45 dB; bicubic 2.14x / 1.50x, 42 / 44
 bilinear 2.28x / 1.64x, 36 / 39 dB (one shared 2-core EPYC, benchmarks/bench_data.py).
 """
 import math
+import os
 import random
 from typing import List, Optional, Sequence, Tuple
 
@@ -75,22 +78,31 @@ class LazyImageFolder(Dataset):
     """(PIL image opened but not decoded, target) for every file of a torchvision ImageFolder.
 
     ``Image.open`` reads only the header, so the transform can pick the crop and set the
-    JPEG draft scale before the pixels are decoded.  The transform must load the image
-    (any resize does): PIL closes a file it opened itself once a single-frame image is
-    loaded.
+    JPEG draft scale before the pixels are decoded.  The transform must load or close the
+    image (any resize loads it): PIL closes a file it opened itself once a single-frame
+    image is loaded.  With a store (curriculum/store.py), each image carries its reduced
+    copies as ``img.reduced_copies``, for DraftRandomResizedCrop to decode instead.
     """
 
-    def __init__(self, folder):
+    def __init__(self, folder, store=None):
         self.samples = list(folder.samples)
         self.classes = list(folder.classes)
         self.targets = [t for _, t in self.samples]
+        self.root = folder.root
+        self.store = store
+
+    def relpaths(self) -> List[str]:
+        return [os.path.relpath(p, self.root) for p, _ in self.samples]
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         path, target = self.samples[i]
-        return Image.open(path), target
+        img = Image.open(path)
+        if self.store is not None:
+            img.reduced_copies = self.store.copies(os.path.relpath(path, self.root))
+        return img, target
 
 
 def _draft_scale(box_side: float, out: int, margin: float) -> int:
@@ -130,23 +142,40 @@ class DraftRandomResizedCrop:
             return drawn
         return str_to_pil_interp(self.interpolation)
 
+    def decode(self, img: Image.Image, params: Tuple[int, int, int, int]) -> Tuple[Image.Image, float]:
+        """(the decoded RGB image to crop from, its scale: full-image pixels per decoded pixel).
+
+        The crop box allows a reduction by s (a power of two, at most 8) while keeping at
+        least B decoded pixels per side.  A stored copy of level k dividing s is read
+        instead of the original when the image has one; the rest of s (or all of it) is
+        left to the JPEG decoder's DCT-domain scaling.
+        """
+        _, _, h, w = params
+        s = _draft_scale(min(h, w), self.size, self.draft_margin) if self.draft else 1
+        scale = 1
+        copies = getattr(img, 'reduced_copies', None)
+        if copies is not None and s > 1:
+            copy, k = copies.open(s, img.size)
+            if copy is not None:
+                img.close()
+                img, scale, s = copy, k, s // k
+        if s > 1:
+            w_before = img.size[0]
+            # JpegImageFile.draft picks the largest of 8/4/2/1 with every side still
+            # >= the requested one, and returns the image's extent in decoded pixels.
+            # Other formats (and loaded images) return None: no scaling.
+            res = img.draft('RGB', (max(img.size[0] // s, 1), max(img.size[1] // s, 1)))
+            if res is not None:
+                scale = scale * w_before / res[1][2]
+        if img.mode != 'RGB':
+            img = img.convert('RGB')
+        return img, scale
+
     def crop_resize(self, img: Image.Image, params: Tuple[int, int, int, int]) -> Image.Image:
         """The crop box (top, left, height, width) in full-image pixels, resampled to size x size."""
         i, j, h, w = params
         resample = self._filter()
-        scale = 1.0
-        if self.draft:
-            s = _draft_scale(min(h, w), self.size, self.draft_margin)
-            if s > 1:
-                full_w = img.size[0]
-                # JpegImageFile.draft picks the largest of 8/4/2/1 with every side still
-                # >= the requested one, and returns the full image's extent in decoded
-                # pixels.  Other formats (and loaded images) return None: no scaling.
-                res = img.draft('RGB', (max(img.size[0] // s, 1), max(img.size[1] // s, 1)))
-                if res is not None:
-                    scale = full_w / res[1][2]
-        if img.mode != 'RGB':
-            img = img.convert('RGB')
+        img, scale = self.decode(img, params)
         # Decoded pixel k covers full-image pixels [k*scale, (k+1)*scale), so the box maps
         # by plain division; resize takes a fractional box and resamples it exactly.
         box = (j / scale, i / scale, (j + w) / scale, (i + h) / scale)

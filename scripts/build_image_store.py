@@ -1,0 +1,136 @@
+"""Build the reduced-size image store that ``--image_store`` reads (curriculum/store.py).
+
+    python scripts/build_image_store.py --data_path /data/imagenet/train --out /data/imagenet-store
+    torchrun ... main.py --data_path /data/imagenet --data_pipeline fast --image_store /data/imagenet-store ...
+
+For every image of the training folder (the files torchvision's ImageFolder lists, as
+training does), writes a JPEG copy at 1/k resolution per level k (default 1/2 and 1/4,
+quality 95, 4:4:4) under OUT/<k>/, then OUT/store.json.  Interrupted builds resume:
+copies already there with the right size are kept, and the manifest is written only
+when every image has been handled.  Unreadable source images are listed in the
+manifest and get no copy (training treats them as it treats them without a store).
+The copies of ImageNet's training set take about 40% of its size (1/2: ~30%, 1/4: ~9%).
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from multiprocessing import Pool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from torchvision import datasets as tv_datasets  # noqa: E402
+
+from curriculum import store  # noqa: E402
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--data_path', required=True, help='the training image folder (<root>/<class>/<image>)')
+    p.add_argument('--out', required=True, help='the store directory (created; may be an interrupted build)')
+    p.add_argument('--levels', default=','.join(map(str, store.DEFAULT_LEVELS)),
+                   help='comma-separated reduction factors, among 2, 4, 8')
+    p.add_argument('--quality', type=int, default=store.DEFAULT_QUALITY, help='JPEG quality of the copies (1-100)')
+    p.add_argument('--subsampling', default='4:4:4', choices=sorted(store.SUBSAMPLING),
+                   help='chroma subsampling of the copies')
+    p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='processes')
+    args = p.parse_args(argv)
+    try:
+        args.levels = store.check_levels(args.levels.split(','))
+    except ValueError as e:
+        p.error(f'--levels {args.levels}: {e}')
+    if not 1 <= args.quality <= 100:
+        p.error(f'--quality {args.quality}: use 1-100 (95 keeps the copies within 1 dB of the originals)')
+    if args.workers < 1:
+        p.error('--workers must be at least 1')
+    return args
+
+
+def _write_json(obj, path):
+    tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp')
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _one(job):
+    src, rel, out, levels, quality, subsampling = job
+    return rel, store.write_copies(src, rel, out, levels, quality, subsampling)
+
+
+def build(args, log=print):
+    """Build (or finish) the store; returns the manifest it wrote."""
+    data_path = os.path.abspath(args.data_path)
+    if not os.path.isdir(data_path):
+        raise SystemExit(f'--data_path {args.data_path} is not a directory: give the training image folder')
+    try:
+        folder = tv_datasets.ImageFolder(data_path)
+    except FileNotFoundError:
+        raise SystemExit(f'--data_path {args.data_path} has no class folders with images: '
+                         f'expected <root>/<class>/<image>') from None
+    rel = [os.path.relpath(p, data_path) for p, _ in folder.samples]
+    out = os.path.abspath(args.out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f'--out {args.out} cannot be created ({e.strerror}): choose a writable directory') from None
+    # Copies already in OUT are kept when their size is right, so they must have been
+    # encoded with the same settings: OUT/build.json records them from the first build on.
+    settings = {'quality': args.quality, 'subsampling': args.subsampling}
+    settings_path = os.path.join(out, 'build.json')
+    if os.path.exists(settings_path):
+        with open(settings_path, encoding='utf-8') as f:
+            before = json.load(f)
+        if before != settings:
+            raise SystemExit(f'--out {args.out} holds copies built with {before}, not {settings}: build into '
+                             f'another --out, or delete {args.out} first')
+    else:
+        _write_json(settings, settings_path)
+    if os.path.exists(os.path.join(out, store.MANIFEST)):
+        # the copies may change now: until the new manifest is written, the store is incomplete
+        os.remove(os.path.join(out, store.MANIFEST))
+    jobs = [(p, r, out, args.levels, args.quality, args.subsampling) for (p, _), r in zip(folder.samples, rel)]
+    totals = {'written': 0, 'kept': 0}
+    bytes_per_level = {k: 0 for k in args.levels}
+    unreadable = []
+    t0 = time.time()
+    step = max(len(jobs) // 20, 1)
+    with Pool(args.workers) as pool:
+        for n, (r, res) in enumerate(pool.imap(_one, jobs, chunksize=16), 1):
+            if res['error']:
+                unreadable.append(r)
+                log(f'WARNING: {r}: unreadable, no copies ({res["error"]})')
+            totals['written'] += res['written']
+            totals['kept'] += res['kept']
+            for k, b in res['bytes'].items():
+                bytes_per_level[k] += b
+            if n % step == 0 or n == len(jobs):
+                log(f'{n}/{len(jobs)} images, {time.time() - t0:.0f} s')
+    source_bytes = sum(os.path.getsize(p) for p, _ in folder.samples)
+    manifest = {
+        'format': store.FORMAT, 'version': store.VERSION, 'levels': list(args.levels), 'quality': args.quality,
+        'subsampling': args.subsampling, 'reduce': 'box (PIL Image.reduce) of the RGB image',
+        'source': data_path, 'images': len(rel), 'digest': store.file_list_digest(rel),
+        'unreadable': unreadable, 'source_bytes': source_bytes,
+        'bytes': {str(k): v for k, v in bytes_per_level.items()},
+        'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    }
+    _write_json(manifest, os.path.join(out, store.MANIFEST))
+    sizes = ', '.join(f'1/{k}: {100 * v / max(source_bytes, 1):.0f}%' for k, v in bytes_per_level.items())
+    log(f'store {out}: {len(rel)} images, {totals["written"]} copies written, {totals["kept"]} kept, '
+        f'{len(unreadable)} unreadable; size relative to the originals {sizes}; {time.time() - t0:.0f} s')
+    return manifest
+
+
+def main(argv=None):
+    build(parse(argv))
+
+
+if __name__ == '__main__':
+    main()
