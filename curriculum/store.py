@@ -4,12 +4,13 @@ Decoding a JPEG is mostly Huffman decoding, whose cost follows the file's size, 
 output's: PIL's reduced-size (DCT-domain) decoding of an ImageNet photo at 1/2 scale
 still costs ~80% of the full decode, and that floor is most of a worker's time at low B.
 A copy of the image at 1/2 (1/4) resolution, saved as a high-quality JPEG, is a third
-(a tenth) of the bytes and decodes 2.5x (7x) faster.  The fast path reads a copy when the
-crop drawn for a sample, mapped into the copy, still covers at least B pixels per side,
-which is exactly the condition under which it already decodes the original at reduced
-scale; the crop itself is drawn from the original's size, so the augmentation draws and
-their statistics do not change.  Only the image content differs, by the copy's JPEG
-re-encoding (measured in tests/test_image_store.py and TRAINING.md).
+(a tenth) of the bytes and decodes 2.5x (6.5x) faster than the original does at that
+scale.  The fast path reads a copy when the crop drawn for a sample, mapped into the
+copy, still covers at least B pixels per side, which is exactly the condition under
+which it already decodes the original at reduced scale; the crop itself is drawn from
+the original's size, so the augmentation draws and their statistics do not change.  Only
+the image content differs, by the copy's JPEG re-encoding (measured in
+tests/test_image_store.py and TRAINING.md).
 
 Layout: ``DIR/store.json`` (the manifest, written last: a store without it is incomplete)
 and ``DIR/<k>/<path relative to the training folder>`` for every level k.  A copy is the

@@ -111,7 +111,7 @@ def build(args, log=print):
             for k, b in res['bytes'].items():
                 bytes_per_level[k] += b
             if n % step == 0 or n == len(jobs):
-                log(f'{n}/{len(jobs)} images, {time.time() - t0:.0f} s')
+                log(f'{n}/{len(jobs)} images, {time.time() - t0:.1f} s')
     source_bytes = sum(os.path.getsize(p) for p, _ in folder.samples)
     manifest = {
         'format': store.FORMAT, 'version': store.VERSION, 'levels': list(args.levels), 'quality': args.quality,
@@ -124,7 +124,7 @@ def build(args, log=print):
     _write_json(manifest, os.path.join(out, store.MANIFEST))
     sizes = ', '.join(f'1/{k}: {100 * v / max(source_bytes, 1):.0f}%' for k, v in bytes_per_level.items())
     log(f'store {out}: {len(rel)} images, {totals["written"]} copies written, {totals["kept"]} kept, '
-        f'{len(unreadable)} unreadable; size relative to the originals {sizes}; {time.time() - t0:.0f} s')
+        f'{len(unreadable)} unreadable; size relative to the originals {sizes}; {time.time() - t0:.1f} s')
     return manifest
 
 
