@@ -450,6 +450,7 @@ def main(args):
                 raise utils.TrainingInterrupted(f'stopped by SIGTERM at epoch {epoch}, batch {done}{saved}; '
                                                 f'run the same command again to continue')
 
+        epoch_start = time.time()
         train_stats = train_one_epoch(
             model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
             hparams_at=lambda frac, e=epoch: hparams(plan.progress(e, frac)),
@@ -460,6 +461,7 @@ def main(args):
             header=f'Epoch: [{epoch}/{plan.num_epochs}] [{stage_desc}]', stage_desc=stage_desc,
             start_step=skip, meter_state=start.meters if skip else None,
             stop_requested=stop_request.requested, on_update=on_update)
+        train_time = time.time() - epoch_start
         bad = train_loader.dataset.bad_count.value
         if bad:
             print(f'WARNING: {bad} unreadable training images skipped so far (--skip_bad_images)')
@@ -490,7 +492,10 @@ def main(args):
                      'input_size': stage.size, 'magnitude': stage.magnitude, 'batch_size': stage.batch_size,
                      'update_freq': stage.update_freq, 'replay_times': stage.replay_times,
                      'progress': plan.progress(epoch + 1),
-                     'progress_frac': plan.progress(epoch + 1) / plan.total_progress}
+                     'progress_frac': plan.progress(epoch + 1) / plan.total_progress,
+                     # the training pass alone (no evaluation, no checkpoint); of a resumed
+                     # epoch, only the part after the resume
+                     'train_time_s': round(train_time, 3)}
         if rank == 0:
             if args.output_dir:
                 utils.save_json_line(os.path.join(args.output_dir, 'log.txt'), log_stats)
