@@ -329,6 +329,20 @@ class CSWinTransformer(nn.Module):
         return set()
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        # timm's grouping (its layer-wise lr decay reads it): the stem first, then the
+        # blocks in depth order, each merge layer right after the blocks of the stage it
+        # closes, the final norm last; the head, matched by nothing, goes above all.
+        return dict(
+            stem=r'^stage1_conv_embed',
+            blocks=r'^(?:stage|merge)(\d+)' if coarse else [
+                (r'^stage(\d+)\.(\d+)', None),
+                (r'^merge(\d+)', (99999,)),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 

@@ -60,6 +60,25 @@ def test_other_families_fall_back_to_timm_group_matcher():
     assert all(g['wd_scale'] in (0.0, 1.0) for g in groups)
 
 
+def test_cswin_layer_decay_by_depth_through_timm_group_matcher():
+    import models
+    m = models.create_model('CSWin_64_12211_tiny_224', num_classes=10)
+    depths = [len(blocks) for _, blocks in m._stages()]
+    scale = {}
+    for g in param_groups(m, 0.05, 0.8):
+        for p in g['params']:
+            scale[p] = (g['lr_scale'], g['wd_scale'])
+    by_name = {n: scale[p] for n, p in m.named_parameters()}
+    # stem, one layer per block (merges and the final norm join the adjacent block), head
+    assert len({v[0] for v in by_name.values()}) == sum(depths) + 2
+    assert by_name['head.weight'][0] == pytest.approx(1.0)
+    assert by_name['stage1_conv_embed.0.weight'][0] == pytest.approx(0.8 ** (sum(depths) + 1))
+    stage3 = [by_name[f'stage3.{i}.qkv.weight'][0] for i in range(depths[2])]
+    assert stage3 == sorted(stage3) and len(set(stage3)) == depths[2]
+    assert by_name['stage2.0.qkv.weight'][0] < by_name['stage3.0.qkv.weight'][0] < by_name['stage4.0.qkv.weight'][0]
+    assert by_name['stage1.0.norm1.weight'][1] == 0 and by_name['stage1.0.qkv.weight'][1] == 1
+
+
 def test_apply_hparams_scales_lr_and_wd_per_group():
     args = main_mod.get_args_parser().parse_args(['--layer_decay', '0.5', '--opt', 'adamw'])
     m = timm.create_model('deit_tiny_patch16_224', num_classes=10)
