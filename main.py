@@ -465,6 +465,11 @@ def main(args):
         bad = train_loader.dataset.bad_count.value
         if bad:
             print(f'WARNING: {bad} unreadable training images skipped so far (--skip_bad_images)')
+        store = getattr(train_loader.dataset.base, 'store', None)
+        if store is not None and store.misses.value:
+            print(f'WARNING: {store.misses.value} reduced copies missing, unreadable or stale in --image_store '
+                  f'{store.root} so far; the originals were decoded instead: rebuild the store with '
+                  f'scripts/build_image_store.py')
 
         # Evaluate and log before the epoch's checkpoint: a kill in between repeats the epoch
         # from the previous checkpoint, and the resumed run rewrites this log line.

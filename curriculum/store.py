@@ -22,6 +22,7 @@ decoded instead, so a damaged store costs speed, never correctness.
 """
 import hashlib
 import json
+import multiprocessing
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -92,10 +93,12 @@ class StoredCopies:
             try:
                 img = Image.open(self.store.path(k, self.relpath))
             except OSError:  # missing or not an image: the original is decoded instead
+                self.store.count_miss()
                 continue
             if img.size == reduced_size(full_size, k):
                 return img, k
             img.close()
+            self.store.count_miss()
         return None, 1
 
 
@@ -106,6 +109,13 @@ class ImageStore:
         self.root = root
         self.levels = check_levels(manifest['levels'])
         self.manifest = manifest
+        # copies that should have been there but were missing, unreadable or stale,
+        # summed over the loader's worker processes (which inherit it)
+        self.misses = multiprocessing.Value('q', 0)
+
+    def count_miss(self) -> None:
+        with self.misses.get_lock():
+            self.misses.value += 1
 
     def path(self, k: int, relpath: str) -> str:
         return os.path.join(self.root, str(k), relpath)

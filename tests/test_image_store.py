@@ -130,6 +130,7 @@ def test_copy_is_read_and_damaged_copies_fall_back_to_the_original(tmp_path):
     Image.new('RGB', reduced_size((w, h), 4), (255, 0, 0)).save(os.path.join(out, '4', rel))
     red = np.abs(_crop_with(folder, 0).astype(int) - [255, 0, 0])
     assert red.max() <= 2  # JPEG's rounding of a flat red
+    assert folder.store.misses.value == 0
     # stale (another size), missing or broken copies: the original, exactly as without a store
     Image.new('RGB', (w // 2 + 3, h // 2), (0, 255, 0)).save(os.path.join(out, '2', rel))
     os.remove(os.path.join(out, '4', rel))
@@ -137,6 +138,7 @@ def test_copy_is_read_and_damaged_copies_fall_back_to_the_original(tmp_path):
     with open(os.path.join(out, '2', rel), 'wb') as f:
         f.write(b'not a jpeg')
     assert np.array_equal(_crop_with(folder, 0), reference)
+    assert folder.store.misses.value >= 2  # counted: main.py warns after the epoch
 
 
 def test_interrupted_build_resumes_and_settings_must_match(tmp_path):
