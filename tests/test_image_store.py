@@ -19,12 +19,7 @@ from test_fastpath import MIN_MEAN_PSNR, MIN_P5_PSNR, SAMPLES, jpeg_paths, natur
 from utils import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_intra_op_thread')
 
 
 def make_folder(root, n=24, seed=0):
