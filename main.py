@@ -401,8 +401,7 @@ def main(args):
     log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None
     if rank == 0 and args.output_dir:
         config = {'args': vars(utils.plain_args(args)), 'plan': plan.summary(), 'world_size': world}
-        with open(os.path.join(args.output_dir, 'config.json'), 'w', encoding='utf-8') as f:
-            json.dump(config, f, indent=2)
+        utils.atomic_write_text(os.path.join(args.output_dir, 'config.json'), json.dumps(config, indent=2))
 
     base = plan.base_size
     hparams = make_hparams(args, plan, per_rank)

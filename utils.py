@@ -489,7 +489,7 @@ class TrainingInterrupted(Exception):
 
 
 def remove_stale_temp_files(output_dir):
-    """Temporary files of atomic_save/truncate_log left by a killed run (never a real checkpoint)."""
+    """Temporary files of atomic_save/atomic_write_text left by a killed run (never a real checkpoint)."""
     for p in glob.glob(os.path.join(output_dir, '.tmp-*')):
         try:
             os.remove(p)
@@ -512,11 +512,23 @@ def truncate_log(path, first_epoch):
         if rec.get('epoch', -1) < first_epoch and 'final_test_at_base' not in rec:
             keep.append(json.dumps(rec) + '\n')
     if len(keep) != len(lines):
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix='.tmp-log.', dir=directory)
+        atomic_write_text(path, ''.join(keep))
+
+
+def atomic_write_text(path, text):
+    """Write text to a temporary file beside path, fsync, then rename over path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-' + os.path.basename(path) + '.', dir=directory)
+    try:
         with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.writelines(keep)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def seed_everything(seed):

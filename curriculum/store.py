@@ -24,6 +24,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import tempfile
 from typing import Dict, Optional, Sequence, Tuple
 
 from PIL import Image
@@ -34,6 +35,7 @@ __all__ = ['StoreError', 'FORMAT', 'VERSION', 'MANIFEST', 'DEFAULT_LEVELS', 'DEF
 FORMAT = 'efficienttrain-image-store'
 VERSION = 1
 MANIFEST = 'store.json'
+TMP_DIR = '.tmp'  # the builder's temporary files (removed when a build starts)
 DEFAULT_LEVELS = (2, 4)
 # quality 95 with full-resolution chroma: the copies stay within 1 dB (PSNR, mean over the
 # ImageNet samples) of decoding the original at reduced scale, measured against the
@@ -159,7 +161,7 @@ class ImageStore:
 
 def write_copies(src: str, relpath: str, out_root: str, levels: Sequence[int], quality: int,
                  subsampling: str) -> Dict[str, object]:
-    """Write the level copies of one image (atomically, each via a temporary file and a rename).
+    """Write the level copies of one image (atomically: a temporary file in OUT/.tmp, then a rename).
 
     Copies already present with the right size are kept, so an interrupted build resumes.
     Returns {'written': n, 'kept': n, 'bytes': {k: size}, 'error': message or None}.
@@ -189,7 +191,9 @@ def write_copies(src: str, relpath: str, out_root: str, levels: Sequence[int], q
         return out
     for k, dst in todo:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f'{dst}.tmp-{os.getpid()}'
+        # one folder for every temporary file, so a killed build leaves nothing among the copies
+        fd, tmp = tempfile.mkstemp(suffix='.jpg', dir=os.path.join(out_root, TMP_DIR))
+        os.close(fd)
         try:
             reduce_image(rgb, k).save(tmp, 'JPEG', quality=quality, subsampling=SUBSAMPLING[subsampling])
             os.replace(tmp, dst)

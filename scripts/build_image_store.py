@@ -5,16 +5,18 @@
 
 For every image of the training folder (the files torchvision's ImageFolder lists, as
 training does), writes a JPEG copy at 1/k resolution per level k (default 1/2 and 1/4,
-quality 95, 4:4:4) under OUT/<k>/, then OUT/store.json.  Interrupted builds resume:
-copies already there with the right size are kept, and the manifest is written only
-when every image has been handled.  Unreadable source images are listed in the
-manifest and get no copy (training treats them as it treats them without a store).
-The copies of ImageNet's training set take about 40% of its size (1/2: ~30%, 1/4: ~9%).
+quality 95, 4:4:4) under OUT/<k>/, then OUT/store.json.  One build at a time per OUT.
+An interrupted build resumes: copies already there with the right size are kept, and
+the manifest is written only when every image has been handled.  Unreadable source
+images are listed in the manifest and get no copy (training treats them as it treats
+them without a store).  The copies of ImageNet's training set take about 40% of its
+size (1/2: ~30%, 1/4: ~9%).
 """
 import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
 import time
 from multiprocessing import Pool
@@ -26,6 +28,7 @@ if ROOT not in sys.path:
 from torchvision import datasets as tv_datasets  # noqa: E402
 
 from curriculum import store  # noqa: E402
+from utils import atomic_write_text  # noqa: E402
 
 
 def parse(argv=None):
@@ -51,12 +54,7 @@ def parse(argv=None):
 
 
 def _write_json(obj, path):
-    tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp')
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _one(job):
@@ -92,6 +90,9 @@ def build(args, log=print):
                              f'another --out, or delete {args.out} first')
     else:
         _write_json(settings, settings_path)
+    # temporary files of a killed build (one build at a time per --out)
+    shutil.rmtree(os.path.join(out, store.TMP_DIR), ignore_errors=True)
+    os.makedirs(os.path.join(out, store.TMP_DIR))
     if os.path.exists(os.path.join(out, store.MANIFEST)):
         # the copies may change now: until the new manifest is written, the store is incomplete
         os.remove(os.path.join(out, store.MANIFEST))
@@ -122,6 +123,7 @@ def build(args, log=print):
         'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
     }
     _write_json(manifest, os.path.join(out, store.MANIFEST))
+    shutil.rmtree(os.path.join(out, store.TMP_DIR), ignore_errors=True)
     sizes = ', '.join(f'1/{k}: {100 * v / max(source_bytes, 1):.0f}%' for k, v in bytes_per_level.items())
     log(f'store {out}: {len(rel)} images, {totals["written"]} copies written, {totals["kept"]} kept, '
         f'{len(unreadable)} unreadable; size relative to the originals {sizes}; {time.time() - t0:.1f} s')
