@@ -56,7 +56,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if device_transform is not None:
-            samples = device_transform(samples)
+            samples = device_transform(samples, epoch, it)
         if lowfreq is not None:
             samples = lowfreq(samples)
         if replay is not None:

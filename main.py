@@ -10,6 +10,7 @@ trains and evaluates, utils writes checkpoints and logs.
 """
 import argparse
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ import utils
 from curriculum import PlanError, build_plan
 from curriculum.adapt import adapt_model, check_input_size, size_multiple
 from curriculum.lowfreq import FourierCrop
-from curriculum.replay import ReplayBuffer
+from curriculum.replay import ReplayBuffer, history
 from datasets import build_base_datasets, build_eval_loader, build_train_loader
 from engine import TrainingDiverged, evaluate, train_one_epoch
 from models import create_model
@@ -346,14 +347,48 @@ def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, 
     return point
 
 
-def build_device_transform(args, device):
-    """The fast data path's device half (uint8 -> normalised, random erasing), else None."""
+def build_device_transform(args, device, rank=0, world=1):
+    """The fast data path's device half (uint8 -> normalised, random erasing), else None.
+
+    Its random erasing is seeded per (seed, epoch, batch, rank), like the CPU transforms
+    per sample: a batch is erased the same way whenever it is loaded again (replay
+    buffer refills after a resume).
+    """
     if args.data_pipeline != 'fast':
         return None
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from curriculum.fastpath import DeviceTransform
     return DeviceTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=args.reprob, re_mode=args.remode,
-                           re_count=args.recount, channels_last=args.channels_last).to(device)
+                           re_count=args.recount, channels_last=args.channels_last, seed=args.seed, rank=rank,
+                           world=world).to(device)
+
+
+def refill_replay(replay, stage, epoch, step, steps_in, loader, batch_sampler, device, device_transform, lowfreq):
+    """Rebuild a resumed run's replay buffer from the stage's last loaded batches (reloaded).
+
+    Every batch is reproducible (augmentation seeded per sample, device erasing per
+    batch), so the buffer equals the interrupted run's, slot for slot.  Draws nothing
+    from the global random streams, whose saved state the run continues with.
+    """
+    stage_epochs = range(stage.start_epoch, stage.start_epoch + stage.epochs)
+    appended, ranges = history(stage_epochs, steps_in, epoch, step, stage.buffer_size)
+    if not appended:
+        return
+    count = sum(last - first for _, first, last in ranges)
+    print(f'Rebuilding the replay buffer of stage {stage.index}: reloading its last {count} loader batches')
+
+    def batches():
+        for e, first, last in ranges:
+            batch_sampler.set_epoch(e, skip=first)
+            for k, (x, y) in enumerate(itertools.islice(loader, last - first), start=first):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if device_transform is not None:
+                    x = device_transform(x, e, k)
+                if lowfreq is not None:
+                    x = lowfreq(x)
+                yield x, y
+
+    replay.refill(appended, batches())
 
 
 def main(args):
@@ -396,7 +431,7 @@ def main(args):
     model_without_ddp = model
     model = wrap_ddp(model_without_ddp, args)
     train_loader, batch_sampler = build_train_loader(args, train_base, plan, rank, world)
-    device_transform = build_device_transform(args, device)
+    device_transform = build_device_transform(args, device, rank, world)
     per_rank = len(batch_sampler.sampler)
     log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None
     if rank == 0 and args.output_dir:
@@ -429,6 +464,9 @@ def main(args):
         lowfreq = FourierCrop(stage.size) if plan.lowfreq == 'fourier' and stage.size < base else None
         if stage.replay_times > 1 and replay_stage != stage.index:
             replay, replay_stage = ReplayBuffer(stage.buffer_size, stage.replay_times), stage.index
+            if epoch == start.epoch:
+                refill_replay(replay, stage, epoch, start.step, steps_in, train_loader, batch_sampler, device,
+                              device_transform, lowfreq)
         elif stage.replay_times == 1:
             replay, replay_stage = None, None
         skip = start.step if epoch == start.epoch else 0

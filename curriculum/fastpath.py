@@ -249,34 +249,46 @@ class BatchRandomErasing:
         max_aspect = max_aspect or 1 / min_aspect
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
 
-    def sample_boxes(self, n: int, img_h: int, img_w: int) -> List[List[Tuple[int, int, int, int]]]:
-        """Per sample, the (top, left, height, width) boxes timm would erase, in order."""
+    def sample_boxes(self, n: int, img_h: int, img_w: int, rng=random) -> List[List[Tuple[int, int, int, int]]]:
+        """Per sample, the (top, left, height, width) boxes timm would erase, in order.
+
+        rng: the random module (the global stream, as timm) or a random.Random.
+        """
         out = []
         area = img_h * img_w
         for _ in range(n):
             boxes = []
             out.append(boxes)
-            if random.random() > self.probability:
+            if rng.random() > self.probability:
                 continue
             count = self.min_count if self.min_count == self.max_count else \
-                random.randint(self.min_count, self.max_count)
+                rng.randint(self.min_count, self.max_count)
             for _ in range(count):
                 for _attempt in range(10):
-                    target_area = random.uniform(self.min_area, self.max_area) * area / count
-                    aspect_ratio = math.exp(random.uniform(*self.log_aspect_ratio))
+                    target_area = rng.uniform(self.min_area, self.max_area) * area / count
+                    aspect_ratio = math.exp(rng.uniform(*self.log_aspect_ratio))
                     h = int(round(math.sqrt(target_area * aspect_ratio)))
                     w = int(round(math.sqrt(target_area / aspect_ratio)))
                     if w < img_w and h < img_h:
-                        top = random.randint(0, img_h - h)
-                        left = random.randint(0, img_w - w)
+                        top = rng.randint(0, img_h - h)
+                        left = rng.randint(0, img_w - w)
                         boxes.append((top, left, h, w))
                         break
         return out
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Erase in place on a normalised (N, C, H, W) batch; returns x."""
+    def __call__(self, x: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
+        """Erase in place on a normalised (N, C, H, W) batch; returns x.
+
+        seed: draw boxes and fills from generators seeded with it instead of the global
+        streams, so the batch's erasing does not depend on what else drew numbers before.
+        """
         n, c, img_h, img_w = x.shape
-        per_sample = self.sample_boxes(n, img_h, img_w)
+        rng, gen = random, None
+        if seed is not None:
+            rng = random.Random(seed)
+            gen = torch.Generator(device=x.device)
+            gen.manual_seed(seed)
+        per_sample = self.sample_boxes(n, img_h, img_w, rng)
         slots = max((len(b) for b in per_sample), default=0)
         if slots == 0:
             return x
@@ -293,9 +305,9 @@ class BatchRandomErasing:
             m = ((ys >= top.view(-1, 1, 1)) & (ys < (top + h).view(-1, 1, 1)) &
                  (xs >= left.view(-1, 1, 1)) & (xs < (left + w).view(-1, 1, 1))).unsqueeze(1)
             if self.mode == 'pixel':
-                fill = torch.randn((len(rows), c, img_h, img_w), dtype=x.dtype, device=dev)
+                fill = torch.randn((len(rows), c, img_h, img_w), dtype=x.dtype, device=dev, generator=gen)
             elif self.mode == 'rand':
-                fill = torch.randn((len(rows), c, 1, 1), dtype=x.dtype, device=dev)
+                fill = torch.randn((len(rows), c, 1, 1), dtype=x.dtype, device=dev, generator=gen)
             else:
                 fill = torch.zeros((), dtype=x.dtype, device=dev)
             x[idx] = torch.where(m, fill, x[idx])
@@ -316,14 +328,24 @@ class DeviceTransform(torch.nn.Module):
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], re_prob: float = 0., re_mode: str = 'const',
-                 re_count: int = 1, channels_last: bool = False):
+                 re_count: int = 1, channels_last: bool = False, seed: Optional[int] = None, rank: int = 0,
+                 world: int = 1):
         super().__init__()
+        self.seed, self.rank, self.world = seed, rank, world
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.channels_last = channels_last
         self.erasing = BatchRandomErasing(re_prob, mode=re_mode, max_count=re_count) if re_prob > 0 else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def batch_seed(self, epoch: int, step: int) -> Optional[int]:
+        """The erasing seed of a rank's batch `step` of `epoch` (None without a seed: global streams)."""
+        if self.seed is None:
+            return None
+        # each (seed, epoch, step, rank) its own stream, as the CPU transforms' per-sample seeds
+        return ((self.seed * 1_000_003 + epoch) * 1_000_003 + step * self.world + self.rank) % (2 ** 63 - 1)
+
+    def forward(self, x: torch.Tensor, epoch: Optional[int] = None, step: Optional[int] = None) -> torch.Tensor:
+        """epoch, step: the batch's position, which seeds its random erasing (with a seed)."""
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != self.mean.shape[1]:
             raise TypeError(f'DeviceTransform expects a uint8 (N, H, W, {self.mean.shape[1]}) batch from the fast '
                             f'data pipeline, got {x.dtype} {tuple(x.shape)}')
@@ -335,7 +357,7 @@ class DeviceTransform(torch.nn.Module):
         # .float() keeps the (dense) channels_last strides: preserve_format.
         x = x.float().div_(255).sub_(self.mean).div_(self.std)
         if self.erasing is not None:
-            x = self.erasing(x)
+            x = self.erasing(x, None if epoch is None else self.batch_seed(epoch, step))
         return x
 
     def extra_repr(self):

@@ -24,15 +24,19 @@ Mechanics (METHOD.md "Replay buffer", as the published reference implements them
   (with update_freq 1).
 
 Chunks are stored on the CPU as fp16 (halving host memory); targets are stored exactly,
-in their own dtype.  Drawn chunks return to the fresh batch's device and dtype.  The
-buffer has no state_dict: it is transient and is refilled after a resume (and at each
-stage, whose bandwidth differs, a new buffer is started).
+in their own dtype.  Drawn chunks return to the fresh batch's device and dtype.  At each
+stage, whose bandwidth differs, a new buffer is started.
+
+The buffer is not saved (it would be ~14 GB per process): it is a function of the last
+buffer_size loader batches of the stage, and every loaded batch is reproducible (seeded
+per sample and per batch), so a resumed run rebuilds it with `refill` from the batches
+`history` names, slot for slot, and continues bit-exactly.
 """
-from typing import List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["ReplayBuffer"]
+__all__ = ["ReplayBuffer", "history"]
 
 
 class ReplayBuffer:
@@ -98,6 +102,24 @@ class ReplayBuffer:
             self._next = (self._next + 1) % self.capacity
             self._count = min(self._count + 1, self.capacity)
 
+    def refill(self, appended: int, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Rebuild the buffer of a run that had appended `appended` loader batches (this stage).
+
+        batches: the last min(appended, buffer_size) of them, oldest first, as step() got
+        them.  Batch b went to slots [(b mod buffer_size) x num_chunks, ...), so the
+        rebuilt ring equals the original slot for slot and the next draws pick the same
+        chunks.
+        """
+        self.clear()
+        keep = min(appended, self.buffer_size)
+        self._next = ((appended - keep) % self.buffer_size) * self.num_chunks
+        n = 0
+        for images, targets in batches:
+            self._append(images, targets)
+            n += 1
+        if n != keep:
+            raise ValueError(f"refill needs the last {keep} of {appended} loader batches, got {n}")
+
     def step(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Store the fresh batch, return it followed by the replayed chunks."""
         if self.replay_times == 1:
@@ -127,3 +149,28 @@ class ReplayBuffer:
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(buffer_size={self.buffer_size}, replay_times={self.replay_times}, "
                 f"num_chunks={self.num_chunks}, held_chunks={self._count}/{self.capacity})")
+
+
+def history(stage_epochs: Iterable[int], steps_in: Callable[[int], int], epoch: int, step: int,
+            buffer_size: int) -> Tuple[int, List[Tuple[int, int, int]]]:
+    """(batches appended before (epoch, step) in the stage, [(epoch, first, last), ...]).
+
+    stage_epochs: the stage's epochs (ascending); steps_in(e): loader batches of epoch e.
+    The ranges name the last min(appended, buffer_size) of those batches, oldest first,
+    as (epoch, first batch, one past the last batch) to reload for ReplayBuffer.refill.
+    """
+    spans = []
+    for e in stage_epochs:
+        if e > epoch:
+            break
+        spans.append((e, step if e == epoch else steps_in(e)))
+    appended = sum(n for _, n in spans)
+    need, ranges = min(appended, buffer_size), []
+    for e, n in reversed(spans):
+        if need == 0:
+            break
+        take = min(n, need)
+        if take:
+            ranges.append((e, n - take, n))
+        need -= take
+    return appended, ranges[::-1]

@@ -311,6 +311,25 @@ def test_batch_random_erasing_equals_timm(count):
     assert ours[ours != x].std().item() == pytest.approx(1.0, abs=0.1)
 
 
+def test_seeded_batch_erasing_is_reproducible_and_leaves_global_streams_alone():
+    x = torch.randn(32, 3, 24, 20)
+    random.seed(5)
+    ref = RandomErasing(0.5, mode='const', device='cpu')(x.clone())
+    erase = BatchRandomErasing(0.5, mode='pixel')
+    random.seed(123)
+    torch.manual_seed(123)
+    before = (random.getstate(), torch.get_rng_state())
+    a = erase(x.clone(), seed=5)
+    assert random.getstate() == before[0] and torch.equal(torch.get_rng_state(), before[1])
+    assert torch.equal(a, erase(x.clone(), seed=5))
+    assert torch.equal(a != x, ref != x)  # the boxes timm draws after random.seed(5)
+    assert not torch.equal(a, erase(x.clone(), seed=6))
+    dt = DeviceTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=0.5, seed=0, rank=1, world=2)
+    u8 = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)
+    assert torch.equal(dt(u8, 3, 7), dt(u8, 3, 7))
+    assert dt.batch_seed(3, 7) != dt.batch_seed(3, 8) != DeviceTransform((0,) * 3, (1,) * 3, seed=0).batch_seed(3, 7)
+
+
 def test_lazy_image_folder_loader_yields_uint8(jpeg_folder):
     args = _args(['--data_pipeline', 'fast', '--data_set', 'image_folder', '--data_path', jpeg_folder,
                   '--batch_size', '8', '--num_workers', '0', '--pin_mem', 'false', '--epochs', '10'])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from curriculum.replay import ReplayBuffer
+from curriculum.replay import ReplayBuffer, history
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -111,3 +111,39 @@ def test_invalid_use_is_rejected():
     buf.clear()
     assert len(buf) == 0
     assert buf.step(*_batch(1, n=64, size=16))[0].shape == (128, 3, 16, 16)
+
+
+@pytest.mark.parametrize("appended", [0, 2, 4, 7, 13])
+def test_refill_rebuilds_the_ring_slot_for_slot(appended):
+    """A buffer refilled from the last batches continues with the same draws as the original."""
+    original = ReplayBuffer(buffer_size=4, replay_times=2, num_chunks=8)
+    for b in range(appended):
+        original._append(*_batch(b, n=16))
+    count, ranges = history([0, 1, 2], lambda e: 5, appended // 5, appended % 5, 4)
+    assert count == appended
+    wanted = [e * 5 + b for e, first, last in ranges for b in range(first, last)]
+    assert wanted == list(range(appended - min(appended, 4), appended))
+    rebuilt = ReplayBuffer(buffer_size=4, replay_times=2, num_chunks=8)
+    rebuilt.refill(appended, (_batch(b, n=16) for b in wanted))
+    assert (rebuilt._next, rebuilt._count) == (original._next, original._count)
+    for a, b in zip(original._targets, rebuilt._targets):
+        assert (a is None and b is None) or torch.equal(a, b)
+    fresh = _batch(99, n=16)
+    torch.manual_seed(5)
+    images_a, targets_a = original.step(*fresh)
+    torch.manual_seed(5)
+    images_b, targets_b = rebuilt.step(*fresh)
+    assert torch.equal(images_a, images_b) and torch.equal(targets_a, targets_b)
+
+
+def test_history_spans_epochs_of_the_stage_only():
+    steps = {3: 10, 4: 10, 5: 10}.__getitem__
+    assert history([3, 4, 5], steps, 5, 4, 12) == (24, [(4, 2, 10), (5, 0, 4)])
+    assert history([3, 4, 5], steps, 3, 0, 12) == (0, [])
+    assert history([3, 4, 5], steps, 4, 0, 30) == (10, [(3, 0, 10)])
+
+
+def test_refill_with_the_wrong_number_of_batches_fails():
+    buf = ReplayBuffer(buffer_size=4, replay_times=2, num_chunks=8)
+    with pytest.raises(ValueError, match="last 3 of 3"):
+        buf.refill(3, (_batch(b, n=16) for b in range(2)))

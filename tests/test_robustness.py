@@ -53,6 +53,16 @@ def test_sigkill_at_random_points_resumes_exactly(tmp_path):
     assert rc == 0
 
 
+def test_sigkill_with_replay_and_fast_path_resumes_exactly(tmp_path):
+    # the replay buffer is rebuilt from the stage's last batches; the fast path's device
+    # random erasing is seeded per batch, so the rebuilt buffer is the one that was lost
+    argv = RUN + ['--batch_size', '64', '--synth_per_class', '48', '--replay_times', '2',
+                  '--replay_buffer_size', '2', '--data_pipeline', 'fast', '--reprob', '0.5']
+    rc = fault_inject.main(['--kills', '2', '--seed', '1', '--workdir', str(tmp_path), '--'] + argv)
+    assert rc == 0
+    assert open(tmp_path / 'faulty.out').read().count('Rebuilding the replay buffer') >= 1
+
+
 def test_sigterm_two_processes_gloo_resumes_exactly(tmp_path):
     argv = [a for a in RUN]
     argv[argv.index('--batch_size') + 1] = '8'
