@@ -164,6 +164,10 @@ def check_args(args):
         raise UserError('--curriculum_file replaces --curriculum: drop --curriculum')
     if args.save_ckpt_steps < 0:
         raise UserError('--save_ckpt_steps must be >= 0 (0: no mid-epoch recovery checkpoints)')
+    if args.image_store and not args.eval and (args.data_pipeline != 'fast'
+                                               or args.data_set not in ('IMNET', 'image_folder')):
+        raise UserError('--image_store is read by the fast data path from an image folder: add --data_pipeline fast '
+                        'and use --data_set IMNET or image_folder, or drop --image_store')
     if args.log_dir is None and args.output_dir:
         args.log_dir = os.path.join(args.output_dir, 'tensorboard')
     if args.log_dir in ('none', ''):
@@ -405,6 +409,9 @@ def main(args):
 
     plan = checked_plan(args, model)
     print(plan.table(None if plan.name == 'baseline' else baseline_epochs(args)))
+    # before anything is loaded or written: the loader checks the batch against the data
+    # and the image store against the folder
+    train_loader, batch_sampler = build_train_loader(args, train_base, plan, rank, world)
     if args.finetune:
         load_finetune(args, model)
     model.to(device)
@@ -430,7 +437,6 @@ def main(args):
 
     model_without_ddp = model
     model = wrap_ddp(model_without_ddp, args)
-    train_loader, batch_sampler = build_train_loader(args, train_base, plan, rank, world)
     device_transform = build_device_transform(args, device, rank, world)
     per_rank = len(batch_sampler.sampler)
     log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None

@@ -247,3 +247,17 @@ def test_real_imagenet_samples_with_store_close_to_published(tmp_path_factory, s
         got.append(psnr(published_at(full, params, False, size)[1], crop.crop_resize(img, params)))
     got = np.array(got)
     assert got.mean() >= MIN_MEAN_PSNR and np.percentile(got, 5) >= MIN_P5_PSNR - 2, (got.mean(), got.min())
+
+
+def test_cli_refuses_a_bad_store_before_writing_anything(tmp_path, built, capsys):
+    data, _ = built
+    run = tmp_path / 'run'
+    base = ['--data_set', 'image_folder', '--data_path', data, '--eval_data_path', data, '--model', 'resnet18',
+            '--device', 'cpu', '--num_workers', '0', '--output_dir', str(run)]
+    for extra, message in ((['--image_store', str(tmp_path)], '--data_pipeline fast'),
+                           (['--data_pipeline', 'fast', '--image_store', str(tmp_path)], 'no store.json')):
+        with pytest.raises(SystemExit) as e:
+            main_mod.cli(base + extra)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and '\n' not in err
+        assert not (run / 'config.json').exists() and not (run / 'log.txt').exists()
