@@ -83,7 +83,7 @@ def measure(own, rest):
                        'replay': s.replay_times, 'seconds': sum(times), 'per_epoch': per_epoch,
                        'relative': per_epoch / per_base_epoch,
                        'compute_ratio': (s.size / plan.base_size) ** 2 * s.replay_times})
-    return {'host': host_info(), 'argv': rest, 'plan': plan.name, 'base_size': plan.base_size,
+    return {'host': host_info(args.device), 'argv': rest, 'plan': plan.name, 'base_size': plan.base_size,
             'equivalent_epochs': plan.total_compute, 'baseline_epochs': base_epochs,
             'baseline_run_epochs': len(base_times), 'theoretical': base_epochs / plan.total_compute,
             'measured': base_total / curr_total, 'curriculum_s': curr_total, 'baseline_s': base_total,

@@ -52,4 +52,23 @@ step r50_amp_cl_bench 120 benchmarks/bench_step.py "${R50[@]}" --amp true --chan
     --cudnn_benchmark true --json "$OUT/r50_amp_cl_bench.json"
 step r50_fp32_cl 120 benchmarks/bench_step.py "${R50[@]}" --amp recipe --channels_last true \
     --json "$OUT/r50_fp32_cl.json"
+# End to end (bench_e2e.py): etpp at E=6 against a 9-epoch baseline (3 epochs run, the rest
+# extrapolated), ResNet-50 with AMP, on 25 links to each sample image (5000 files),
+# the fast path reading an image store, the host's CPUs as loader workers.
+e2e_data() {
+    local rep=$OUT/e2e_folder f c r
+    rm -rf "$rep"
+    for f in "$DATA"/*/*; do
+        c=$(basename "$(dirname "$f")")
+        mkdir -p "$rep/$c"
+        for r in $(seq 1 25); do ln -s "$(realpath "$f")" "$rep/$c/r${r}_$(basename "$f")"; done
+    done
+    python scripts/build_image_store.py --data_path "$rep" --out "$OUT/e2e_store" | tail -n 1
+}
+E2E=(--data_set image_folder --data_path "$OUT/e2e_folder" --eval_data_path "$OUT/e2e_folder" --model resnet50
+     --curriculum etpp --epochs 6 --baseline_epochs 9 --baseline_run_epochs 3 --batch_size 256 --use_amp true
+     --channels_last true --data_pipeline fast --image_store "$OUT/e2e_store" --num_workers "$(nproc)"
+     --device cuda)
+e2e_data
+step e2e_r50 480 benchmarks/bench_e2e.py "${E2E[@]}" --json "$OUT/e2e_r50.json"
 echo "suite done after $SECONDS s"
