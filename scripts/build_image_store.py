@@ -74,6 +74,12 @@ def build(args, log=print):
                          f'expected <root>/<class>/<image>') from None
     rel = [os.path.relpath(p, data_path) for p, _ in folder.samples]
     out = os.path.abspath(args.out)
+    if out == data_path or out.startswith(data_path + os.sep):
+        raise SystemExit(f'--out {args.out} is inside --data_path: the copies would become training images; '
+                         f'choose a directory outside {args.data_path}')
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, 'build.json')):
+        raise SystemExit(f'--out {args.out} exists and is not an image store (no build.json): give a new or '
+                         f'empty directory')
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:

@@ -151,6 +151,19 @@ def test_interrupted_build_resumes_and_settings_must_match(tmp_path):
     assert os.path.exists(os.path.join(out, 'store.json'))  # refused before touching anything
 
 
+def test_build_refuses_an_out_that_is_not_a_store(tmp_path):
+    data = make_folder(str(tmp_path / 'train'), n=3)
+    other = tmp_path / 'papers'
+    (other / '.tmp').mkdir(parents=True)
+    (other / 'draft.txt').write_text('keep me')
+    with pytest.raises(SystemExit, match='not an image store'):
+        build(data, str(other))
+    with pytest.raises(SystemExit, match='inside --data_path'):
+        build(data, os.path.join(data, 'store'))
+    assert (other / 'draft.txt').read_text() == 'keep me' and (other / '.tmp').is_dir()
+    assert sorted(os.listdir(data)) == ['class_0', 'class_1', 'class_2']
+
+
 def test_unreadable_source_is_listed_without_copies(tmp_path):
     data = make_folder(str(tmp_path / 'train'), n=3)
     bad = os.path.join(data, 'class_0', 'broken.jpg')
