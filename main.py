@@ -124,6 +124,9 @@ def get_args_parser():
                    help='also write checkpoint-recovery.pth every N optimizer steps inside an epoch')
     p.add_argument('--deterministic', default=False, type=b,
                    help='deterministic kernels (torch.use_deterministic_algorithms), for bit-exact resume')
+    p.add_argument('--cudnn_benchmark', default=True, type=b,
+                   help='let cuDNN time its convolution algorithms once per input shape (as the ConvNeXt/DeiT '
+                        'code does; once per stage here); off with --deterministic true')
     p.add_argument('--skip_bad_images', default=False, type=b,
                    help='skip and count unreadable training images instead of failing on the first')
     p.add_argument('--start_epoch', default=0, type=int)
@@ -265,6 +268,7 @@ def setup_run(args):
         args.update_freq = freq
     args.pin_mem = args.pin_mem and device.type == 'cuda'
     utils.seed_everything(args.seed + rank)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark and device.type == 'cuda'
     if args.deterministic:
         # CPU kernels are deterministic already; this also pins cuDNN/cuBLAS choices on GPU.
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
