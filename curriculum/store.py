@@ -89,6 +89,8 @@ class StoredCopies:
         a level-k copy of `full_size` has; anything else (missing, unreadable, stale) is
         not used.
         """
+        if self.relpath in self.store.unreadable:  # the build could not read it: no copies
+            return None, 1
         for k in reversed(self.store.levels):
             if k > scale or scale % k:
                 continue
@@ -111,6 +113,7 @@ class ImageStore:
         self.root = root
         self.levels = check_levels(manifest['levels'])
         self.manifest = manifest
+        self.unreadable = set(manifest.get('unreadable', ()))
         # copies that should have been there but were missing, unreadable or stale,
         # summed over the loader's worker processes (which inherit it)
         self.misses = multiprocessing.Value('q', 0)

@@ -172,6 +172,9 @@ def test_unreadable_source_is_listed_without_copies(tmp_path):
     manifest, logs = build(data, str(tmp_path / 'store'))
     assert manifest['unreadable'] == [os.path.join('class_0', 'broken.jpg')]
     assert any('broken.jpg: unreadable' in line for line in logs)
+    folder = open_store(data, str(tmp_path / 'store'))
+    copies = folder.store.copies(os.path.join('class_0', 'broken.jpg'))
+    assert copies.open(4, (400, 400)) == (None, 1) and folder.store.misses.value == 0  # known, not a miss
 
 
 def test_bad_levels_and_quality_are_refused(tmp_path, capsys):
