@@ -396,7 +396,15 @@ def refill_replay(replay, stage, epoch, step, steps_in, loader, batch_sampler, d
                     x = lowfreq(x)
                 yield x, y
 
+    # the reloaded batches were counted when first loaded: keep the warnings' counts
+    counters = [loader.dataset.bad_count]
+    store = getattr(loader.dataset.base, 'store', None)
+    if store is not None:
+        counters.append(store.misses)
+    before = [c.value for c in counters]
     replay.refill(appended, batches())
+    for c, v in zip(counters, before):
+        c.value = v
 
 
 def main(args):

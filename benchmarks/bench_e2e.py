@@ -44,6 +44,19 @@ def parse(argv=None):
     return own, rest
 
 
+def without_curriculum_file(argv):
+    """argv less --curriculum_file (which would override the baseline's --curriculum none)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == '--curriculum_file':
+            skip = True
+        elif not a.startswith('--curriculum_file='):
+            out.append(a)
+    return out
+
+
 def run(argv, out_dir):
     """Train in a fresh process; returns (its log.txt records, wall seconds of the whole process)."""
     cmd = [sys.executable, os.path.join(ROOT, 'main.py'), *argv, '--output_dir', out_dir, '--disable_eval', 'true',
@@ -64,7 +77,8 @@ def measure(own, rest):
     plan = plan_for(args)
     base_epochs = main_mod.baseline_epochs(args)
     run_epochs = own.baseline_run_epochs or base_epochs
-    base_argv = rest + ['--curriculum', 'none', '--input_size', str(plan.base_size), '--epochs', str(run_epochs)]
+    base_argv = without_curriculum_file(rest) + ['--curriculum', 'none', '--input_size', str(plan.base_size),
+                                                 '--epochs', str(run_epochs)]
     with tempfile.TemporaryDirectory(prefix='bench-e2e-') as tmp:
         root = own.keep or tmp
         curr_log, curr_wall = run(rest, os.path.join(root, 'curriculum'))

@@ -44,6 +44,7 @@ the filter choice (per-worker images/s relative to the 224 pipeline, PSNR mean a
 B=96 / B=160): Lanczos 2.00x / 1.37x, 45 / 45 dB; bicubic 2.14x / 1.50x, 42 / 44 dB;
 bilinear 2.28x / 1.64x, 36 / 39 dB (one shared 2-core EPYC, benchmarks/bench_data.py).
 """
+import hashlib
 import math
 import os
 import random
@@ -101,8 +102,25 @@ class LazyImageFolder(Dataset):
         path, target = self.samples[i]
         img = Image.open(path)
         if self.store is not None:
-            img.reduced_copies = self.store.copies(os.path.relpath(path, self.root))
+            # the open file's size (no extra system call on the path) identifies the original
+            img.reduced_copies = self.store.copies(os.path.relpath(path, self.root), os.fstat(img.fp.fileno()).st_size)
         return img, target
+
+
+def _draft_decode(img: Image.Image, s: int) -> Tuple[Image.Image, float]:
+    """(img set to decode at 1/s when it is a JPEG, converted to RGB; its scale)."""
+    scale = 1.0
+    if s > 1:
+        w_before = img.size[0]
+        # JpegImageFile.draft picks the largest of 8/4/2/1 with every side still
+        # >= the requested one, and returns the image's extent in decoded pixels.
+        # Other formats (and loaded images) return None: no scaling.
+        res = img.draft('RGB', (max(img.size[0] // s, 1), max(img.size[1] // s, 1)))
+        if res is not None:
+            scale = w_before / res[1][2]
+    if img.mode != 'RGB':
+        img = img.convert('RGB')
+    return img, scale
 
 
 def _draft_scale(box_side: float, out: int, margin: float) -> int:
@@ -148,28 +166,25 @@ class DraftRandomResizedCrop:
         The crop box allows a reduction by s (a power of two, at most 8) while keeping at
         least B decoded pixels per side.  A stored copy of level k dividing s is read
         instead of the original when the image has one; the rest of s (or all of it) is
-        left to the JPEG decoder's DCT-domain scaling.
+        left to the JPEG decoder's DCT-domain scaling.  A copy that fails to decode is
+        counted as a miss and the original is decoded instead.
         """
         _, _, h, w = params
         s = _draft_scale(min(h, w), self.size, self.draft_margin) if self.draft else 1
-        scale = 1
         copies = getattr(img, 'reduced_copies', None)
         if copies is not None and s > 1:
             copy, k = copies.open(s, img.size)
             if copy is not None:
-                img.close()
-                img, scale, s = copy, k, s // k
-        if s > 1:
-            w_before = img.size[0]
-            # JpegImageFile.draft picks the largest of 8/4/2/1 with every side still
-            # >= the requested one, and returns the image's extent in decoded pixels.
-            # Other formats (and loaded images) return None: no scaling.
-            res = img.draft('RGB', (max(img.size[0] // s, 1), max(img.size[1] // s, 1)))
-            if res is not None:
-                scale = scale * w_before / res[1][2]
-        if img.mode != 'RGB':
-            img = img.convert('RGB')
-        return img, scale
+                try:
+                    # loaded here, so a damaged copy is caught before the original is given up
+                    decoded, scale = _draft_decode(copy, s // k)
+                    decoded.load()
+                except OSError:
+                    copies.miss()
+                else:
+                    img.close()
+                    return decoded, k * scale
+        return _draft_decode(img, s)
 
     def crop_resize(self, img: Image.Image, params: Tuple[int, int, int, int]) -> Image.Image:
         """The crop box (top, left, height, width) in full-image pixels, resampled to size x size."""
@@ -341,8 +356,10 @@ class DeviceTransform(torch.nn.Module):
         """The erasing seed of a rank's batch `step` of `epoch` (None without a seed: global streams)."""
         if self.seed is None:
             return None
-        # each (seed, epoch, step, rank) its own stream, as the CPU transforms' per-sample seeds
-        return ((self.seed * 1_000_003 + epoch) * 1_000_003 + step * self.world + self.rank) % (2 ** 63 - 1)
+        # a hash with its own prefix: no (epoch, step, rank) shares a stream with the CPU
+        # transforms' per-sample seeds (datasets.sample_seed) or with another batch
+        key = f'device-erasing/{self.seed}/{epoch}/{step}/{self.rank}/{self.world}'.encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], 'little') % (2 ** 63 - 1)
 
     def forward(self, x: torch.Tensor, epoch: Optional[int] = None, step: Optional[int] = None) -> torch.Tensor:
         """epoch, step: the batch's position, which seeds its random erasing (with a seed)."""

@@ -17,8 +17,9 @@ and ``DIR/<k>/<path relative to the training folder>`` for every level k.  A cop
 original converted to RGB and box-averaged by k (PIL ``Image.reduce``): copy pixel m
 covers the original's pixels [m*k, (m+1)*k), the same geometry as libjpeg's scaled
 decoding, so crop boxes map by plain division.  Build with scripts/build_image_store.py.
-A copy that is missing, unreadable or of the wrong size is not used: the original is
-decoded instead, so a damaged store costs speed, never correctness.
+Each copy carries the byte size of its original (``source_tag``, a JPEG comment).  A copy
+that is missing, of the wrong size or tag, cut short or undecodable is not used: the
+original is decoded instead, so a damaged store costs speed, never correctness.
 """
 import hashlib
 import json
@@ -62,6 +63,16 @@ def file_list_digest(relpaths: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def source_tag(src_bytes: int) -> bytes:
+    """The JPEG comment a copy carries: the byte size of the original it was made from.
+
+    Read with the copy's header (PIL's info['comment']), so a copy of an original that was
+    since replaced (re-encoded, or another dataset under the same names) is not used.  The
+    size, not the modification time: copying a dataset to another disk keeps sizes.
+    """
+    return f'{FORMAT} source-bytes={int(src_bytes)}'.encode()
+
+
 def reduce_image(img: Image.Image, k: int) -> Image.Image:
     """The level-k copy's pixels: RGB (what the training loader converts to), box-averaged by k."""
     return img.convert('RGB').reduce(k)
@@ -77,17 +88,18 @@ def check_levels(levels) -> Tuple[int, ...]:
 class StoredCopies:
     """The reduced copies of one training image; attached to its (unloaded) PIL image."""
 
-    __slots__ = ('store', 'relpath')
+    __slots__ = ('store', 'relpath', 'src_bytes')
 
-    def __init__(self, store: 'ImageStore', relpath: str):
-        self.store, self.relpath = store, relpath
+    def __init__(self, store: 'ImageStore', relpath: str, src_bytes: int):
+        self.store, self.relpath, self.src_bytes = store, relpath, src_bytes
 
     def open(self, scale: int, full_size: Tuple[int, int]) -> Tuple[Optional[Image.Image], int]:
         """(the largest copy whose level k divides `scale`, k), or (None, 1) when none can be used.
 
         scale: the reduction the crop allows (a power of two).  The copy must have the size
-        a level-k copy of `full_size` has; anything else (missing, unreadable, stale) is
-        not used.
+        a level-k copy of `full_size` has and carry the original's source tag; anything
+        else (missing, unreadable, stale) is not used and counts as a miss.  Only the
+        header is read here: the caller loads the pixels and calls `miss()` if that fails.
         """
         if self.relpath in self.store.unreadable:  # the build could not read it: no copies
             return None, 1
@@ -97,13 +109,16 @@ class StoredCopies:
             try:
                 img = Image.open(self.store.path(k, self.relpath))
             except OSError:  # missing or not an image: the original is decoded instead
-                self.store.count_miss()
+                self.miss()
                 continue
-            if img.size == reduced_size(full_size, k):
+            if img.size == reduced_size(full_size, k) and img.info.get('comment') == source_tag(self.src_bytes):
                 return img, k
             img.close()
-            self.store.count_miss()
+            self.miss()
         return None, 1
+
+    def miss(self) -> None:
+        self.store.count_miss()
 
 
 class ImageStore:
@@ -125,8 +140,8 @@ class ImageStore:
     def path(self, k: int, relpath: str) -> str:
         return os.path.join(self.root, str(k), relpath)
 
-    def copies(self, relpath: str) -> StoredCopies:
-        return StoredCopies(self, relpath)
+    def copies(self, relpath: str, src_bytes: int) -> StoredCopies:
+        return StoredCopies(self, relpath, src_bytes)
 
     @staticmethod
     def read_manifest(root: str) -> Optional[dict]:
@@ -146,6 +161,8 @@ class ImageStore:
             manifest = cls.read_manifest(root)
         except (OSError, ValueError) as e:
             raise StoreError(f'--image_store {root}: {MANIFEST} is unreadable ({e}): rebuild with {rebuild}') from None
+        if manifest is not None and not isinstance(manifest, dict):
+            raise StoreError(f'--image_store {root}: {MANIFEST} is not a store manifest: rebuild with {rebuild}')
         if manifest is None:
             raise StoreError(f'--image_store {root} has no {MANIFEST} (not a store, or its build did not finish): '
                             f'run {rebuild}')
@@ -171,6 +188,7 @@ def write_copies(src: str, relpath: str, out_root: str, levels: Sequence[int], q
     """
     out = {'written': 0, 'kept': 0, 'bytes': {}, 'error': None}
     try:
+        tag = source_tag(os.path.getsize(src))
         with Image.open(src) as original:
             size = original.size
             todo = []
@@ -178,7 +196,8 @@ def write_copies(src: str, relpath: str, out_root: str, levels: Sequence[int], q
                 dst = os.path.join(out_root, str(k), relpath)
                 try:
                     with Image.open(dst) as done:
-                        if done.size == reduced_size(size, k):
+                        if done.size == reduced_size(size, k) and done.info.get('comment') == tag:
+                            done.load()  # a copy cut short (a crash before the data reached the disk) is redone
                             out['kept'] += 1
                             out['bytes'][k] = os.path.getsize(dst)
                             continue
@@ -198,7 +217,8 @@ def write_copies(src: str, relpath: str, out_root: str, levels: Sequence[int], q
         fd, tmp = tempfile.mkstemp(suffix='.jpg', dir=os.path.join(out_root, TMP_DIR))
         os.close(fd)
         try:
-            reduce_image(rgb, k).save(tmp, 'JPEG', quality=quality, subsampling=SUBSAMPLING[subsampling])
+            reduce_image(rgb, k).save(tmp, 'JPEG', quality=quality, subsampling=SUBSAMPLING[subsampling],
+                                      comment=tag)
             os.replace(tmp, dst)
         finally:
             if os.path.exists(tmp):

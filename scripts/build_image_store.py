@@ -128,6 +128,9 @@ def build(args, log=print):
         'bytes': {str(k): v for k, v in bytes_per_level.items()},
         'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
     }
+    # the copies were renamed into place without an fsync each (millions of them): flush
+    # them all before the manifest declares the store complete
+    os.sync()
     _write_json(manifest, os.path.join(out, store.MANIFEST))
     shutil.rmtree(os.path.join(out, store.TMP_DIR), ignore_errors=True)
     sizes = ', '.join(f'1/{k}: {100 * v / max(source_bytes, 1):.0f}%' for k, v in bytes_per_level.items())

@@ -56,3 +56,8 @@ def test_bench_e2e_trains_both_and_extrapolates_the_baseline(tmp_path, capsys):
     assert res['measured'] == pytest.approx(res['baseline_s'] / res['curriculum_s'])
     assert res['theoretical'] == pytest.approx(3 / res['equivalent_epochs'])
     assert not any('test_acc1' in r for r in curriculum + baseline)  # evaluation off
+
+
+def test_bench_e2e_baseline_drops_the_curriculum_file():
+    argv = ['--model', 'resnet18', '--curriculum_file', 'c.json', '--epochs', '3', '--curriculum_file=d.json']
+    assert bench_e2e.without_curriculum_file(argv) == ['--model', 'resnet18', '--epochs', '3']

@@ -121,19 +121,28 @@ def test_copy_is_read_and_damaged_copies_fall_back_to_the_original(tmp_path):
     reference = _crop_with(plain, 0)
     # the whole image at B=96 allows a reduction by 2 (sides 280-520): the level-2 copy is read
     assert psnr(_crop_with(folder, 0), reference) > 36
-    Image.new('RGB', reduced_size((w, h), 2), (255, 0, 0)).save(os.path.join(out, '2', rel))
-    Image.new('RGB', reduced_size((w, h), 4), (255, 0, 0)).save(os.path.join(out, '4', rel))
+    tag = store_mod.source_tag(os.path.getsize(folder.samples[0][0]))
+    for k in (2, 4):
+        Image.new('RGB', reduced_size((w, h), k), (255, 0, 0)).save(os.path.join(out, str(k), rel), comment=tag)
     red = np.abs(_crop_with(folder, 0).astype(int) - [255, 0, 0])
     assert red.max() <= 2  # JPEG's rounding of a flat red
     assert folder.store.misses.value == 0
-    # stale (another size), missing or broken copies: the original, exactly as without a store
-    Image.new('RGB', (w // 2 + 3, h // 2), (0, 255, 0)).save(os.path.join(out, '2', rel))
-    os.remove(os.path.join(out, '4', rel))
-    assert np.array_equal(_crop_with(folder, 0), reference)
-    with open(os.path.join(out, '2', rel), 'wb') as f:
-        f.write(b'not a jpeg')
-    assert np.array_equal(_crop_with(folder, 0), reference)
-    assert folder.store.misses.value >= 2  # counted: main.py warns after the epoch
+    # copies of another original (tag), stale (size), missing, cut short or broken: the
+    # original, exactly as without a store, and counted (main.py warns after the epoch)
+    damaged = [
+        lambda p, k: Image.new('RGB', reduced_size((w, h), k)).save(p, comment=store_mod.source_tag(123)),
+        lambda p, k: Image.new('RGB', (w // k + 3, h // k)).save(p, comment=tag),
+        lambda p, k: os.remove(p),
+        lambda p, k: open(p, 'r+b').truncate(os.path.getsize(p) // 2),
+        lambda p, k: open(p, 'wb').write(b'not a jpeg'),
+    ]
+    for n, damage in enumerate(damaged, 1):
+        build(data, out)  # repaired
+        for k in (2, 4):
+            damage(os.path.join(out, str(k), rel), k)
+        before = folder.store.misses.value
+        assert np.array_equal(_crop_with(folder, 0), reference), n
+        assert folder.store.misses.value > before, n
 
 
 def test_interrupted_build_resumes_and_settings_must_match(tmp_path):
@@ -143,9 +152,13 @@ def test_interrupted_build_resumes_and_settings_must_match(tmp_path):
     os.remove(os.path.join(out, 'store.json'))  # as if killed before the end
     victim = os.path.join(out, '4', os.path.relpath(jpeg_paths(data)[0], data))
     os.remove(victim)
+    cut = os.path.join(out, '2', os.path.relpath(jpeg_paths(data)[1], data))
+    with open(cut, 'r+b') as f:  # renamed into place, but its data never reached the disk
+        f.truncate(os.path.getsize(cut) // 2)
     manifest, logs = build(data, out)
     assert os.path.exists(victim) and manifest['images'] == 6
-    assert '1 copies written, 11 kept' in logs[-1]
+    assert '2 copies written, 10 kept' in logs[-1]
+    Image.open(cut).load()
     with pytest.raises(SystemExit, match='quality'):
         build(data, out, '--quality', '90')
     assert os.path.exists(os.path.join(out, 'store.json'))  # refused before touching anything
@@ -173,7 +186,7 @@ def test_unreadable_source_is_listed_without_copies(tmp_path):
     assert manifest['unreadable'] == [os.path.join('class_0', 'broken.jpg')]
     assert any('broken.jpg: unreadable' in line for line in logs)
     folder = open_store(data, str(tmp_path / 'store'))
-    copies = folder.store.copies(os.path.join('class_0', 'broken.jpg'))
+    copies = folder.store.copies(os.path.join('class_0', 'broken.jpg'), os.path.getsize(bad))
     assert copies.open(4, (400, 400)) == (None, 1) and folder.store.misses.value == 0  # known, not a miss
 
 
