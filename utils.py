@@ -340,13 +340,13 @@ def plain_args(args):
     return out
 
 
-def atomic_save(obj, path):
-    """Write to a temporary file in the same directory, fsync, then rename over path."""
+def _atomic_write(path, write, binary):
+    """write(f) into a temporary file in path's directory, fsync, rename over path, fsync the directory."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix='.tmp-' + os.path.basename(path) + '.', dir=directory)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+        with (os.fdopen(fd, 'wb') if binary else os.fdopen(fd, 'w', encoding='utf-8')) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -362,6 +362,11 @@ def atomic_save(obj, path):
             os.close(dfd)
     except OSError:
         pass
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same directory, fsync, then rename over path."""
+    _atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 _CKPT_RE = re.compile(r'checkpoint-(\d+)\.pth$')
@@ -517,18 +522,7 @@ def truncate_log(path, first_epoch):
 
 def atomic_write_text(path, text):
     """Write text to a temporary file beside path, fsync, then rename over path."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-' + os.path.basename(path) + '.', dir=directory)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def seed_everything(seed):

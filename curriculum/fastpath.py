@@ -91,9 +91,13 @@ class LazyImageFolder(Dataset):
         self.targets = [t for _, t in self.samples]
         self.root = folder.root
         self.store = store
+        self._relpaths = None
 
     def relpaths(self) -> List[str]:
-        return [os.path.relpath(p, self.root) for p, _ in self.samples]
+        """Paths relative to the folder (computed once: the store's check needs them first)."""
+        if self._relpaths is None:
+            self._relpaths = [os.path.relpath(p, self.root) for p, _ in self.samples]
+        return self._relpaths
 
     def __len__(self):
         return len(self.samples)
@@ -103,7 +107,7 @@ class LazyImageFolder(Dataset):
         img = Image.open(path)
         if self.store is not None:
             # the open file's size (no extra system call on the path) identifies the original
-            img.reduced_copies = self.store.copies(os.path.relpath(path, self.root), os.fstat(img.fp.fileno()).st_size)
+            img.reduced_copies = self.store.copies(self.relpaths()[i], os.fstat(img.fp.fileno()).st_size)
         return img, target
 
 
