@@ -165,14 +165,14 @@ class ImageStore:
             raise StoreError(f'--image_store {root}: {MANIFEST} is not a store manifest: rebuild with {rebuild}')
         if manifest is None:
             raise StoreError(f'--image_store {root} has no {MANIFEST} (not a store, or its build did not finish): '
-                            f'run {rebuild}')
+                             f'run {rebuild}')
         if manifest.get('format') != FORMAT or manifest.get('version') != VERSION:
             raise StoreError(f'--image_store {root} is not a version-{VERSION} {FORMAT} '
-                            f'(found {manifest.get("format")} v{manifest.get("version")}): rebuild with {rebuild}')
+                             f'(found {manifest.get("format")} v{manifest.get("version")}): rebuild with {rebuild}')
         if manifest.get('digest') != file_list_digest(relpaths):
             raise StoreError(f'--image_store {root} was built from another file list ({manifest.get("images")} '
-                            f'images from {manifest.get("source")}; the training folder {folder_root} has '
-                            f'{len(relpaths)}): rebuild with {rebuild}')
+                             f'images from {manifest.get("source")}; the training folder {folder_root} has '
+                             f'{len(relpaths)}): rebuild with {rebuild}')
         try:
             return cls(root, manifest)
         except (KeyError, ValueError) as e:
