@@ -13,6 +13,7 @@ import datetime
 import itertools
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -408,6 +409,17 @@ def refill_replay(replay, stage, epoch, step, steps_in, loader, batch_sampler, d
 
 
 def main(args):
+    # training installs its own SIGTERM handler (utils.StopRequest); callers in the same
+    # process (tests, notebooks) get theirs back, or processes they fork later would
+    # inherit one that never exits (a multiprocessing.Pool then waits forever to terminate them)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return train(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(args):
     device, rank, world = setup_run(args)
     print(' '.join(sys.argv))
     train_base, val_base, nb_classes = build_base_datasets(args)

@@ -13,13 +13,14 @@ them without a store).  The copies of ImageNet's training set take about 40% of 
 size (1/2: ~30%, 1/4: ~9%).
 """
 import argparse
+import contextlib
 import datetime
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import time
-from multiprocessing import Pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -60,6 +61,21 @@ def _write_json(obj, path):
 def _one(job):
     src, rel, out, levels, quality, subsampling = job
     return rel, store.write_copies(src, rel, out, levels, quality, subsampling)
+
+
+@contextlib.contextmanager
+def _mapper(workers):
+    """imap over `workers` processes, or in this process for one.
+
+    Workers are spawned, not forked: build() may run inside a process that already has
+    threads (torch's thread pools, a test runner's), and a forked child inherits whatever
+    locks those held at that moment, which can deadlock it.
+    """
+    if workers == 1:
+        yield map
+        return
+    with multiprocessing.get_context('spawn').Pool(workers) as pool:
+        yield lambda fn, jobs: pool.imap(fn, jobs, chunksize=16)
 
 
 def build(args, log=print):
@@ -108,8 +124,8 @@ def build(args, log=print):
     unreadable = []
     t0 = time.time()
     step = max(len(jobs) // 20, 1)
-    with Pool(args.workers) as pool:
-        for n, (r, res) in enumerate(pool.imap(_one, jobs, chunksize=16), 1):
+    with _mapper(args.workers) as imap:
+        for n, (r, res) in enumerate(imap(_one, jobs), 1):
             if res['error']:
                 unreadable.append(r)
                 log(f'WARNING: {r}: unreadable, no copies ({res["error"]})')
@@ -128,9 +144,6 @@ def build(args, log=print):
         'bytes': {str(k): v for k, v in bytes_per_level.items()},
         'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
     }
-    # the copies were renamed into place without an fsync each (millions of them): flush
-    # them all before the manifest declares the store complete
-    os.sync()
     _write_json(manifest, os.path.join(out, store.MANIFEST))
     shutil.rmtree(os.path.join(out, store.TMP_DIR), ignore_errors=True)
     sizes = ', '.join(f'1/{k}: {100 * v / max(source_bytes, 1):.0f}%' for k, v in bytes_per_level.items())

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,30 +41,50 @@ def command(train_args, output_dir, nproc):
     return [sys.executable, main] + argv
 
 
-def run_once(cmd, kill_after=None, sig=signal.SIGKILL, log=None):
+def run_once(cmd, kill_after=None, sig=signal.SIGKILL, log=None, timeout=None):
     """Run cmd; if kill_after is set, send sig to its process group after that many step lines.
 
-    Returns (exit code, number of step lines seen).
+    Returns (exit code, number of step lines seen).  A run still going after `timeout`
+    seconds (a hang) is killed with its whole process group and reported as an error;
+    so is one whose caller is interrupted, so no training process outlives this call.
     """
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'), PYTHONUNBUFFERED='1')
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    steps, sent = 0, False
-    for line in proc.stdout:
-        if log is not None:
-            log.write(line)
-        if STEP_LINE.match(line):
-            steps += 1
-            if kill_after is not None and steps >= kill_after and not sent:
-                os.killpg(proc.pid, sig)
-                sent = True
-    proc.wait()
-    if sent and sig == signal.SIGKILL:
-        # torchrun's workers die with the group; make sure nothing lingers
+
+    def kill_group(s=signal.SIGKILL):
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, s)
         except ProcessLookupError:
             pass
+
+    # reading the output blocks, so the time limit is enforced from another thread
+    hung = threading.Event()
+    watchdog = threading.Timer(timeout, lambda: (hung.set(), kill_group())) if timeout else None
+    steps, sent = 0, False
+    try:
+        if watchdog:
+            watchdog.start()
+        for line in proc.stdout:
+            if log is not None:
+                log.write(line)
+            if STEP_LINE.match(line):
+                steps += 1
+                if kill_after is not None and steps >= kill_after and not sent:
+                    kill_group(sig)
+                    sent = True
+        proc.wait()
+    finally:
+        if watchdog:
+            watchdog.cancel()
+        if proc.returncode is None or (sent and sig == signal.SIGKILL):
+            # interrupted, or torchrun's workers must not linger after a SIGKILL
+            kill_group()
+            proc.wait()
+        proc.stdout.close()
+    if hung.is_set():
+        raise SystemExit(f'{" ".join(cmd[:2])} ... still running after {timeout:.0f}s (a hang?): killed; '
+                         f'its output is in the run log')
     return proc.returncode, steps
 
 
@@ -130,6 +151,8 @@ def main(argv=None):
     p.add_argument('--nproc', type=int, default=1)
     p.add_argument('--seed', type=int, default=0, help='seed for choosing the kill points')
     p.add_argument('--workdir', default='out/fault_inject')
+    p.add_argument('--run_timeout', type=float, default=1800,
+                   help='seconds one training run may take before it is treated as hung and killed')
     p.add_argument('train_args', nargs=argparse.REMAINDER, help='-- then the main.py arguments')
     args = p.parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ['--'] else args.train_args
@@ -143,7 +166,7 @@ def main(argv=None):
         os.makedirs(d)
 
     with open(os.path.join(args.workdir, 'reference.out'), 'w') as log:
-        rc, total_steps = run_once(command(train_args, ref_dir, args.nproc), log=log)
+        rc, total_steps = run_once(command(train_args, ref_dir, args.nproc), log=log, timeout=args.run_timeout)
     if rc != 0:
         raise SystemExit(f'reference run failed (exit {rc}): see {args.workdir}/reference.out')
     print(f'reference: {total_steps} training steps')
@@ -154,13 +177,14 @@ def main(argv=None):
             attempts += 1
             kill_after = rng.randint(1, max(1, total_steps // (args.kills + 1)))
             t = time.time()
-            rc, steps = run_once(command(train_args, test_dir, args.nproc), kill_after=kill_after, sig=sig, log=log)
+            rc, steps = run_once(command(train_args, test_dir, args.nproc), kill_after=kill_after, sig=sig, log=log,
+                              timeout=args.run_timeout)
             if rc == 0:
                 break  # finished before the kill point
             done_kills += 1
             print(f'kill {done_kills}: SIG{args.signal} after {kill_after} steps of this attempt '
                   f'(exit {rc}, {time.time() - t:.1f}s)')
-        rc, _ = run_once(command(train_args, test_dir, args.nproc), log=log)
+        rc, _ = run_once(command(train_args, test_dir, args.nproc), log=log, timeout=args.run_timeout)
     if rc != 0:
         raise SystemExit(f'final restart failed (exit {rc}): see {args.workdir}/faulty.out')
     problems = compare(ref_dir, test_dir)

@@ -84,6 +84,19 @@ def test_build_writes_box_reduced_copies_and_manifest(built):
     assert leftovers == []
 
 
+def test_worker_processes_write_the_same_copies(tmp_path):
+    data = make_folder(str(tmp_path / 'train'), n=4)
+    stores = [str(tmp_path / f'store{w}') for w in (1, 2)]
+    for out, workers in zip(stores, ('1', '2')):
+        args = build_image_store.parse(['--data_path', data, '--out', out, '--workers', workers])
+        build_image_store.build(args, log=lambda line: None)
+    for path in jpeg_paths(data):
+        rel = os.path.relpath(path, data)
+        for k in ('2', '4'):
+            a, b = (open(os.path.join(out, k, rel), 'rb').read() for out in stores)
+            assert a == b, (rel, k)
+
+
 @pytest.mark.parametrize('size', [96, 160])
 def test_same_crop_close_to_published_and_copies_used(built, size, monkeypatch):
     """The bound of tests/test_fastpath.py: closer to the published order than the Fourier crop is."""

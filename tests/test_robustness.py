@@ -1,9 +1,9 @@
 """Crash safety and input safety: kills, SIGTERM, divergence, damaged files, bad input."""
 import hashlib
+import io
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -23,6 +23,10 @@ RUN = ['--data_set', 'SYNTH', '--synth_classes', '4', '--synth_per_class', '24',
        '--synth_image_size', '72', '--model', 'test_convnext', '--curriculum', 'etpp', '--base_input_size', '64',
        '--epochs', '2', '--batch_size', '16', '--device', 'cpu', '--num_workers', '0', '--deterministic', 'true',
        '--drop_path', '0.1', '--model_ema', 'true', '--save_ckpt_steps', '2']
+
+# a normal run takes seconds; a hung one is killed instead of stalling the suite
+RUN_TIMEOUT = 300
+LIMIT = ['--run_timeout', str(RUN_TIMEOUT)]
 
 TINY = ['--data_set', 'SYNTH', '--synth_classes', '4', '--synth_per_class', '8', '--synth_val_per_class', '2',
         '--synth_image_size', '36', '--input_size', '32', '--model', 'test_convnext', '--batch_size', '8',
@@ -49,7 +53,7 @@ def digest(path):
 # ---------------------------------------------------------------------------
 
 def test_sigkill_at_random_points_resumes_exactly(tmp_path):
-    rc = fault_inject.main(['--kills', '2', '--seed', '1', '--workdir', str(tmp_path), '--'] + RUN)
+    rc = fault_inject.main(LIMIT + ['--kills', '2', '--seed', '1', '--workdir', str(tmp_path), '--'] + RUN)
     assert rc == 0
 
 
@@ -58,7 +62,7 @@ def test_sigkill_with_replay_and_fast_path_resumes_exactly(tmp_path):
     # random erasing is seeded per batch, so the rebuilt buffer is the one that was lost
     argv = RUN + ['--batch_size', '64', '--synth_per_class', '48', '--replay_times', '2',
                   '--replay_buffer_size', '2', '--data_pipeline', 'fast', '--reprob', '0.5']
-    rc = fault_inject.main(['--kills', '2', '--seed', '1', '--workdir', str(tmp_path), '--'] + argv)
+    rc = fault_inject.main(LIMIT + ['--kills', '2', '--seed', '1', '--workdir', str(tmp_path), '--'] + argv)
     assert rc == 0
     assert open(tmp_path / 'faulty.out').read().count('Rebuilding the replay buffer') >= 1
 
@@ -66,26 +70,43 @@ def test_sigkill_with_replay_and_fast_path_resumes_exactly(tmp_path):
 def test_sigterm_two_processes_gloo_resumes_exactly(tmp_path):
     argv = [a for a in RUN]
     argv[argv.index('--batch_size') + 1] = '8'
-    rc = fault_inject.main(['--kills', '1', '--signal', 'TERM', '--nproc', '2', '--seed', '3',
+    rc = fault_inject.main(LIMIT + ['--kills', '1', '--signal', 'TERM', '--nproc', '2', '--seed', '3',
                             '--workdir', str(tmp_path), '--'] + argv + ['--num_workers', '1'])
     assert rc == 0
 
 
 def test_sigterm_saves_recovery_checkpoint_and_exits_cleanly(tmp_path):
     out = str(tmp_path / 'run')
-    cmd = fault_inject.command(RUN, out, 1)
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if fault_inject.STEP_LINE.match(line):
-            proc.send_signal(signal.SIGTERM)
-            break
-    proc.stdout.read()
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 143
-    assert 'stopped by SIGTERM' in err and 'Traceback' not in err
+    log = io.StringIO()
+    rc, _ = fault_inject.run_once(fault_inject.command(RUN, out, 1), kill_after=1, sig=signal.SIGTERM, log=log,
+                                  timeout=RUN_TIMEOUT)
+    assert rc == 143
+    assert 'stopped by SIGTERM' in log.getvalue() and 'Traceback' not in log.getvalue()
     ckpt = utils.load_checkpoint_file(os.path.join(out, utils.RECOVERY_NAME))
     assert ckpt['epoch'] == 0 and ckpt['step'] >= 1 and len(ckpt['meters']) == 1 and len(ckpt['rng']) == 1
+
+
+def test_in_process_training_gives_the_sigterm_handler_back(tmp_path, capsys):
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        main_mod.main(main_mod.get_args_parser().parse_args(TINY + ['--output_dir', str(tmp_path / 'ok')]))
+        assert signal.getsignal(signal.SIGTERM) is mine
+        cli_error(TINY + ['--output_dir', str(tmp_path / 'div'), '--lr', '1e30', '--warmup_epochs', '0'], capsys,
+                  code=3)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_hung_run_is_killed_with_its_process_group(tmp_path):
+    # the child sleeps in a grandchild that shares its output pipe: both must go, or the
+    # read of that pipe would never end
+    code = 'import subprocess, sys; subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).wait()'
+    with pytest.raises(SystemExit, match='still running after 2s'):
+        fault_inject.run_once([sys.executable, '-c', code], timeout=2)
 
 
 # ---------------------------------------------------------------------------
