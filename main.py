@@ -529,14 +529,7 @@ def train(args):
             start_step=skip, meter_state=start.meters if skip else None,
             stop_requested=stop_request.requested, on_update=on_update)
         train_time = time.time() - epoch_start
-        bad = train_loader.dataset.bad_count.value
-        if bad:
-            print(f'WARNING: {bad} unreadable training images skipped so far (--skip_bad_images)')
-        store = getattr(train_loader.dataset.base, 'store', None)
-        if store is not None and store.misses.value:
-            print(f'WARNING: {store.misses.value} reduced copies missing, unreadable or stale in --image_store '
-                  f'{store.root} so far; the originals were decoded instead: rebuild the store with '
-                  f'scripts/build_image_store.py')
+        warn_data_problems(train_loader.dataset)
 
         # Evaluate and log before the epoch's checkpoint: a kill in between repeats the epoch
         # from the previous checkpoint, and the resumed run rewrites this log line.
@@ -560,11 +553,7 @@ def train(args):
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                      **{f'test_{k}': v for k, v in test_stats.items()},
                      **{f'test_ema_{k}': v for k, v in ema_stats.items()},
-                     'epoch': epoch, 'n_parameters': n_parameters, 'stage': stage.index,
-                     'input_size': stage.size, 'magnitude': stage.magnitude, 'batch_size': stage.batch_size,
-                     'update_freq': stage.update_freq, 'replay_times': stage.replay_times,
-                     'progress': plan.progress(epoch + 1),
-                     'progress_frac': plan.progress(epoch + 1) / plan.total_progress,
+                     **epoch_record(plan, epoch), 'n_parameters': n_parameters,
                      # the training pass alone (no evaluation, no checkpoint); of a resumed
                      # epoch, only the part after the resume
                      'train_time_s': round(train_time, 3)}
@@ -580,14 +569,14 @@ def train(args):
             if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == plan.num_epochs:
                 save(f'checkpoint-{epoch}.pth', epoch, extra)
                 if rank == 0:
+                    # the epoch checkpoint supersedes the mid-epoch one
                     utils.rotate_checkpoints(args.output_dir, args.save_ckpt_num)
                     recovery = os.path.join(args.output_dir, utils.RECOVERY_NAME)
                     if os.path.exists(recovery):
                         os.remove(recovery)
-            if improved:
-                save('checkpoint-best.pth', epoch, extra)
-            if improved_ema:
-                save('checkpoint-best-ema.pth', epoch, extra)
+            for name, better in (('checkpoint-best.pth', improved), ('checkpoint-best-ema.pth', improved_ema)):
+                if better:
+                    save(name, epoch, extra)
 
     if current_size != base and not args.disable_eval and start.epoch < plan.num_epochs:
         # A custom plan may end below the base size; the final model is judged at the base size.
@@ -599,6 +588,25 @@ def train(args):
                                  {'final_test_at_base': {**final, 'input_size': base}})
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     return model_without_ddp
+
+
+def warn_data_problems(dataset):
+    """After each epoch: images skipped (--skip_bad_images) and store copies not usable, so far."""
+    if dataset.bad_count.value:
+        print(f'WARNING: {dataset.bad_count.value} unreadable training images skipped so far (--skip_bad_images)')
+    store = getattr(dataset.base, 'store', None)
+    if store is not None and store.misses.value:
+        print(f'WARNING: {store.misses.value} reduced copies missing, unreadable or stale in --image_store '
+              f'{store.root} so far; the originals were decoded instead: rebuild the store with '
+              f'scripts/build_image_store.py')
+
+
+def epoch_record(plan, epoch):
+    """The curriculum's part of an epoch's log.txt line."""
+    stage = plan.stage_at(epoch)
+    return {'epoch': epoch, 'stage': stage.index, 'input_size': stage.size, 'magnitude': stage.magnitude,
+            'batch_size': stage.batch_size, 'update_freq': stage.update_freq, 'replay_times': stage.replay_times,
+            'progress': plan.progress(epoch + 1), 'progress_frac': plan.progress(epoch + 1) / plan.total_progress}
 
 
 def evaluate_stage(args, eval_loader, model, model_ema, device, amp_dtype, world):
