@@ -67,9 +67,10 @@ def _one(job):
 def _mapper(workers):
     """imap over `workers` processes, or in this process for one.
 
-    Workers are spawned, not forked: build() may run inside a process that already has
-    threads (torch's thread pools, a test runner's), and a forked child inherits whatever
-    locks those held at that moment, which can deadlock it.
+    Workers are spawned, not forked: build() may run inside another program (a test
+    runner, a notebook), and a forked child inherits that process's Python signal
+    handlers (one that ignores SIGTERM leaves Pool.terminate waiting forever) and any
+    lock another thread held at that moment.
     """
     if workers == 1:
         yield map
