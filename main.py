@@ -416,7 +416,8 @@ def main(args):
     try:
         return train(args)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: a handler not set from Python, which cannot be put back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def train(args):
@@ -553,7 +554,7 @@ def train(args):
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                      **{f'test_{k}': v for k, v in test_stats.items()},
                      **{f'test_ema_{k}': v for k, v in ema_stats.items()},
-                     **epoch_record(plan, epoch), 'n_parameters': n_parameters,
+                     'epoch': epoch, 'n_parameters': n_parameters, **stage_record(plan, epoch),
                      # the training pass alone (no evaluation, no checkpoint); of a resumed
                      # epoch, only the part after the resume
                      'train_time_s': round(train_time, 3)}
@@ -601,10 +602,10 @@ def warn_data_problems(dataset):
               f'scripts/build_image_store.py')
 
 
-def epoch_record(plan, epoch):
-    """The curriculum's part of an epoch's log.txt line."""
+def stage_record(plan, epoch):
+    """The curriculum's fields of an epoch's log.txt line."""
     stage = plan.stage_at(epoch)
-    return {'epoch': epoch, 'stage': stage.index, 'input_size': stage.size, 'magnitude': stage.magnitude,
+    return {'stage': stage.index, 'input_size': stage.size, 'magnitude': stage.magnitude,
             'batch_size': stage.batch_size, 'update_freq': stage.update_freq, 'replay_times': stage.replay_times,
             'progress': plan.progress(epoch + 1), 'progress_frac': plan.progress(epoch + 1) / plan.total_progress}
 

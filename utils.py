@@ -354,6 +354,11 @@ def _atomic_write(path, write, binary):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory):
+    """Put a directory's entries (files just renamed into it) on disk; a no-op where unsupported."""
     try:
         dfd = os.open(directory, os.O_RDONLY)
         try:

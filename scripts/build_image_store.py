@@ -29,7 +29,7 @@ if ROOT not in sys.path:
 from torchvision import datasets as tv_datasets  # noqa: E402
 
 from curriculum import store  # noqa: E402
-from utils import atomic_write_text  # noqa: E402
+from utils import atomic_write_text, fsync_directory  # noqa: E402
 
 
 def parse(argv=None):
@@ -145,6 +145,18 @@ def build(args, log=print):
         'bytes': {str(k): v for k, v in bytes_per_level.items()},
         'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
     }
+    # each copy was fsynced before its rename; the renames themselves live in the
+    # directories, which must be on disk too before the manifest declares the store complete
+    folders = set()
+    for r in rel:
+        d = os.path.dirname(r)
+        while d not in folders:  # the folder and its parents, down to the level's root ('')
+            folders.add(d)
+            d = os.path.dirname(d)
+    for k in args.levels:
+        for d in sorted(folders, key=len, reverse=True):
+            fsync_directory(os.path.join(out, str(k), d))
+    fsync_directory(out)
     _write_json(manifest, os.path.join(out, store.MANIFEST))
     shutil.rmtree(os.path.join(out, store.TMP_DIR), ignore_errors=True)
     sizes = ', '.join(f'1/{k}: {100 * v / max(source_bytes, 1):.0f}%' for k, v in bytes_per_level.items())

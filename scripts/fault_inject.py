@@ -4,7 +4,8 @@
         --input_size 32 --epochs 3 --batch_size 32 --device cpu --num_workers 0 --deterministic true
 
 Runs main.py with the given arguments twice: once uninterrupted (the reference) and once
-killed `--kills` times (SIGKILL by default, or SIGTERM as a scheduler would) at random
+killed `--kills` times (SIGKILL by default, or SIGTERM as a scheduler would; sent to every
+process of the run at once, torchrun's workers and loader workers included) at random
 training steps and restarted with the same command. Then compares the final
 checkpoints tensor by tensor (model, EMA, optimizer) and the log.txt records. Exit
 status 0 when they are identical, 1 otherwise. `--nproc 2` runs both under torchrun.
@@ -41,26 +42,61 @@ def command(train_args, output_dir, nproc):
     return [sys.executable, main] + argv
 
 
+def _descendants(pid):
+    """Every process below pid, from /proc (Linux; elsewhere none are found)."""
+    children = {}
+    try:
+        entries = [e for e in os.listdir('/proc') if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                stat = f.read()
+        except OSError:
+            continue  # ended meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        ppid = int(stat[stat.rindex(')') + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def signal_run(proc, sig):
+    """Send sig to a run and every process below it at once, as a scheduler or a node failure does.
+
+    The process group is not enough: torchrun starts each worker in a session of its own.
+    The processes are listed before any is signalled (a killed parent's children would be
+    re-parented and no longer traceable to it).
+    """
+    for pid in [proc.pid] + _descendants(proc.pid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def run_once(cmd, kill_after=None, sig=signal.SIGKILL, log=None, timeout=None):
-    """Run cmd; if kill_after is set, send sig to its process group after that many step lines.
+    """Run cmd; if kill_after is set, send sig to all its processes after that many step lines.
 
     Returns (exit code, number of step lines seen).  A run still going after `timeout`
-    seconds (a hang) is killed with its whole process group and reported as an error;
-    so is one whose caller is interrupted, so no training process outlives this call.
+    seconds (a hang) is killed with all its processes and reported as an error; so is one
+    whose caller is interrupted, so no training process outlives this call.
     """
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'), PYTHONUNBUFFERED='1')
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-
-    def kill_group(s=signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, s)
-        except ProcessLookupError:
-            pass
-
     # reading the output blocks, so the time limit is enforced from another thread
     hung = threading.Event()
-    watchdog = threading.Timer(timeout, lambda: (hung.set(), kill_group())) if timeout else None
+    watchdog = threading.Timer(timeout, lambda: (hung.set(), signal_run(proc, signal.SIGKILL))) if timeout else None
     steps, sent = 0, False
     try:
         if watchdog:
@@ -71,18 +107,18 @@ def run_once(cmd, kill_after=None, sig=signal.SIGKILL, log=None, timeout=None):
             if STEP_LINE.match(line):
                 steps += 1
                 if kill_after is not None and steps >= kill_after and not sent:
-                    kill_group(sig)
+                    signal_run(proc, sig)
                     sent = True
         proc.wait()
     finally:
         if watchdog:
             watchdog.cancel()
-        if proc.returncode is None or (sent and sig == signal.SIGKILL):
-            # interrupted, or torchrun's workers must not linger after a SIGKILL
-            kill_group()
+        if proc.returncode is None:  # the caller was interrupted
+            signal_run(proc, signal.SIGKILL)
             proc.wait()
         proc.stdout.close()
-    if hung.is_set():
+    # a run that ended by itself just as the time ran out was not hung
+    if hung.is_set() and proc.returncode != 0:
         raise SystemExit(f'{" ".join(cmd[:2])} ... still running after {timeout:.0f}s (a hang?): killed; '
                          f'its output is in the run log')
     return proc.returncode, steps

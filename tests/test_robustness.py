@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -101,12 +102,27 @@ def test_in_process_training_gives_the_sigterm_handler_back(tmp_path, capsys):
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_a_hung_run_is_killed_with_its_process_group(tmp_path):
-    # the child sleeps in a grandchild that shares its output pipe: both must go, or the
-    # read of that pipe would never end
-    code = 'import subprocess, sys; subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).wait()'
-    with pytest.raises(SystemExit, match='still running after 2s'):
-        fault_inject.run_once([sys.executable, '-c', code], timeout=2)
+def process_gone(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'  # dead, not yet reaped by its new parent
+    except FileNotFoundError:
+        return True
+
+
+def test_a_hung_run_is_killed_with_all_its_processes(tmp_path):
+    # the child waits on a grandchild in a session of its own (as torchrun's workers are)
+    # that shares the output pipe: both must go, or the read of that pipe would never end
+    pid_file = tmp_path / 'grandchild.pid'
+    code = ('import subprocess, sys; p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], '
+            f'start_new_session=True); open({str(pid_file)!r}, "w").write(str(p.pid)); p.wait()')
+    with pytest.raises(SystemExit, match='still running after 3s'):
+        fault_inject.run_once([sys.executable, '-c', code], timeout=3)
+    grandchild = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while not process_gone(grandchild) and time.time() < deadline:
+        time.sleep(0.1)
+    assert process_gone(grandchild)
 
 
 # ---------------------------------------------------------------------------
