@@ -2,6 +2,7 @@
 
 zoo.py              recipe names -> timm names and constructor arguments
 cswin.py            CSWin Transformer, registered with timm
+pvt.py              PVT v1 (Pyramid Vision Transformer), registered with timm
 checkpoint_compat.py  released checkpoints (official parameter names) -> timm modules
 """
 

@@ -12,6 +12,8 @@ Swin           microsoft/Swin-Transformer (downsample at   timm swin filter
 DeiT           timm 0.4 VisionTransformer                  timm vision_transformer filter
 CAFormer       sail-sg/metaformer                          timm metaformer filter
 CSWin          microsoft/CSWin-Transformer                 identity (models.cswin uses those names)
+PVT (v1)       whai362/PVT                                 models.pvt filter (names identical;
+                                                           position embeddings resized)
 ResNet-50      torchvision                                 identity (timm resnet uses those names)
 =============  ==========================================  ==========================
 
@@ -260,3 +262,13 @@ def load_into(model: nn.Module, state_dict: Mapping, strict_arch: bool = True) -
         dropped_head=dropped_head,
         mismatched=mismatched,
     )
+
+
+# --- added for issue 14 -------------------------------------------------------------------
+# PVT v1: models.pvt uses the official names; its filter only resamples position embeddings
+# saved for another input size (a 224 checkpoint into a 384 fine-tune or a B=96 stage).
+# The reverse direction (timm names -> official) is models/official_names.py.
+from .pvt import PyramidVisionTransformer, checkpoint_filter_fn as _pvt_filter  # noqa: E402
+
+_CONVERTERS[PyramidVisionTransformer] = ('pvt', _pvt_filter)
+_FAMILY_MARKERS.append(('pvt', ('patch_embed1.proj.weight', 'pos_embed1')))

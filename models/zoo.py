@@ -95,3 +95,19 @@ def create_model(name: str, **kwargs) -> nn.Module:
         hint = f"; did you mean: {', '.join(close)}?" if close else '; see models.zoo.RECIPE_MODELS'
         raise ValueError(f'unknown model {name!r}{hint}')
     return timm.create_model(timm_name, pretrained=False, **kwargs)
+
+
+# --- added for issue 14 ---------------------------------------------------------------
+from . import pvt  # noqa: E402,F401  (registers pvt_tiny/small/medium/large with timm)
+
+RECIPE_MODELS.update({
+    # ImageNet-22K pre-training (EfficientTrain++ Table 12): ConvNeXt-L and CSWin-L join B
+    'convnext_large': ('convnext_large', {}),
+    'CSWin_144_24322_large_224': ('CSWin_144_24322_large_224', {}),
+    # PVT v1 (models/pvt.py); img_size sets its position-embedding grids
+    'pvt_tiny': ('pvt_tiny', {}),
+    'pvt_small': ('pvt_small', {}),
+    'pvt_medium': ('pvt_medium', {}),
+    'pvt_large': ('pvt_large', {}),
+})
+_IMG_SIZE_AGNOSTIC = _IMG_SIZE_AGNOSTIC | {'convnext_large'}
