@@ -53,6 +53,16 @@ ETPP_RECIPES = {
     'deit_tiny_patch16_224': DEIT, 'deit_small_patch16_224': DEIT,
 }
 
+# --- added for issue 14 ---
+# PVT v1 (EfficientTrain++ Table 7): the paper's PVT schedule is not published with the
+# official code.  Stand-in: Swin-S/B's (closest published: a stride-32 pyramid whose stage
+# sizes 96/160/224 are all valid PVT inputs, and whose computation saving, 1.50-1.51x, is the
+# one the paper reports for PVT).  A corrected schedule is this one line.
+PVT_ETPP = Recipe(_S3, {96: 512, 160: 256, 224: 128})
+ETPP_RECIPES.update({name: PVT_ETPP for name in ('pvt_tiny', 'pvt_small', 'pvt_medium', 'pvt_large')})
+# ImageNet-22K pre-training (Table 12) of the Large models: their family's larger-model schedule.
+ETPP_RECIPES.update({'convnext_large': CONVNEXT_SB, 'CSWin_144_24322_large_224': SWIN_SB})
+
 ET_SIZES = (160, 160, 160, 192, 224)
 ET_MAGNITUDES = (1, 3, 5, 7, 9)
 # EfficientTrain (ICCV) published no replay settings: only --replay_times applies.
