@@ -85,12 +85,17 @@ def test_convnext_in22k_and_finetune_follow_the_official_recipe():
         assert a.batch_size == per_gpu and a.batch_size * a.update_freq * 8 == 512
 
 
-def test_cswin_finetune_uses_ema_weights_and_ema():
-    cmd, _ = recipes.build_command(['train', 'CSWin_144_24322_large_224', '--task', 'ft384', '--finetune', 'f.pth',
-                                    '--gpus', '8', '--data_path', '/in1k'])
-    a = parsed(main_part(cmd))
-    assert a.input_size == 384 and a.model_ema and a.model_ema_decay == 0.9996 and a.model_key == 'model_ema|model'
-    assert (a.mixup, a.cutmix, a.min_lr, a.use_amp) == (0.01, 0.3, 5e-7, True)
+@pytest.mark.parametrize('model', ['CSWin_96_24322_base_224', 'CSWin_144_24322_large_224'])
+def test_cswin_finetune_follows_the_efficienttrain_release(model):
+    # LeapLabTHU/EfficientTrain EVAL.md: CSWin 22K -> 1K fine-tuning command
+    for size, per_gpu in ((224, 64), (384, 32)):
+        cmd, _ = recipes.build_command(['train', model, '--task', f'ft{size}', '--finetune', 'f.pth',
+                                        '--gpus', '8', '--data_path', '/in1k'])
+        a = parsed(main_part(cmd))
+        assert (a.input_size, a.epochs, a.lr, a.weight_decay, a.drop_path) == (size, 30, 5e-5, 1e-8, 0.2)
+        assert (a.layer_decay, a.mixup, a.cutmix, a.warmup_epochs, a.use_amp) == (0.9, 0, 0, 0, True)
+        assert a.model_ema and a.model_ema_eval and a.model_ema_decay == 0.9998
+        assert a.batch_size == per_gpu and a.batch_size * a.update_freq * 8 == 512
 
 
 def test_launcher_refuses_bad_combinations(capsys):
@@ -130,7 +135,7 @@ def test_pretrain_then_finetune_at_a_larger_size(tmp_path, capsys):
                                      '--synth_classes', '3', '--synth_image_size', '108', '--input_size', '96',
                                      '--epochs', '1', '--layer_decay', '0.8', '--model_ema_decay', '0.9'])
     a = parsed(argv)
-    assert a.model_ema and a.model_key == 'model_ema|model' and a.finetune
+    assert a.model_ema and a.layer_decay == 0.8 and a.finetune
     main_mod.main(a)
     out = capsys.readouterr().out
     assert 'Dropped classifier weights' in out and 'Fine-tuning from' in out
