@@ -312,7 +312,7 @@ def finetune_args(model: str, size: int, checkpoint: str, world: int = PUBLISHED
 def eval_args(model: str, checkpoint: str, data_path: Optional[str] = None, ema: bool = False,
               input_size: int = 224, batch: int = 128, extra: Sequence[str] = ()) -> List[str]:
     """main.py's arguments to evaluate a checkpoint (fp32, exact sharded evaluation)."""
-    if model not in RECIPES:
+    if model not in RECIPES and model not in IN22K_PRETRAIN:
         from_timm = 'any timm model name also works with main.py directly'
         raise LaunchError(f'no published recipe for {model!r}: one of {", ".join(RECIPES)} ({from_timm})')
     args = ['--model', model, '--eval', 'true', '--resume', checkpoint,
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='[$OUTPUT_DIR, else $OUTPUT_ROOT/<model>_<variant>_E<budget>, OUTPUT_ROOT=output]')
     _add_launch_flags(t)
     e = sub.add_parser('eval', allow_abbrev=False, help='evaluate a checkpoint (released or own)')
-    e.add_argument('model', choices=list(RECIPES), metavar='MODEL', help='a recipe name, as for train')
+    e.add_argument('model', choices=_train_models(), metavar='MODEL', help='a recipe name, as for train')
     e.add_argument('checkpoint')
     e.add_argument('--ema', action='store_true', help="evaluate the checkpoint's 'model_ema' entry")
     e.add_argument('--input_size', type=int, default=224)
