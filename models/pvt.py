@@ -258,7 +258,8 @@ class PyramidVisionTransformer(nn.Module):
         # and position embeddings with its first block, the class token with stage 4.
         return dict(
             stem=r'^(?:patch_embed1|pos_embed1)\.?',
-            blocks=r'^(?:block|patch_embed|pos_embed)(\d+)' if coarse else [
+            blocks=[(r'^(?:block|patch_embed|pos_embed)(\d+)', None), (r'^cls_token', (4,)),
+                    (r'^norm', (99999,))] if coarse else [
                 (r'^block(\d+)\.(\d+)', None),
                 (r'^(?:patch_embed|pos_embed)(\d+)', (0,)),
                 (r'^cls_token', (4, 0)),

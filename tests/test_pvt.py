@@ -158,3 +158,14 @@ def test_224_checkpoint_loads_into_other_size():
         assert torch.allclose(dst.eval()(x), ref.eval()(x), atol=1e-6)
     with pytest.raises(ValueError, match='call model.set_input_size'):
         dst(torch.randn(1, 3, 64, 64))
+
+
+def test_layer_groups_for_layer_decay():
+    from timm.models import group_parameters
+    m = create_model('tiny_pvt', num_classes=3)
+    groups = list(group_parameters(m, m.group_matcher(), reverse=False).values())
+    assert set(groups[0]) == {'pos_embed1', 'patch_embed1.proj.weight', 'patch_embed1.proj.bias',
+                              'patch_embed1.norm.weight', 'patch_embed1.norm.bias'}
+    stage4 = next(g for g in groups if 'cls_token' in g)
+    assert 'pos_embed4' in stage4 and 'patch_embed4.proj.weight' in stage4 and 'block4.0.attn.q.weight' in stage4
+    assert groups[-1] == ['head.weight', 'head.bias'] and groups[-2] == ['norm.weight', 'norm.bias']
