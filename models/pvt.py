@@ -255,7 +255,8 @@ class PyramidVisionTransformer(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         # For timm's layer-wise lr decay: stage-1 embedding first, each later stage's patch
-        # and position embeddings with its first block, the class token with stage 4.
+        # and position embeddings with its first block, the class token with stage 4, the
+        # final norm with the last block ((99999,) is timm's "join the previous group").
         return dict(
             stem=r'^(?:patch_embed1|pos_embed1)\.?',
             blocks=[(r'^(?:block|patch_embed|pos_embed)(\d+)', None), (r'^cls_token', (4,)),
