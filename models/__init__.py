@@ -1,4 +1,4 @@
-"""Models: timm's registry plus what timm lacks (CSWin) and the recipe names.
+"""Models: timm's registry plus what timm lacks (CSWin, PVT v1) and the recipe names.
 
 zoo.py              recipe names -> timm names and constructor arguments
 cswin.py            CSWin Transformer, registered with timm
