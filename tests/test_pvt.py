@@ -170,3 +170,13 @@ def test_layer_groups_for_layer_decay():
     assert 'pos_embed4' in stage4 and 'patch_embed4.proj.weight' in stage4 and 'block4.0.attn.q.weight' in stage4
     # the final norm joins the last block ((99999,) is timm's "previous group"), the head above all
     assert groups[-1] == ['head.weight', 'head.bias'] and {'norm.weight', 'block4.0.mlp.fc2.weight'} <= set(groups[-2])
+
+
+def test_pvt_tiny_compute_matches_the_paper():
+    # PVT paper Table 1 / EfficientTrain++ Table 7: 1.9 GFLOPs (multiply-adds) at 224; torch's
+    # counter sees matmuls, convolutions and attention only (no norms, activations, softmax).
+    from torch.utils.flop_counter import FlopCounterMode
+    m = create_model('pvt_tiny').eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        m(torch.randn(1, 3, 224, 224))
+    assert counter.get_total_flops() / 2e9 == pytest.approx(1.9, rel=0.05)
