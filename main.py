@@ -28,6 +28,7 @@ from curriculum import PlanError, build_plan
 from curriculum.adapt import adapt_model, check_input_size, size_multiple
 from curriculum.lowfreq import FourierCrop
 from curriculum.replay import ReplayBuffer, history
+import datasets
 from datasets import build_base_datasets, build_eval_loader, build_train_loader
 from engine import TrainingDiverged, evaluate, train_one_epoch
 from models import create_model
@@ -413,9 +414,13 @@ def main(args):
     # process (tests, notebooks) get theirs back, or processes they fork later would
     # inherit one that never exits (a multiprocessing.Pool then waits forever to terminate them)
     previous = signal.getsignal(signal.SIGTERM)
+    datasets.hold_workers()
     try:
         return train(args)
     finally:
+        # on every way out (an error raised in a loader worker included) the workers end on
+        # SIGTERM again, so shutting the loaders down cannot wait forever
+        datasets.release_workers()
         # None: a handler not set from Python, which cannot be put back
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
