@@ -12,6 +12,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import os
 import signal
 import sys
@@ -516,6 +517,7 @@ def train(args):
         def on_update(done, meters, stop, epoch=epoch, extra=extra):
             periodic = args.save_ckpt_steps > 0 and done % args.save_ckpt_steps == 0 and done < steps_in(epoch)
             if args.output_dir and (stop or periodic):
+                check_finite(model_without_ddp, model_ema, f'at epoch {epoch}, batch {done}')
                 save(utils.RECOVERY_NAME, epoch, extra, step=done, meters=meters.state_dict())
             if stop:
                 saved = f'; recovery checkpoint {os.path.join(args.output_dir, utils.RECOVERY_NAME)}' \
@@ -536,6 +538,7 @@ def train(args):
             stop_requested=stop_request.requested, on_update=on_update)
         train_time = time.time() - epoch_start
         warn_data_problems(train_loader.dataset)
+        check_finite(model_without_ddp, model_ema, f'after epoch {epoch} ({stage_desc})')
 
         # Evaluate and log before the epoch's checkpoint: a kill in between repeats the epoch
         # from the previous checkpoint, and the resumed run rewrites this log line.
@@ -545,6 +548,10 @@ def train(args):
                 eval_loader, eval_size = build_eval_loader(args, val_base, stage.size, rank, world), stage.size
             test_stats, ema_stats = evaluate_stage(args, eval_loader, model_without_ddp, model_ema, device,
                                                    amp_dtype, world)
+            # a NaN evaluation is divergence: never a best, never written as a checkpoint
+            check_finite(None, None, f'in the evaluation after epoch {epoch} ({stage_desc})',
+                         losses={'evaluation loss': test_stats.get('loss'),
+                                 'EMA evaluation loss': ema_stats.get('loss')})
         # Best checkpoints only at the base size: accuracies at lower B are not comparable,
         # and those models would not load into the standard-size architecture.
         improved = stage.size == base and test_stats.get('acc1', -1) > max_acc
@@ -594,6 +601,31 @@ def train(args):
                                  {'final_test_at_base': {**final, 'input_size': base}})
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     return model_without_ddp
+
+
+def check_finite(model, model_ema, where, losses=None):
+    """Raise TrainingDiverged, on every rank alike, if the weights and buffers (BatchNorm
+    statistics), the EMA or one of `losses` are not finite; run before anything is written,
+    so the newest checkpoint stays the last good one (a re-run resumes from it)."""
+    named = []
+    if model is not None:
+        named.append(('weights or buffers', not utils.all_finite(itertools.chain(model.parameters(),
+                                                                                 model.buffers()))))
+    if model_ema is not None:
+        named.append(('EMA weights', not utils.all_finite(itertools.chain(model_ema.module.parameters(),
+                                                                          model_ema.module.buffers()))))
+    for name, value in (losses or {}).items():
+        if value is not None:
+            named.append((f'{name} ({value})', not math.isfinite(value)))
+    if not named:
+        return
+    # one rank alone raising would leave the others waiting in the next collective
+    flags = utils.all_reduce_sum([float(bad) for _, bad in named])
+    bad = [name for (name, _), f in zip(named, flags) if f > 0]
+    if bad:
+        raise TrainingDiverged(f'{" and ".join(bad)} not finite {where}: training diverged, nothing was saved '
+                               f'for it (the newest checkpoint is the last good one); lower --lr, enable '
+                               f'--clip_grad, or use --amp_dtype bfloat16')
 
 
 def warn_data_problems(dataset):
