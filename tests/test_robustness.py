@@ -137,8 +137,8 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     log_before = open(os.path.join(out, 'log.txt')).read()
     capsys.readouterr()
     # resume the finished 2-epoch run into a longer one with an absurd learning rate
-    err = cli_error(TINY + ['--epochs', '4', '--output_dir', out, '--lr', '1e30', '--warmup_epochs', '0'],
-                    capsys, code=3)
+    err = cli_error(TINY + ['--epochs', '4', '--output_dir', out, '--lr', '1e30', '--warmup_epochs', '0',
+                            '--resume_override', 'epochs,lr,warmup_epochs'], capsys, code=3)
     assert 'diverged' in err and 'epoch 2' in err and 'step' in err and 'stage 0' in err
     assert digest(good) == before
     assert not os.path.exists(os.path.join(out, 'checkpoint-2.pth'))
@@ -197,7 +197,7 @@ def test_full_disk_is_a_clear_error_and_keeps_checkpoints(tmp_path, capsys, monk
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(torch, 'save', full_disk)
     capsys.readouterr()
-    err = cli_error(TINY + ['--output_dir', out, '--epochs', '2'], capsys)
+    err = cli_error(TINY + ['--output_dir', out, '--epochs', '2', '--resume_override', 'epochs'], capsys)
     assert 'No space left on device' in err and 'intact' in err
     assert digest(os.path.join(out, 'checkpoint-0.pth')) == before
     assert not [n for n in os.listdir(out) if n.startswith('.tmp')]
