@@ -877,6 +877,12 @@ def cli(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         main(args)
+    except datasets.BadImageError as e:
+        # raised on the rank that read the file, maybe not rank 0, whose print() alone is on
+        # (utils.setup_for_distributed): written directly. torchrun then ends the other ranks.
+        sys.stderr.write(f'error: {e}\n')
+        sys.stderr.flush()
+        sys.exit(2)
     except UserError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(2)

@@ -18,24 +18,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 90  # a healthy failing run takes ~4 s (mostly imports); a hung one is killed at this point
 
 
-def session_alive(sid):
-    """Processes of session `sid` that still run (zombies are dead, only not yet reaped)."""
+def session_alive(sid, marker=None):
+    """Processes still running (zombies are dead, only not yet reaped) of session `sid`, or whose
+    command line holds `marker` (torchrun starts its workers in sessions of their own; forked
+    loader workers keep their parent's command line)."""
     alive = []
     for pid in os.listdir('/proc'):
-        if not pid.isdigit():
+        if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             with open(f'/proc/{pid}/stat') as f:
                 fields = f.read().rsplit(')', 1)[1].split()
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                cmdline = f.read().decode(errors='replace')
         except (FileNotFoundError, ProcessLookupError):
             continue
         # fields after the name: state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != 'Z':
+        if fields[0] != 'Z' and (int(fields[3]) == sid or (marker and marker in cmdline)):
             alive.append(int(pid))
     return alive
 
 
 def run_main(argv, timeout=TIMEOUT):
+    marker = argv[argv.index('--output_dir') + 1] if '--output_dir' in argv else None
     """(rc, stdout, stderr, seconds) of main.py; the whole session is killed if it outlives timeout."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
     t0 = time.time()
@@ -54,9 +59,9 @@ def run_main(argv, timeout=TIMEOUT):
     seconds = time.time() - t0
     # nothing of the run may survive it (loader workers included)
     deadline = time.time() + 5
-    while session_alive(p.pid) and time.time() < deadline:
+    while session_alive(p.pid, marker) and time.time() < deadline:
         time.sleep(0.1)
-    left = session_alive(p.pid)
+    left = session_alive(p.pid, marker)
     if left:
         os.killpg(p.pid, signal.SIGKILL)
         pytest.fail(f'processes {left} of the run outlived it')
@@ -97,16 +102,21 @@ def test_truncated_training_jpeg_with_two_workers(tmp_path):
     rc, out, err, seconds = run_main(args_for(tmp_path / 'data', tmp_path / 'out'))
     assert_one_line_error(rc, err, bad, '--skip_bad_images true')
     assert seconds < 60
-    # it failed before finishing the epoch: no checkpoint, and no config.json of a run that never trained
+    # it failed before finishing the epoch: no checkpoint
     assert not [n for n in os.listdir(tmp_path / 'out') if n.endswith('.pth')]
 
 
-def test_truncated_validation_jpeg_with_two_workers_in_training_and_eval(tmp_path):
+def test_truncated_validation_jpeg_with_two_workers_in_training(tmp_path):
     bad = make_folder(tmp_path / 'data', 'val')
     rc, out, err, seconds = run_main(args_for(tmp_path / 'data', tmp_path / 'out'))
     assert_one_line_error(rc, err, bad, 'remove or replace it')
     assert seconds < 60
+    assert not [n for n in os.listdir(tmp_path / 'out') if n.endswith('.pth')]
+
+
+def test_truncated_validation_jpeg_with_two_workers_in_eval(tmp_path):
     # --eval true: the same one line (evaluating a freshly built model's weights)
+    bad = make_folder(tmp_path / 'data', 'val')
     import timm
     ckpt = tmp_path / 'weights.pth'
     torch.save({'model': timm.create_model('test_convnext', num_classes=2).state_dict()}, ckpt)
@@ -149,3 +159,29 @@ def test_worker_sigterm_policy():
     finally:
         datasets.hold_workers()
         del it
+
+
+def test_bad_image_on_one_rank_ends_every_rank_under_torchrun(tmp_path):
+    """gloo, 2 processes: the rank that reads the file prints the one line and exits 2; torchrun
+    then ends the other rank (blocked in, or failing out of, a collective) and reports rank failure."""
+    bad = make_folder(tmp_path / 'data', 'train')
+    port = 29500 + os.getpid() % 1000
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    argv = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+            os.path.join(ROOT, 'main.py')] + args_for(tmp_path / 'data', tmp_path / 'out', ['--num_workers', '1'])
+    p = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        pytest.fail(f'torchrun still running after {TIMEOUT}s: {out[-3000:]}')
+    assert p.returncode != 0
+    errors = [ln for ln in out.splitlines() if ln.startswith('error: ')]
+    assert errors and bad in errors[0] and '--skip_bad_images true' in errors[0], out[-3000:]
+    assert 'exitcode  : 2' in out  # torchrun's report names the failing rank's exit 2
+    deadline = time.time() + 10
+    while session_alive(p.pid, str(tmp_path)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not session_alive(p.pid, str(tmp_path))
