@@ -12,6 +12,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import os
 import signal
 import sys
@@ -28,6 +29,7 @@ from curriculum import PlanError, build_plan
 from curriculum.adapt import adapt_model, check_input_size, size_multiple
 from curriculum.lowfreq import FourierCrop
 from curriculum.replay import ReplayBuffer, history
+import datasets
 from datasets import build_base_datasets, build_eval_loader, build_train_loader
 from engine import TrainingDiverged, evaluate, train_one_epoch
 from models import create_model
@@ -154,6 +156,10 @@ def get_args_parser():
     p.add_argument('--model_key', default='model|module', type=str)
     p.add_argument('--model_prefix', default='', type=str)
     p.add_argument('--print_freq', default=10, type=int)
+    # --- added for issue 11 ---
+    p.add_argument('--resume_override', default='', type=str,
+                   help='NAME[,NAME]: flags (without --) a resume may change deliberately, or "plan"; without it '
+                        'a resume with other computation-changing flags or another plan is refused (TRAINING.md)')
     return p
 
 
@@ -172,6 +178,7 @@ def check_args(args):
                                                or args.data_set not in ('IMNET', 'image_folder')):
         raise UserError('--image_store is read by the fast data path from an image folder: add --data_pipeline fast '
                         'and use --data_set IMNET or image_folder, or drop --image_store')
+    parse_overrides(getattr(args, 'resume_override', None))
     if args.log_dir is None and args.output_dir:
         args.log_dir = os.path.join(args.output_dir, 'tensorboard')
     if args.log_dir in ('none', ''):
@@ -316,10 +323,105 @@ class ResumePoint:
     max_acc: float = 0.0
     max_acc_ema: float = 0.0
     size: int = 0
+    resumed_from: str = None
 
 
-def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, world):
-    """Load --resume, or the furthest checkpoint in --output_dir; where training continues."""
+# Flags that change what a run computes (data and its order, augmentation, model, optimisation,
+# schedules, precision, what evaluation measures): a resume continues the run only with the
+# same values, or with the names listed in --resume_override. Everything else (paths, worker
+# and GPU counts, logging, checkpoint frequency, speed switches such as --compile,
+# --channels_last, --image_store, and --skip_bad_images) may differ. --update_freq is
+# derived from --global_batch_size when that is set (and the GPU count may change).
+RESUME_CHECKED = (
+    'model', 'drop_path', 'layer_scale_init_value', 'nb_classes',
+    'batch_size', 'update_freq', 'global_batch_size', 'epochs', 'warmup_epochs', 'warmup_steps', 'lr', 'min_lr',
+    'weight_decay', 'weight_decay_end', 'opt', 'opt_eps', 'opt_betas', 'momentum', 'clip_grad', 'layer_decay',
+    'model_ema', 'model_ema_decay',
+    'color_jitter', 'aa', 'smoothing', 'train_interpolation', 'crop_pct', 'reprob', 'remode', 'recount',
+    'mixup', 'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode',
+    'curriculum', 'curriculum_file', 'base_input_size', 'input_size', 'lowfreq', 'replay_times',
+    'replay_buffer_size', 'replay_preset',
+    'data_set', 'synth_classes', 'synth_per_class', 'synth_val_per_class', 'synth_image_size', 'synth_seed',
+    'seed', 'data_pipeline', 'use_amp', 'amp_dtype',
+)
+# The flags the plan is built from: overriding one of them lets the plan differ as well.
+PLAN_FLAGS = frozenset({'model', 'batch_size', 'update_freq', 'global_batch_size', 'epochs', 'warmup_epochs',
+                        'warmup_steps', 'curriculum', 'curriculum_file', 'base_input_size', 'input_size',
+                        'lowfreq', 'replay_times', 'replay_buffer_size', 'replay_preset'})
+
+
+def parse_overrides(value):
+    """--resume_override NAME[,NAME]: flag names (without --) and 'plan'; checked against the table."""
+    names = [n.strip().lstrip('-') for n in (value or '').split(',') if n.strip()]
+    unknown = [n for n in names if n not in RESUME_CHECKED and n != 'plan']
+    if unknown:
+        raise UserError(f'--resume_override {",".join(unknown)}: not a checked flag; name flags among '
+                        f'{", ".join(RESUME_CHECKED)}, or plan')
+    return set(names)
+
+
+def _plan_difference(saved, current, world_changed):
+    """The first difference of two plan summaries, in words ('' if none)."""
+    ignore = {'batch_size', 'update_freq'} if world_changed else set()
+    for key in ('name', 'budget_epochs', 'base_size', 'progress_unit', 'lowfreq', 'num_epochs'):
+        if key in saved and saved[key] != current.get(key):
+            return f'{key} {current.get(key)} (was {saved[key]})'
+    a, b = saved.get('stages', []), current.get('stages', [])
+    if len(a) != len(b):
+        return f'{len(b)} stages (was {len(a)})'
+    for old, new in zip(a, b):
+        for key in old:
+            if key not in ignore and old[key] != new.get(key):
+                return f'stage {old.get("index")} {key} {new.get(key)} (was {old[key]})'
+    return ''
+
+
+def check_same_run(args, ckpt, path, plan, world):
+    """UserError unless the checkpoint's run had these computation-changing flags and this plan.
+
+    Flags named in --resume_override may differ (listed in a warning); the plan may differ
+    when 'plan' or one of the flags it is built from is overridden. A different GPU count
+    is allowed (restore_rank_state warns).
+    """
+    saved = ckpt.get('args')
+    if saved is None or 'epoch' not in ckpt:
+        return  # weights only (or a checkpoint of an older version): nothing to compare
+    saved = vars(saved)
+    overrides = parse_overrides(getattr(args, 'resume_override', None))
+    mine = vars(utils.plain_args(args))
+    derived = {'update_freq'} if mine.get('global_batch_size') else set()
+    diffs = [(k, mine[k], saved[k]) for k in RESUME_CHECKED
+             if k in saved and k in mine and k not in derived and saved[k] != mine[k]]
+    refused = [d for d in diffs if d[0] not in overrides]
+    if refused:
+        what = ', '.join(f'--{k} {_flag_text(v)}' for k, v, _ in refused)
+        was = ', '.join(_flag_text(old) for _, _, old in refused)
+        verb = 'differs' if len(refused) == 1 else 'differ'
+        raise UserError(f'{what} {verb} from the run in {path} ({was}): resume with the run\'s values, start a '
+                        f'new --output_dir (--finetune {path} to start from its weights), or pass '
+                        f'--resume_override {",".join(k for k, _, _ in refused)} to change it deliberately')
+    if plan is not None and 'plan' in ckpt and 'plan' not in overrides \
+            and not (overrides & PLAN_FLAGS and any(k in PLAN_FLAGS for k, _, _ in diffs)):
+        rng = ckpt.get('rng')
+        diff = _plan_difference(ckpt['plan'], plan.summary(), bool(rng) and len(rng) != world)
+        if diff:
+            raise UserError(f'the training plan differs from the run in {path}: {diff} (a changed '
+                            f'--curriculum_file or preset?): resume with the run\'s plan, start a new --output_dir, '
+                            f'or pass --resume_override plan to change it deliberately')
+    if diffs:
+        print(f'WARNING: resuming {path} with deliberately changed '
+              f'{", ".join(f"--{k} {_flag_text(v)} (was {_flag_text(old)})" for k, v, old in diffs)} '
+              f'(--resume_override): from here on the run differs from the one the checkpoint began')
+
+
+def _flag_text(value):
+    return ' '.join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+
+def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, world, plan=None):
+    """Load --resume, or the furthest checkpoint in --output_dir; where training continues.
+
+    A training checkpoint must come from the same run (check_same_run) before anything is loaded."""
     point = ResumePoint(epoch=args.start_epoch, size=size)
     resume_path, ckpt = None, None
     if args.resume:
@@ -328,6 +430,8 @@ def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, 
         resume_path, ckpt = utils.find_resume_checkpoint(args.output_dir)
     if ckpt is None:
         return point
+    check_same_run(args, ckpt, resume_path, plan, world)
+    point.resumed_from = resume_path
     # The checkpoint holds the model at the size it was trained at last.
     point.size = int(ckpt.get('input_size', size))
     adapt_model(model, point.size, optimizer, model_ema)
@@ -338,7 +442,7 @@ def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, 
                         f'unexpected {report.unexpected[:3]}): resume with the same --model')
     if 'optimizer' in ckpt and 'epoch' in ckpt:
         saved_opt = getattr(ckpt.get('args'), 'opt', args.opt)
-        if saved_opt != args.opt:
+        if saved_opt != args.opt:  # only with --resume_override opt: the state cannot be carried over
             raise UserError(f'{resume_path} holds a {saved_opt} optimizer state but --opt is {args.opt}: '
                             f'resume with --opt {saved_opt}, or start a new --output_dir with --finetune')
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -413,9 +517,13 @@ def main(args):
     # process (tests, notebooks) get theirs back, or processes they fork later would
     # inherit one that never exits (a multiprocessing.Pool then waits forever to terminate them)
     previous = signal.getsignal(signal.SIGTERM)
+    datasets.hold_workers()
     try:
         return train(args)
     finally:
+        # on every way out (an error raised in a loader worker included) the workers end on
+        # SIGTERM again, so shutting the loaders down cannot wait forever
+        datasets.release_workers()
         # None: a handler not set from Python, which cannot be put back
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
@@ -453,7 +561,7 @@ def train(args):
     loss_scaler = utils.LossScaler(device.type, enabled=args.use_amp and args.amp_dtype == 'float16')
     mixup_fn, criterion = build_loss(args, nb_classes)
 
-    start = resume_training(args, model, optimizer, loss_scaler, model_ema, final_size, rank, world)
+    start = resume_training(args, model, optimizer, loss_scaler, model_ema, final_size, rank, world, plan=plan)
     if rank == 0 and args.output_dir:
         # a run killed mid-write leaves temporary files and possibly log lines of epochs it
         # will now redo
@@ -465,9 +573,6 @@ def train(args):
     device_transform = build_device_transform(args, device, rank, world)
     per_rank = len(batch_sampler.sampler)
     log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None
-    if rank == 0 and args.output_dir:
-        config = {'args': vars(utils.plain_args(args)), 'plan': plan.summary(), 'world_size': world}
-        utils.atomic_write_text(os.path.join(args.output_dir, 'config.json'), json.dumps(config, indent=2))
 
     base = plan.base_size
     hparams = make_hparams(args, plan, per_rank)
@@ -483,6 +588,9 @@ def train(args):
     eval_loader, eval_size = None, None
     replay, replay_stage = None, None
     current_size, max_acc, max_acc_ema = start.size, start.max_acc, start.max_acc_ema
+    plan_summary = plan.summary()
+    if rank == 0 and args.output_dir and start.epoch < plan.num_epochs:
+        write_config(args, plan_summary, world, start)
     print(f'Start training for {plan.num_epochs} data epochs from epoch {start.epoch}')
     start_time = time.time()
     for epoch in range(start.epoch, plan.num_epochs):
@@ -506,11 +614,14 @@ def train(args):
         print(f'Epoch {epoch}: {stage_desc}, batch {stage.batch_size} x {stage.update_freq} per GPU'
               f'{f", replay {stage.replay_times}x (buffer {stage.buffer_size})" if stage.replay_times > 1 else ""}, '
               f'progress {plan.progress(epoch):.2f}/{plan.total_progress:.2f} {plan.progress_unit}')
-        extra = {'input_size': current_size, 'max_accuracy': max_acc, 'max_accuracy_ema': max_acc_ema}
+        # the plan goes with every checkpoint: a resume compares it (check_same_run)
+        extra = {'input_size': current_size, 'max_accuracy': max_acc, 'max_accuracy_ema': max_acc_ema,
+                 'plan': plan_summary}
 
         def on_update(done, meters, stop, epoch=epoch, extra=extra):
             periodic = args.save_ckpt_steps > 0 and done % args.save_ckpt_steps == 0 and done < steps_in(epoch)
             if args.output_dir and (stop or periodic):
+                check_finite(model_without_ddp, model_ema, f'at epoch {epoch}, batch {done}')
                 save(utils.RECOVERY_NAME, epoch, extra, step=done, meters=meters.state_dict())
             if stop:
                 saved = f'; recovery checkpoint {os.path.join(args.output_dir, utils.RECOVERY_NAME)}' \
@@ -531,6 +642,7 @@ def train(args):
             stop_requested=stop_request.requested, on_update=on_update)
         train_time = time.time() - epoch_start
         warn_data_problems(train_loader.dataset)
+        check_finite(model_without_ddp, model_ema, f'after epoch {epoch} ({stage_desc})')
 
         # Evaluate and log before the epoch's checkpoint: a kill in between repeats the epoch
         # from the previous checkpoint, and the resumed run rewrites this log line.
@@ -540,6 +652,10 @@ def train(args):
                 eval_loader, eval_size = build_eval_loader(args, val_base, stage.size, rank, world), stage.size
             test_stats, ema_stats = evaluate_stage(args, eval_loader, model_without_ddp, model_ema, device,
                                                    amp_dtype, world)
+            # a NaN evaluation is divergence: never a best, never written as a checkpoint
+            check_finite(None, None, f'in the evaluation after epoch {epoch} ({stage_desc})',
+                         losses={'evaluation loss': test_stats.get('loss'),
+                                 'EMA evaluation loss': ema_stats.get('loss')})
         # Best checkpoints only at the base size: accuracies at lower B are not comparable,
         # and those models would not load into the standard-size architecture.
         improved = stage.size == base and test_stats.get('acc1', -1) > max_acc
@@ -589,6 +705,47 @@ def train(args):
                                  {'final_test_at_base': {**final, 'input_size': base}})
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     return model_without_ddp
+
+
+def write_config(args, plan_summary, world, start):
+    """The run's configuration, once every check has passed and training is about to start.
+
+    A fresh run writes config.json; a resumed one keeps the earlier files and writes the next
+    free config-N.json (N = 1, 2, ...), so each part of a run keeps its record.
+    """
+    config = {'args': vars(utils.plain_args(args)), 'plan': plan_summary, 'world_size': world,
+              'start_epoch': start.epoch, 'start_step': start.step, 'resumed': start.resumed_from}
+    name, n = 'config.json', 0
+    if start.resumed_from:
+        while os.path.exists(os.path.join(args.output_dir, name)):
+            n += 1
+            name = f'config-{n}.json'
+    utils.atomic_write_text(os.path.join(args.output_dir, name), json.dumps(config, indent=2))
+
+
+def check_finite(model, model_ema, where, losses=None):
+    """Raise TrainingDiverged, on every rank alike, if the weights and buffers (BatchNorm
+    statistics), the EMA or one of `losses` are not finite; run before anything is written,
+    so the newest checkpoint stays the last good one (a re-run resumes from it)."""
+    named = []
+    if model is not None:
+        named.append(('weights or buffers', not utils.all_finite(itertools.chain(model.parameters(),
+                                                                                 model.buffers()))))
+    if model_ema is not None:
+        named.append(('EMA weights', not utils.all_finite(itertools.chain(model_ema.module.parameters(),
+                                                                          model_ema.module.buffers()))))
+    for name, value in (losses or {}).items():
+        if value is not None:
+            named.append((f'{name} ({value})', not math.isfinite(value)))
+    if not named:
+        return
+    # one rank alone raising would leave the others waiting in the next collective
+    flags = utils.all_reduce_sum([float(bad) for _, bad in named])
+    bad = [name for (name, _), f in zip(named, flags) if f > 0]
+    if bad:
+        raise TrainingDiverged(f'{" and ".join(bad)} not finite {where}: training diverged, nothing was saved '
+                               f'for it (the newest checkpoint is the last good one); lower --lr, enable '
+                               f'--clip_grad, or use --amp_dtype bfloat16')
 
 
 def warn_data_problems(dataset):
@@ -720,6 +877,12 @@ def cli(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         main(args)
+    except datasets.BadImageError as e:
+        # raised on the rank that read the file, maybe not rank 0, whose print() alone is on
+        # (utils.setup_for_distributed): written directly. torchrun then ends the other ranks.
+        sys.stderr.write(f'error: {e}\n')
+        sys.stderr.flush()
+        sys.exit(2)
     except UserError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(2)

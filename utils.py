@@ -115,6 +115,21 @@ def all_reduce_sum(values, device=None):
     return t.tolist()
 
 
+def all_finite(tensors):
+    """True if every element of every floating tensor is finite, with one host read per device.
+
+    Each tensor is summed in float64 on its device: a sum of finite values of any float
+    format (at most 3.4e38 each) cannot overflow float64 for fewer than 1e269 elements, and
+    an inf or NaN element makes the sum inf or NaN. The per-tensor sums are stacked and
+    read once, so the check costs one synchronisation per device, not one per tensor.
+    """
+    sums = {}
+    for t in tensors:
+        if t is not None and t.is_floating_point() and t.numel():
+            sums.setdefault(t.device, []).append(t.detach().sum(dtype=torch.float64))
+    return all(bool(torch.isfinite(torch.stack(v).sum())) for v in sums.values())
+
+
 # ---------------------------------------------------------------------------
 # metric logging
 # ---------------------------------------------------------------------------

@@ -53,7 +53,6 @@ ETPP_RECIPES = {
     'deit_tiny_patch16_224': DEIT, 'deit_small_patch16_224': DEIT,
 }
 
-# --- added for issue 14 ---
 # PVT v1 (EfficientTrain++ Table 7): the paper's PVT schedule is not published with the
 # official code.  Stand-in: Swin-S/B's (closest published: a stride-32 pyramid whose stage
 # sizes 96/160/224 are all valid PVT inputs, and whose computation saving, 1.50-1.51x, is the

@@ -43,6 +43,10 @@ filter takes ``(state_dict, model)`` and returns a new dict with timm names:
   numel equals the model's (official Linear -> timm 1x1 conv weights); it indexes
   ``model.state_dict()[new_key]`` (KeyError on a foreign checkpoint).
 
+Names are not all: the official CAFormer head normalises with eps 1e-5 where timm's uses
+1e-6, so a CAFormer reproduces the official logits only when built by
+``models.create_model`` (models/zoo.py sets the official eps; tests/test_norm_eps.py).
+
 A filter that raises on a foreign checkpoint is caught: the keys are then passed on
 unconverted and ``load_into`` reports the mismatch with one readable line.
 """
@@ -264,7 +268,6 @@ def load_into(model: nn.Module, state_dict: Mapping, strict_arch: bool = True) -
     )
 
 
-# --- added for issue 14 -------------------------------------------------------------------
 # PVT v1: models.pvt uses the official names; its filter only resamples position embeddings
 # saved for another input size (a 224 checkpoint into a 384 fine-tune or a B=96 stage).
 # The reverse direction (timm names -> official) is models/official_names.py.
