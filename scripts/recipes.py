@@ -546,6 +546,9 @@ def build_command(argv: Sequence[str]) -> Tuple[List[str], bool]:
         raise LaunchError('no data: pass --data_path DIR (or set $DATA_PATH), or a --data_set of main.py')
     dry = ns.dry_run or _truthy(os.environ.get('DRY_RUN'))
     if ns.cmd == 'train':
+        if ns.task.startswith('ft') and ns.budget is not None:
+            raise LaunchError(f'--budget does not apply to --task {ns.task} (the fine-tuning recipe runs 30 epochs): '
+                              f'drop it, or add main.py\'s --epochs N after the recipe flags')
         if ns.budget is None and os.environ.get('BUDGET'):
             ns.budget = _env_int('BUDGET')
         if ns.task != 'in1k' and ns.replay:
