@@ -53,40 +53,40 @@ def _saved_224(name, path, classes=4):
     return sd
 
 
-def _without_head(sd, model):
+def _without_head(sd):
     head = {f'{p}.{s}' for p in ('head', 'head.fc') for s in ('weight', 'bias')}
     return {k: v for k, v in sd.items() if k not in head}
 
 
 def _reference_swin(sd):
     ref = timm.create_model('tiny_swin_p4', img_size=384, window_size=12, num_classes=3)
-    ref.load_state_dict(_without_head(swin_transformer.checkpoint_filter_fn(sd, ref), ref), strict=False)
+    ref.load_state_dict(_without_head(swin_transformer.checkpoint_filter_fn(sd, ref)), strict=False)
     return ref
 
 
 def _reference_vit(sd):
     ref = timm.create_model('tiny_vit_p16', img_size=384, num_classes=3)
-    ref.load_state_dict(_without_head(vision_transformer.checkpoint_filter_fn(sd, ref), ref), strict=False)
+    ref.load_state_dict(_without_head(vision_transformer.checkpoint_filter_fn(sd, ref)), strict=False)
     return ref
 
 
 def _reference_cswin(sd):
     ref = create_model('tiny_cswin_ft', img_size=384, num_classes=3)
     assert ref.split_size == [1, 2, 12, 12]  # CSWin_*_384 of the CSWin release
-    ref.load_state_dict(_without_head(sd, ref), strict=False)
+    ref.load_state_dict(_without_head(sd), strict=False)
     return ref
 
 
 def _reference_pvt(sd):
     ref = create_model('tiny_pvt', img_size=224, num_classes=3)
-    ref.load_state_dict(_without_head(sd, ref), strict=False)
+    ref.load_state_dict(_without_head(sd), strict=False)
     ref.set_input_size(384)  # the official forward resizes each stage's embedding the same way
     return ref
 
 
 def _reference_convnext(sd):
     ref = create_model('convnext_atto', num_classes=3)
-    ref.load_state_dict(_without_head(sd, ref), strict=False)
+    ref.load_state_dict(_without_head(sd), strict=False)
     return ref
 
 
