@@ -142,8 +142,8 @@ class Finetune22k:
 _CONVNEXT_22K = ('facebookresearch/ConvNeXt TRAINING.md, "ImageNet-22K Pre-training" (90 epochs, 5 warmup, '
                  'global batch 4096, lr 4e-3, drop path 0.1 for B and L, no EMA, --disable_eval true)')
 _CSWIN_22K = ('a stand-in, no recipe is published (microsoft/CSWin-Transformer releases only the 22K '
-              'weights): ConvNeXt\'s IN-22K protocol (90 epochs, 5 warmup, drop path 0.1) with the CSWin-B EfficientTrain++ optimizer '
-              '(LAMB, lr 8e-3, wd 0.1, EMA 0.9998, AMP)')
+              'weights): ConvNeXt\'s IN-22K protocol (90 epochs, 5 warmup, drop path 0.1) with the CSWin-B '
+              'EfficientTrain++ optimizer (LAMB, lr 8e-3, wd 0.1, EMA 0.9998, AMP)')
 _CSWIN_22K_FLAGS: Flags = AMP + EMA + (('--model_ema_decay', '0.9998'), ('--opt', 'lamb'), ('--opt_eps', '1e-6'))
 IN22K_PRETRAIN: Dict[str, Pretrain22k] = {
     'convnext_base': Pretrain22k('convnext', 0.1, 32, 16, source=_CONVNEXT_22K),
