@@ -12,6 +12,8 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2, param_groups_layer_decay
 
+from models.cswin import CSWinTransformer
+
 
 def _convnext_layers(model):
     return 12
@@ -76,11 +78,37 @@ def _swin_layer_id_fn(model):
     return layer_id
 
 
+# CSWin: the EfficientTrain++ authors' fine-tuning of their IN-22K models with --layer_decay
+# (LeapLabTHU/EfficientTrain optim_factory.py, get_num_layer_for_cswin, after BEiT): 20
+# layers of two consecutive blocks; stem 0, stage s block j at a per-stage base + j // 2,
+# merge1/merge2 with the start of the next stage, merge3 and stage 4 at the top (20), the
+# final norm and head above everything (21).
+_CSWIN_STAGE_BASE = {1: 1, 2: 2, 3: 4, 4: 20}
+_CSWIN_MERGE = {1: 2, 2: 4, 3: 20}
+
+
+def _cswin_layers(model):
+    return 20
+
+
+def _cswin_layer_id(name, num_layers):
+    if name.startswith('stage1_conv_embed'):
+        return 0
+    m = re.match(r'merge(\d+)\.', name)
+    if m:
+        return _CSWIN_MERGE[int(m.group(1))]
+    m = re.match(r'stage(\d+)\.(\d+)\.', name)
+    if m:
+        return min(_CSWIN_STAGE_BASE[int(m.group(1))] + int(m.group(2)) // 2, num_layers)
+    return num_layers + 1
+
+
 # model class -> (number of layers, layer_id(name, num_layers))
 LAYER_ID_TABLE = {
     ConvNeXt: lambda m: (_convnext_layers(m), _convnext_layer_id),
     VisionTransformer: lambda m: (_vit_layers(m), _vit_layer_id),
     SwinTransformer: lambda m: (_swin_layers(m), _swin_layer_id_fn(m)),
+    CSWinTransformer: lambda m: (_cswin_layers(m), _cswin_layer_id),
 }
 
 

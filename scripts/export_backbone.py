@@ -115,11 +115,16 @@ def build_loaded_model(name, state, nb_classes=None, saved_size=None):
 def export(args):
     if os.path.abspath(args.output) == os.path.abspath(args.checkpoint):
         raise UserError('--output is the input checkpoint: write the export to another file')
+    if os.path.isdir(args.output):
+        raise UserError(f'--output {args.output} is a folder: name the file to write, e.g. {args.output}/backbone.pth')
     if os.path.exists(args.output) and not args.overwrite:
         raise UserError(f'{args.output} exists: pass --overwrite to replace it, or choose another --output')
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise UserError(f'the folder of --output ({out_dir}) does not exist: create it first')
+    if not os.path.isfile(args.checkpoint):
+        # checked here: utils.load_checkpoint_file's message names main.py's flags
+        raise UserError(f'{args.checkpoint} is not a file: pass the checkpoint (.pth) to export')
     ckpt = utils.load_checkpoint_file(args.checkpoint)
     saved = _ckpt_args(ckpt)
     name = args.model or saved.get('model')
@@ -140,7 +145,11 @@ def export(args):
         official = to_official(model, drop_head=args.no_head)
     except ExportError as e:
         raise UserError(str(e)) from None
-    utils.atomic_save({'model': official}, args.output)
+    try:
+        # atomic: on failure the temporary file is removed and an existing --output is untouched
+        utils.atomic_save({'model': official}, args.output)
+    except OSError as e:
+        raise UserError(f'cannot write {args.output} ({e.strerror or e}): choose a writable --output') from None
     print(f'Wrote {args.output}: {len(official)} tensors of {name} in the official {official_family(model)} '
           f'naming at {args.input_size}x{args.input_size}{", without the classifier" if args.no_head else ""}'
           f'{" (EMA weights)" if args.ema else ""}')

@@ -141,9 +141,9 @@ class Finetune22k:
 
 _CONVNEXT_22K = ('facebookresearch/ConvNeXt TRAINING.md, "ImageNet-22K Pre-training" (90 epochs, 5 warmup, '
                  'global batch 4096, lr 4e-3, drop path 0.1 for B and L, no EMA, --disable_eval true)')
-_CSWIN_22K = ('not published (microsoft/CSWin-Transformer releases only the 22K weights): ConvNeXt\'s IN-22K '
-              'protocol (90 epochs, 5 warmup, drop path 0.1) with the CSWin-B EfficientTrain++ optimizer '
-              '(LAMB, lr 8e-3, wd 0.1, EMA 0.9998, AMP)')
+_CSWIN_22K = ('a stand-in, no recipe is published (microsoft/CSWin-Transformer releases only the 22K '
+              'weights): ConvNeXt\'s IN-22K protocol (90 epochs, 5 warmup, drop path 0.1) with the CSWin-B '
+              'EfficientTrain++ optimizer (LAMB, lr 8e-3, wd 0.1, EMA 0.9998, AMP)')
 _CSWIN_22K_FLAGS: Flags = AMP + EMA + (('--model_ema_decay', '0.9998'), ('--opt', 'lamb'), ('--opt_eps', '1e-6'))
 IN22K_PRETRAIN: Dict[str, Pretrain22k] = {
     'convnext_base': Pretrain22k('convnext', 0.1, 32, 16, source=_CONVNEXT_22K),
@@ -546,6 +546,9 @@ def build_command(argv: Sequence[str]) -> Tuple[List[str], bool]:
         raise LaunchError('no data: pass --data_path DIR (or set $DATA_PATH), or a --data_set of main.py')
     dry = ns.dry_run or _truthy(os.environ.get('DRY_RUN'))
     if ns.cmd == 'train':
+        if ns.task.startswith('ft') and ns.budget is not None:
+            raise LaunchError(f'--budget does not apply to --task {ns.task} (the fine-tuning recipe runs 30 epochs): '
+                              f'drop it, or add main.py\'s --epochs N after the recipe flags')
         if ns.budget is None and os.environ.get('BUDGET'):
             ns.budget = _env_int('BUDGET')
         if ns.task != 'in1k' and ns.replay:

@@ -143,3 +143,30 @@ def test_cli_no_head_and_own_help(tmp_path):
     with torch.no_grad():
         x = torch.randn(1, 3, 64, 64)
         assert torch.allclose(headless(x), src.forward_head(src.forward_features(x), pre_logits=True), atol=1e-5)
+
+
+def test_cli_bad_paths_and_failed_write(tmp_path, capsys, monkeypatch):
+    """A folder as --output, a missing input, a full disk: one line, exit 2, nothing left behind."""
+    src = small_pvt(num_classes=7)
+    ckpt = str(tmp_path / 'ckpt.pth')
+    torch.save({'model': src.state_dict()}, ckpt)
+    folder = tmp_path / 'out'
+    folder.mkdir()
+    cases = [
+        ([ckpt, '--output', str(folder), '--model', 'tiny_pvt', '--overwrite'], 'is a folder'),
+        ([str(tmp_path / 'missing.pth'), '--output', str(tmp_path / 'd.pth')], 'is not a file: pass the checkpoint'),
+        ([str(folder), '--output', str(tmp_path / 'e.pth')], 'is not a file: pass the checkpoint'),
+    ]
+    for argv, msg in cases:
+        assert export_backbone.cli(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count('\n') == 1 and '--resume' not in err, err
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b'partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    assert export_backbone.cli([ckpt, '--output', str(tmp_path / 'f.pth'), '--model', 'tiny_pvt']) == 2
+    err = capsys.readouterr().err
+    assert 'cannot write' in err and 'No space left' in err and err.count('\n') == 1, err
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pth', 'out'] and not os.listdir(folder)

@@ -104,6 +104,8 @@ def test_launcher_refuses_bad_combinations(capsys):
         (['train', 'pvt_tiny', '--task', 'in22k', '--data_path', '/d', '--gpus', '8'], 'no IN-22K recipe'),
         (['train', 'CSWin_144_24322_large_224', '--data_path', '/d', '--gpus', '8'], 'no published recipe'),
         (['train', 'convnext_base', '--finetune', 'x', '--data_path', '/d', '--gpus', '8'], 'belongs to --task'),
+        (['train', 'convnext_base', '--task', 'ft384', '--finetune', 'x', '--budget', '30', '--data_path', '/d',
+          '--gpus', '8'], '--budget does not apply'),
     ]:
         assert recipes.cli(argv) == 2
         err = capsys.readouterr().err

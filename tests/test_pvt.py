@@ -180,3 +180,50 @@ def test_pvt_tiny_compute_matches_the_paper():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         m(torch.randn(1, 3, 224, 224))
     assert counter.get_total_flops() / 2e9 == pytest.approx(1.9, rel=0.05)
+
+
+def official_keys(depths, size=224, num_classes=1000):
+    """The state_dict of whai362/PVT classification/pvt.py's pvt_* models, restated by name and
+    shape from that file's modules (embed dims 64/128/320/512, MLP ratios 8/8/4/4, SR 8/4/2/1,
+    qkv bias, an SR conv + LayerNorm only where R > 1, the class token's slot in pos_embed4).
+    Instantiating the official file gives 161 / 301 / 517 / 751 tensors for T / S / M / L."""
+    dims, ratios, srs = (64, 128, 320, 512), (8, 8, 4, 4), (8, 4, 2, 1)
+    out = {}
+    for i in range(4):
+        s, d, cin = i + 1, dims[i], 3 if i == 0 else dims[i - 1]
+        p = 4 if i == 0 else 2
+        out.update({f'patch_embed{s}.proj.weight': (d, cin, p, p), f'patch_embed{s}.proj.bias': (d,),
+                    f'patch_embed{s}.norm.weight': (d,), f'patch_embed{s}.norm.bias': (d,),
+                    f'pos_embed{s}': (1, (size // (4 * 2 ** i)) ** 2 + (i == 3), d)})
+        for j in range(depths[i]):
+            b, h = f'block{s}.{j}.', d * ratios[i]
+            out.update({b + 'norm1.weight': (d,), b + 'norm1.bias': (d,), b + 'attn.q.weight': (d, d),
+                        b + 'attn.q.bias': (d,), b + 'attn.kv.weight': (2 * d, d), b + 'attn.kv.bias': (2 * d,),
+                        b + 'attn.proj.weight': (d, d), b + 'attn.proj.bias': (d,), b + 'norm2.weight': (d,),
+                        b + 'norm2.bias': (d,), b + 'mlp.fc1.weight': (h, d), b + 'mlp.fc1.bias': (h,),
+                        b + 'mlp.fc2.weight': (d, h), b + 'mlp.fc2.bias': (d,)})
+            if srs[i] > 1:
+                out.update({b + 'attn.sr.weight': (d, d, srs[i], srs[i]), b + 'attn.sr.bias': (d,),
+                            b + 'attn.norm.weight': (d,), b + 'attn.norm.bias': (d,)})
+    out.update({'norm.weight': (512,), 'norm.bias': (512,), 'cls_token': (1, 1, 512),
+                'head.weight': (num_classes, 512), 'head.bias': (num_classes,)})
+    return out
+
+
+@pytest.mark.parametrize('name,depths,count', [('pvt_tiny', (2, 2, 2, 2), 161), ('pvt_small', (3, 4, 6, 3), 301),
+                                               ('pvt_medium', (3, 4, 18, 3), 517),
+                                               ('pvt_large', (3, 8, 27, 3), 751)])
+def test_every_released_key_loads_strictly(name, depths, count):
+    """A released file's keys and shapes are exactly the model's (load_state_dict strict=True);
+    LayerNorm eps as released: 1e-6 (partial(nn.LayerNorm, eps=1e-6)) in blocks and the final
+    norm, PyTorch's default in the patch embeddings and the SR norms, which the official code
+    builds with a bare nn.LayerNorm."""
+    keys = official_keys(depths)
+    assert len(keys) == count
+    with torch.device('meta'):
+        m = create_model(name)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == keys
+    m.load_state_dict({k: torch.empty(s, device='meta') for k, s in keys.items()}, strict=True, assign=True)
+    eps = {n: mod.eps for n, mod in m.named_modules() if isinstance(mod, torch.nn.LayerNorm)}
+    assert all(e == (1e-5 if n.startswith('patch_embed') or n.endswith('attn.norm') else 1e-6) for n, e in eps.items())
+    assert len(eps) == 4 + 1 + sum(depths) * 2 + sum(d for d, r in zip(depths, (8, 4, 2, 1)) if r > 1)
