@@ -344,10 +344,32 @@ RESUME_CHECKED = (
     'data_set', 'synth_classes', 'synth_per_class', 'synth_val_per_class', 'synth_image_size', 'synth_seed',
     'seed', 'data_pipeline', 'use_amp', 'amp_dtype',
 )
-# The flags the plan is built from: overriding one of them lets the plan differ as well.
-PLAN_FLAGS = frozenset({'model', 'batch_size', 'update_freq', 'global_batch_size', 'epochs', 'warmup_epochs',
-                        'warmup_steps', 'curriculum', 'curriculum_file', 'base_input_size', 'input_size',
-                        'lowfreq', 'replay_times', 'replay_buffer_size', 'replay_preset'})
+# The flags the plan is built from, and the parts of the plan (summary keys, top level or per
+# stage) overriding each may change; None: any part. Overriding --epochs, say, lets the stage
+# epochs and the budget differ but not the stages' sizes, magnitudes or batches, so an edited
+# --curriculum_file still shows.
+_BATCH_KEYS = frozenset({'batch_size', 'update_freq', 'buffer_size'})
+PLAN_FLAGS = {
+    'model': None, 'curriculum': None, 'curriculum_file': None, 'base_input_size': None, 'input_size': None,
+    'lowfreq': None,
+    # (the preset's name holds the budget; short budgets skip stages)
+    'epochs': frozenset({'name', 'budget_epochs', 'num_epochs', 'epochs', 'start_epoch', 'warmup', 'stages'}),
+    'warmup_epochs': frozenset({'warmup'}), 'warmup_steps': frozenset({'warmup'}),
+    'batch_size': _BATCH_KEYS, 'update_freq': _BATCH_KEYS, 'global_batch_size': _BATCH_KEYS,
+    'replay_times': _BATCH_KEYS | {'replay_times'}, 'replay_buffer_size': _BATCH_KEYS | {'replay_times'},
+    'replay_preset': _BATCH_KEYS | {'replay_times'},
+}
+# Flags that have no effect while another is off (in the checkpoint's run and now alike):
+# a difference in them changes nothing, so it is not refused.
+_INERT_UNLESS = {
+    'amp_dtype': lambda a: a.get('use_amp'),
+    'model_ema_decay': lambda a: a.get('model_ema'),
+    'remode': lambda a: a.get('reprob'), 'recount': lambda a: a.get('reprob'),
+    # timm's Mixup: on with either alpha or --cutmix_minmax; the switch picks between the two
+    'mixup_prob': lambda a: a.get('mixup') or a.get('cutmix') or a.get('cutmix_minmax') is not None,
+    'mixup_mode': lambda a: a.get('mixup') or a.get('cutmix') or a.get('cutmix_minmax') is not None,
+    'mixup_switch_prob': lambda a: a.get('mixup') and (a.get('cutmix') or a.get('cutmix_minmax') is not None),
+}
 
 
 def parse_overrides(value):
@@ -360,28 +382,37 @@ def parse_overrides(value):
     return set(names)
 
 
-def _plan_difference(saved, current, world_changed):
-    """The first difference of two plan summaries, in words ('' if none)."""
-    ignore = {'batch_size', 'update_freq'} if world_changed else set()
-    for key in ('name', 'budget_epochs', 'base_size', 'progress_unit', 'lowfreq', 'num_epochs'):
-        if key in saved and saved[key] != current.get(key):
+def _plan_difference(saved, current, saved_world, world, allowed=frozenset()):
+    """The first difference of two plan summaries, in words ('' if none); keys in `allowed` may differ.
+
+    Per stage, the global batch (per-GPU batch x update_freq x GPUs) must be equal; the per-GPU
+    split of it may differ when the GPU count does (--global_batch_size on another GPU count).
+    """
+    for key in ('name', 'budget_epochs', 'base_size', 'progress_unit', 'lowfreq', 'num_epochs', 'warmup'):
+        if key in saved and key not in allowed and saved[key] != current.get(key):
             return f'{key} {current.get(key)} (was {saved[key]})'
     a, b = saved.get('stages', []), current.get('stages', [])
     if len(a) != len(b):
-        return f'{len(b)} stages (was {len(a)})'
+        return '' if 'stages' in allowed else f'{len(b)} stages (was {len(a)})'
+    split = {'batch_size', 'update_freq'} if saved_world != world else set()
     for old, new in zip(a, b):
         for key in old:
-            if key not in ignore and old[key] != new.get(key):
+            if key not in allowed and key not in split and old[key] != new.get(key):
                 return f'stage {old.get("index")} {key} {new.get(key)} (was {old[key]})'
+        if split and not _BATCH_KEYS & allowed and \
+                old['batch_size'] * old['update_freq'] * saved_world != new['batch_size'] * new['update_freq'] * world:
+            return (f'stage {old.get("index")} global batch {new["batch_size"]} x {new["update_freq"]} x {world} '
+                    f'GPU(s) (was {old["batch_size"]} x {old["update_freq"]} x {saved_world}; on another GPU count '
+                    f'keep it with --global_batch_size)')
     return ''
 
 
 def check_same_run(args, ckpt, path, plan, world):
     """UserError unless the checkpoint's run had these computation-changing flags and this plan.
 
-    Flags named in --resume_override may differ (listed in a warning); the plan may differ
-    when 'plan' or one of the flags it is built from is overridden. A different GPU count
-    is allowed (restore_rank_state warns).
+    Flags named in --resume_override may differ (listed in a warning); so may the parts of the
+    plan those flags change (PLAN_FLAGS), or all of it with 'plan'. A different GPU count is
+    allowed (restore_rank_state warns), with the same global batch in every stage.
     """
     saved = ckpt.get('args')
     if saved is None or 'epoch' not in ckpt:
@@ -389,9 +420,17 @@ def check_same_run(args, ckpt, path, plan, world):
     saved = vars(saved)
     overrides = parse_overrides(getattr(args, 'resume_override', None))
     mine = vars(utils.plain_args(args))
-    derived = {'update_freq'} if mine.get('global_batch_size') else set()
+    with_plan = plan is not None and 'plan' in ckpt
+    skip = set()
+    if mine.get('global_batch_size'):
+        # the per-GPU split of the (checked) global batch may change with the GPU count; the
+        # plan comparison below checks each stage's global batch
+        skip |= {'update_freq', 'batch_size'} if with_plan else {'update_freq'}
+    if with_plan and saved.get('curriculum_file') and mine.get('curriculum_file'):
+        skip.add('curriculum_file')  # a moved file is fine: the plan comparison checks its content
+    skip |= {k for k, live in _INERT_UNLESS.items() if not live(saved) and not live(mine)}
     diffs = [(k, mine[k], saved[k]) for k in RESUME_CHECKED
-             if k in saved and k in mine and k not in derived and saved[k] != mine[k]]
+             if k in saved and k in mine and k not in skip and saved[k] != mine[k]]
     refused = [d for d in diffs if d[0] not in overrides]
     if refused:
         what = ', '.join(f'--{k} {_flag_text(v)}' for k, v, _ in refused)
@@ -400,18 +439,45 @@ def check_same_run(args, ckpt, path, plan, world):
         raise UserError(f'{what} {verb} from the run in {path} ({was}): resume with the run\'s values, start a '
                         f'new --output_dir (--finetune {path} to start from its weights), or pass '
                         f'--resume_override {",".join(k for k, _, _ in refused)} to change it deliberately')
-    if plan is not None and 'plan' in ckpt and 'plan' not in overrides \
-            and not (overrides & PLAN_FLAGS and any(k in PLAN_FLAGS for k, _, _ in diffs)):
+    allowed = set()
+    for k, _, _ in diffs:
+        if k in PLAN_FLAGS:
+            allowed = None if allowed is None or PLAN_FLAGS[k] is None else allowed | PLAN_FLAGS[k]
+    if with_plan and 'plan' not in overrides and allowed is not None:
         rng = ckpt.get('rng')
-        diff = _plan_difference(ckpt['plan'], plan.summary(), bool(rng) and len(rng) != world)
+        diff = _plan_difference(ckpt['plan'], plan.summary(), len(rng) if rng else world, world, allowed)
         if diff:
-            raise UserError(f'the training plan differs from the run in {path}: {diff} (a changed '
-                            f'--curriculum_file or preset?): resume with the run\'s plan, start a new --output_dir, '
+            why = '' if 'global batch' in diff else ' (a changed --curriculum_file or preset?)'
+            raise UserError(f'the training plan differs from the run in {path}: {diff}{why}: resume with the run\'s '
+                            f'plan, start a new --output_dir, '
                             f'or pass --resume_override plan to change it deliberately')
     if diffs:
         print(f'WARNING: resuming {path} with deliberately changed '
               f'{", ".join(f"--{k} {_flag_text(v)} (was {_flag_text(old)})" for k, v, old in diffs)} '
               f'(--resume_override): from here on the run differs from the one the checkpoint began')
+
+
+def _steps_on(point, ckpt, plan, world):
+    """A mid-epoch checkpoint's batches done, in this run's per-rank batches: as many images.
+
+    `step` counts each rank's loader batches; on another GPU count (or per-GPU batch, with
+    --global_batch_size) the same number of this run's batches would skip other amounts of
+    the epoch. The images each rank saw cannot be matched anyway (the shards differ), only
+    their number.
+    """
+    rng, stages = ckpt.get('rng'), (ckpt.get('plan') or {}).get('stages')
+    if not rng or not stages or not 0 <= point.epoch < plan.num_epochs:
+        return point.step
+    stage = plan.stage_at(point.epoch)
+    if stage.index >= len(stages):
+        return point.step
+    old = stages[stage.index]
+    old_images = point.step * (old['batch_size'] // old['replay_times']) * len(rng)
+    step = old_images // (stage.loader_batch * world)
+    if step != point.step:
+        print(f'WARNING: the checkpoint stopped after {point.step} batches of {len(rng)} process(es); with {world} '
+              f'and {stage.loader_batch} images per batch here, continuing after {step} (as many images)')
+    return step
 
 
 def _flag_text(value):
@@ -448,6 +514,8 @@ def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, 
         optimizer.load_state_dict(ckpt['optimizer'])
         loss_scaler.load_state_dict(ckpt.get('scaler'))
         point.epoch, point.step = utils.checkpoint_position(ckpt)
+        if point.step and plan is not None:
+            point.step = _steps_on(point, ckpt, plan, world)
         point.max_acc = float(ckpt.get('max_accuracy', 0.0))
         point.max_acc_ema = float(ckpt.get('max_accuracy_ema', 0.0))
         restore_rank_state(ckpt, rank, world)
@@ -710,16 +778,18 @@ def train(args):
 def write_config(args, plan_summary, world, start):
     """The run's configuration, once every check has passed and training is about to start.
 
-    A fresh run writes config.json; a resumed one keeps the earlier files and writes the next
-    free config-N.json (N = 1, 2, ...), so each part of a run keeps its record.
+    The first part of a run writes config.json; every later part (a resume, or a fresh start
+    with --auto_resume false in the same directory) keeps the earlier files and writes the next
+    free config-N.json (N = 1, 2, ...), so each part keeps its record.
     """
     config = {'args': vars(utils.plain_args(args)), 'plan': plan_summary, 'world_size': world,
               'start_epoch': start.epoch, 'start_step': start.step, 'resumed': start.resumed_from}
     name, n = 'config.json', 0
-    if start.resumed_from:
-        while os.path.exists(os.path.join(args.output_dir, name)):
-            n += 1
-            name = f'config-{n}.json'
+    # never over an earlier record: a fresh start (--auto_resume false) in a directory that
+    # holds another run's files numbers its record too ('resumed' is null in it)
+    while os.path.exists(os.path.join(args.output_dir, name)):
+        n += 1
+        name = f'config-{n}.json'
     utils.atomic_write_text(os.path.join(args.output_dir, name), json.dumps(config, indent=2))
 
 

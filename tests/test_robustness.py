@@ -433,12 +433,102 @@ def test_plan_difference_and_gpu_count(etpp_run):
     main_mod.check_same_run(args, ckpt, path, plan, world=1)
     args.resume_override = ''
     ckpt['plan']['stages'][1]['size'] -= 16
-    # another GPU count: --global_batch_size gives other per-stage update_freq/batches; allowed
-    ckpt['plan']['stages'][0]['update_freq'] += 1
-    with pytest.raises(utils.UserError, match='update_freq'):
+    # another GPU count with the same global batch in every stage (--global_batch_size): allowed
+    saved = ckpt['plan']['stages']
+    with pytest.raises(utils.UserError, match='stage 0 update_freq'):  # same GPU count: the split is checked
+        saved[0]['update_freq'] += 1
         main_mod.check_same_run(args, ckpt, path, plan, world=1)
-    ckpt['rng'] = ckpt['rng'] * 2
+    saved[0]['update_freq'] -= 1
+    ckpt['rng'] = ckpt['rng'] * 2  # written by 2 processes
+    for s in saved:
+        s['batch_size'] //= 2
     main_mod.check_same_run(args, ckpt, path, plan, world=1)
+    for s in saved:  # 2 GPUs x the same per-GPU batch: twice the global batch, refused
+        s['batch_size'] *= 2
+    with pytest.raises(utils.UserError, match='stage 0 global batch .* x 1 GPU.*global_batch_size'):
+        main_mod.check_same_run(args, ckpt, path, plan, world=1)
+
+
+def _check(argv, ckpt_args, plan_summary=None, world=1, rng_world=1):
+    """check_same_run of `argv` (ETPP's data) against a checkpoint whose args are `ckpt_args`."""
+    args = main_mod.get_args_parser().parse_args(argv)
+    main_mod.check_args(args)
+    saved = main_mod.get_args_parser().parse_args(ckpt_args)
+    main_mod.check_args(saved)
+    ckpt = {'epoch': 0, 'args': utils.plain_args(saved), 'rng': [None] * rng_world}
+    if plan_summary is not None:
+        ckpt['plan'] = plan_summary
+    return main_mod.check_same_run(args, ckpt, 'ck.pth', None if plan_summary is None else _Plan(args), world)
+
+
+class _Plan:
+    def __init__(self, args):
+        model, _ = main_mod.build_model(args, 4)
+        self.s = main_mod.checked_plan(args, model).summary()
+
+    def summary(self):
+        return self.s
+
+
+def test_resume_check_ignores_what_changes_nothing(tmp_path):
+    """No false refusals: flags that are inert in both runs, a moved --curriculum_file, and
+    --batch_size with the same --global_batch_size on another GPU count."""
+    base = ETPP + ['--nb_classes', '4']
+    # inert: the AMP dtype without AMP, the EMA decay without EMA, erasing settings without erasing,
+    # the mixup settings without mixup or cutmix
+    _check(base + ['--amp_dtype', 'bfloat16', '--model_ema_decay', '0.5'], base)
+    _check(base + ['--reprob', '0', '--remode', 'const'], base + ['--reprob', '0'])
+    _check(base + ['--mixup', '0', '--cutmix', '0', '--mixup_prob', '0.3', '--mixup_mode', 'elem'],
+           base + ['--mixup', '0', '--cutmix', '0'])
+    with pytest.raises(utils.UserError, match='--amp_dtype bfloat16 differs'):  # live with AMP
+        _check(base + ['--use_amp', 'true', '--amp_dtype', 'bfloat16'], base + ['--use_amp', 'true'])
+    with pytest.raises(utils.UserError, match='--remode const differs'):
+        _check(base + ['--remode', 'const'], base)
+    # a moved curriculum file: its content (the plan) is compared, not its path
+    spec = {'name': 'two', 'progress': 'epochs', 'stages': [{'share': 0.5, 'size': 48, 'magnitude': 0},
+                                                           {'share': 0.5, 'size': 64, 'magnitude': 9}]}
+    old, new = tmp_path / 'a.json', tmp_path / 'b.json'
+    old.write_text(json.dumps(spec))
+    new.write_text(json.dumps(spec))
+    cf = ETPP[:ETPP.index('--curriculum')] + ETPP[ETPP.index('--curriculum') + 2:] + ['--nb_classes', '4']
+    saved_plan = _Plan(main_mod.get_args_parser().parse_args(cf + ['--curriculum_file', str(old)])).summary()
+    _check(cf + ['--curriculum_file', str(new)], cf + ['--curriculum_file', str(old)], saved_plan)
+    spec['stages'][0]['size'] = 32  # an edited copy is refused, also when --epochs is overridden
+    new.write_text(json.dumps(spec))
+    with pytest.raises(utils.UserError, match='plan differs.*stage 0 size 32 \\(was 48\\)'):
+        _check(cf + ['--curriculum_file', str(new)], cf + ['--curriculum_file', str(old)], saved_plan)
+    with pytest.raises(utils.UserError, match='plan differs.*stage 0 size 32'):
+        _check(cf + ['--curriculum_file', str(new), '--epochs', '4', '--resume_override', 'epochs'],
+               cf + ['--curriculum_file', str(old)], saved_plan)
+    # the global batch kept on another GPU count: 1 x 8 x 2 steps, now 2 x 4 x 2 steps
+    one = base + ['--global_batch_size', '16']
+    saved = main_mod.get_args_parser().parse_args(one)
+    main_mod.check_args(saved)
+    saved.update_freq = 2
+    saved_plan = _Plan(saved).summary()
+    two = list(one)
+    two[two.index('--batch_size') + 1] = '4'
+    args2 = main_mod.get_args_parser().parse_args(two)
+    args2.update_freq = 2  # what setup_run derives on 2 GPUs
+    ckpt = {'epoch': 0, 'args': utils.plain_args(saved), 'rng': [None], 'plan': saved_plan}
+    main_mod.check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=2)
+    # ... but not on the same GPU count (a mid-epoch position counts per-GPU batches)
+    with pytest.raises(utils.UserError, match='stage 0 batch_size'):
+        main_mod.check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=1)
+
+
+def test_mid_epoch_position_on_another_gpu_count():
+    """A recovery checkpoint's batches done are converted to as many images on another GPU count."""
+    args = main_mod.get_args_parser().parse_args(ETPP + ['--nb_classes', '4'])
+    main_mod.check_args(args)
+    plan = _Plan(args)
+    real = main_mod.checked_plan(args, main_mod.build_model(args, 4)[0])
+    point = main_mod.ResumePoint(epoch=0, step=6)
+    ckpt = {'rng': [None], 'plan': plan.summary()}
+    assert main_mod._steps_on(point, ckpt, real, world=1) == 6
+    assert main_mod._steps_on(point, ckpt, real, world=2) == 3
+    ckpt['rng'] = [None] * 4
+    assert main_mod._steps_on(point, ckpt, real, world=2) == 12
 
 
 # ---------------------------------------------------------------------------
@@ -479,3 +569,14 @@ def test_non_finite_weights_buffers_or_ema_are_divergence():
         main_mod.check_finite(model, ema, 'here')
     assert utils.all_finite([torch.full((4,), 3e38), torch.arange(3)])  # large but finite; ints skipped
     assert not utils.all_finite([torch.ones(2, dtype=torch.bfloat16), torch.tensor([float('-inf')])])
+
+
+def test_config_records_are_never_overwritten(tmp_path):
+    # a fresh start in a directory that holds another run's record (--auto_resume false) numbers its own
+    args = main_mod.get_args_parser().parse_args(['--output_dir', str(tmp_path)])
+    main_mod.write_config(args, {'name': 'a'}, 1, main_mod.ResumePoint())
+    main_mod.write_config(args, {'name': 'b'}, 1, main_mod.ResumePoint())
+    main_mod.write_config(args, {'name': 'c'}, 1, main_mod.ResumePoint(epoch=2, resumed_from='x.pth'))
+    names = {json.load(open(tmp_path / n))['plan']['name']: n for n in os.listdir(tmp_path)}
+    assert names == {'a': 'config.json', 'b': 'config-1.json', 'c': 'config-2.json'}
+    assert json.load(open(tmp_path / 'config-1.json'))['resumed'] is None
