@@ -421,11 +421,14 @@ def check_same_run(args, ckpt, path, plan, world):
     overrides = parse_overrides(getattr(args, 'resume_override', None))
     mine = vars(utils.plain_args(args))
     with_plan = plan is not None and 'plan' in ckpt
-    skip = set()
-    if mine.get('global_batch_size'):
-        # the per-GPU split of the (checked) global batch may change with the GPU count; the
-        # plan comparison below checks each stage's global batch
-        skip |= {'update_freq', 'batch_size'} if with_plan else {'update_freq'}
+    rng = ckpt.get('rng')
+    saved_world = len(rng) if rng else world
+    skip = {'update_freq'} if mine.get('global_batch_size') else set()
+    if with_plan and (mine.get('global_batch_size') or saved_world != world):
+        # the per-GPU split of the global batch may change with the GPU count (by
+        # --global_batch_size, or --batch_size/--update_freq by hand): the plan comparison
+        # below checks each stage's global batch
+        skip |= {'update_freq', 'batch_size'}
     if with_plan and saved.get('curriculum_file') and mine.get('curriculum_file'):
         skip.add('curriculum_file')  # a moved file is fine: the plan comparison checks its content
     skip |= {k for k, live in _INERT_UNLESS.items() if not live(saved) and not live(mine)}
@@ -444,8 +447,7 @@ def check_same_run(args, ckpt, path, plan, world):
         if k in PLAN_FLAGS:
             allowed = None if allowed is None or PLAN_FLAGS[k] is None else allowed | PLAN_FLAGS[k]
     if with_plan and 'plan' not in overrides and allowed is not None:
-        rng = ckpt.get('rng')
-        diff = _plan_difference(ckpt['plan'], plan.summary(), len(rng) if rng else world, world, allowed)
+        diff = _plan_difference(ckpt['plan'], plan.summary(), saved_world, world, allowed)
         if diff:
             why = '' if 'global batch' in diff else ' (a changed --curriculum_file or preset?)'
             raise UserError(f'the training plan differs from the run in {path}: {diff}{why}: resume with the run\'s '

@@ -515,6 +515,15 @@ def test_resume_check_ignores_what_changes_nothing(tmp_path):
     # ... but not on the same GPU count (a mid-epoch position counts per-GPU batches)
     with pytest.raises(utils.UserError, match='stage 0 batch_size'):
         main_mod.check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=1)
+    # the split set by hand on another GPU count: 1 x 8 x 2 steps, now 2 x 8 x 1 (no --global_batch_size)
+    saved = main_mod.get_args_parser().parse_args(base + ['--update_freq', '2'])
+    ckpt = {'epoch': 0, 'args': utils.plain_args(saved), 'rng': [None], 'plan': _Plan(saved).summary()}
+    args2 = main_mod.get_args_parser().parse_args(base)
+    main_mod.check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=2)
+    with pytest.raises(utils.UserError, match='--update_freq 1 differs'):  # on the same count: refused
+        main_mod.check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=1)
+    with pytest.raises(utils.UserError, match='stage 0 global batch 8 x 1 x 3 GPU'):  # 24 is not 16
+        main_mod.check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=3)
 
 
 def test_mid_epoch_position_on_another_gpu_count():
