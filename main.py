@@ -330,8 +330,10 @@ class ResumePoint:
 # schedules, precision, what evaluation measures): a resume continues the run only with the
 # same values, or with the names listed in --resume_override. Everything else (paths, worker
 # and GPU counts, logging, checkpoint frequency, speed switches such as --compile,
-# --channels_last, --image_store, and --skip_bad_images) may differ. --update_freq is
-# derived from --global_batch_size when that is set (and the GPU count may change).
+# --channels_last, --image_store, and --skip_bad_images) may differ, and so may flags inert in
+# both runs (_INERT_UNLESS). With --global_batch_size, or on another GPU count, the per-GPU
+# split (--batch_size, --update_freq) may differ: the plan comparison checks every stage's
+# global batch instead.
 RESUME_CHECKED = (
     'model', 'drop_path', 'layer_scale_init_value', 'nb_classes',
     'batch_size', 'update_freq', 'global_batch_size', 'epochs', 'warmup_epochs', 'warmup_steps', 'lr', 'min_lr',
