@@ -484,6 +484,20 @@ def _steps_on(point, ckpt, plan, world):
     return step
 
 
+def _refuse_fresh_start_over(output_dir):
+    """--auto_resume false where another run left checkpoints: refused. Its checkpoint-N.pth of
+    later epochs would outlive the new run's (rotation keeps the highest N, deleting the new
+    run's own), checkpoint-best.pth would mix the two, and a later resume would pick the
+    other run's files."""
+    found = [os.path.basename(p) for _, p in utils.list_epoch_checkpoints(output_dir)]
+    if os.path.exists(os.path.join(output_dir, utils.RECOVERY_NAME)):
+        found.append(utils.RECOVERY_NAME)
+    if found:
+        raise UserError(f'--auto_resume false but {output_dir} holds checkpoints of a run ({", ".join(found[:3])}'
+                        f'{", ..." if len(found) > 3 else ""}): a fresh run there would mix with them; start it in a '
+                        f'new --output_dir (or move those files away), or drop --auto_resume false to continue it')
+
+
 def _flag_text(value):
     return ' '.join(str(v) for v in value) if isinstance(value, list) else str(value)
 
@@ -498,6 +512,8 @@ def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, 
         resume_path, ckpt = args.resume, utils.load_checkpoint_file(args.resume)
     elif args.auto_resume and args.output_dir:
         resume_path, ckpt = utils.find_resume_checkpoint(args.output_dir)
+    elif args.output_dir:
+        _refuse_fresh_start_over(args.output_dir)
     if ckpt is None:
         return point
     check_same_run(args, ckpt, resume_path, plan, world)
@@ -783,14 +799,14 @@ def write_config(args, plan_summary, world, start):
     """The run's configuration, once every check has passed and training is about to start.
 
     The first part of a run writes config.json; every later part (a resume, or a fresh start
-    with --auto_resume false in the same directory) keeps the earlier files and writes the next
-    free config-N.json (N = 1, 2, ...), so each part keeps its record.
+    where an earlier one stopped before its first checkpoint) keeps the earlier files and writes
+    the next free config-N.json (N = 1, 2, ...), so each part keeps its record.
     """
     config = {'args': vars(utils.plain_args(args)), 'plan': plan_summary, 'world_size': world,
               'start_epoch': start.epoch, 'start_step': start.step, 'resumed': start.resumed_from}
     name, n = 'config.json', 0
-    # never over an earlier record: a fresh start (--auto_resume false) in a directory that
-    # holds another run's files numbers its record too ('resumed' is null in it)
+    # never over an earlier record: a fresh start in a directory holding another start's record
+    # numbers its own too ('resumed' is null in it)
     while os.path.exists(os.path.join(args.output_dir, name)):
         n += 1
         name = f'config-{n}.json'

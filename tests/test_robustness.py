@@ -401,6 +401,15 @@ def test_resume_with_another_plan_is_refused_and_writes_nothing(etpp_run, capsys
     assert 'continuing at epoch' in capsys.readouterr().out
 
 
+def test_fresh_start_over_another_runs_checkpoints_is_refused(etpp_run, capsys):
+    # --auto_resume false where checkpoints exist: the new run's checkpoint-0.pth would be rotated
+    # away in favour of the old run's higher numbers, and checkpoint-best.pth mixed
+    before = snapshot(etpp_run)
+    err = cli_error(ETPP + ['--output_dir', etpp_run, '--auto_resume', 'false', '--epochs', '1'], capsys)
+    assert '--auto_resume false' in err and 'checkpoint-' in err and 'new --output_dir' in err, err
+    assert snapshot(etpp_run) == before
+
+
 def test_resume_override_changes_deliberately_and_keeps_configs(etpp_run, tmp_path, capsys):
     import shutil
     out = str(tmp_path / 'longer')
@@ -581,7 +590,7 @@ def test_non_finite_weights_buffers_or_ema_are_divergence():
 
 
 def test_config_records_are_never_overwritten(tmp_path):
-    # a fresh start in a directory that holds another run's record (--auto_resume false) numbers its own
+    # a fresh start in a directory that holds another start's record numbers its own
     args = main_mod.get_args_parser().parse_args(['--output_dir', str(tmp_path)])
     main_mod.write_config(args, {'name': 'a'}, 1, main_mod.ResumePoint())
     main_mod.write_config(args, {'name': 'b'}, 1, main_mod.ResumePoint())
