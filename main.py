@@ -367,6 +367,9 @@ _INERT_UNLESS = {
     'amp_dtype': lambda a: a.get('use_amp'),
     'model_ema_decay': lambda a: a.get('model_ema'),
     'remode': lambda a: a.get('reprob'), 'recount': lambda a: a.get('reprob'),
+    # training without a curriculum is at --input_size, with one its stages end at --base_input_size
+    'input_size': lambda a: a.get('curriculum') == 'none' and not a.get('curriculum_file'),
+    'base_input_size': lambda a: a.get('curriculum') != 'none' or bool(a.get('curriculum_file')),
     # timm's Mixup: on with either alpha or --cutmix_minmax; the switch picks between the two
     'mixup_prob': lambda a: a.get('mixup') or a.get('cutmix') or a.get('cutmix_minmax') is not None,
     'mixup_mode': lambda a: a.get('mixup') or a.get('cutmix') or a.get('cutmix_minmax') is not None,

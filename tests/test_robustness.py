@@ -489,6 +489,9 @@ def test_resume_check_ignores_what_changes_nothing(tmp_path):
     _check(base + ['--reprob', '0', '--remode', 'const'], base + ['--reprob', '0'])
     _check(base + ['--mixup', '0', '--cutmix', '0', '--mixup_prob', '0.3', '--mixup_mode', 'elem'],
            base + ['--mixup', '0', '--cutmix', '0'])
+    _check(base + ['--input_size', '96'], base)  # a curriculum trains up to --base_input_size
+    with pytest.raises(utils.UserError, match='--base_input_size 96 differs'):
+        _check(base + ['--base_input_size', '96'], base)
     with pytest.raises(utils.UserError, match='--amp_dtype bfloat16 differs'):  # live with AMP
         _check(base + ['--use_amp', 'true', '--amp_dtype', 'bfloat16'], base + ['--use_amp', 'true'])
     with pytest.raises(utils.UserError, match='--remode const differs'):
