@@ -487,6 +487,17 @@ def _steps_on(point, ckpt, plan, world):
     return step
 
 
+def _warn_newer_in_output_dir(output_dir, resume_path, ckpt):
+    """--resume FILE wins (the ConvNeXt/DeiT convention), but a re-submitted command that names
+    it would go back to FILE each time: say so when --output_dir is further along (by names)."""
+    epoch = utils.checkpoint_position(ckpt)[0]
+    later = [p for n, p in utils.list_epoch_checkpoints(output_dir)
+             if n >= epoch and not os.path.samefile(p, resume_path)]
+    if later:
+        print(f'WARNING: {later[0]} in --output_dir is further along than --resume {resume_path}; continuing from '
+              f'the latter as asked (drop --resume to continue from the newest checkpoint in --output_dir)')
+
+
 def _refuse_fresh_start_over(output_dir):
     """--auto_resume false where another run left checkpoints: refused. Its checkpoint-N.pth of
     later epochs would outlive the new run's (rotation keeps the highest N, deleting the new
@@ -513,6 +524,8 @@ def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, 
     resume_path, ckpt = None, None
     if args.resume:
         resume_path, ckpt = args.resume, utils.load_checkpoint_file(args.resume)
+        if args.output_dir and 'epoch' in ckpt:
+            _warn_newer_in_output_dir(args.output_dir, resume_path, ckpt)
     elif args.auto_resume and args.output_dir:
         resume_path, ckpt = utils.find_resume_checkpoint(args.output_dir)
     elif args.output_dir:

@@ -410,6 +410,20 @@ def test_fresh_start_over_another_runs_checkpoints_is_refused(etpp_run, capsys):
     assert snapshot(etpp_run) == before
 
 
+def test_resume_file_older_than_output_dir_warns(etpp_run, tmp_path, capsys):
+    import shutil
+    out = str(tmp_path / 'copy')
+    shutil.copytree(etpp_run, out)
+    older = str(tmp_path / 'older.pth')
+    shutil.copy(os.path.join(out, 'checkpoint-2.pth'), older)
+    os.remove(os.path.join(out, 'checkpoint-best.pth'))
+    capsys.readouterr()
+    main_mod.cli(ETPP + ['--output_dir', out, '--resume', older, '--epochs', '2'])
+    text = capsys.readouterr().out
+    assert 'checkpoint-3.pth in --output_dir is further along than --resume' in text, text
+    assert f'Resumed from {older}; continuing at epoch 3' in text
+
+
 def test_resume_override_changes_deliberately_and_keeps_configs(etpp_run, tmp_path, capsys):
     import shutil
     out = str(tmp_path / 'longer')
