@@ -1,0 +1,423 @@
+"""timm's RandAugment split in two: parameters drawn in the loader worker, ops applied batched on the device.
+
+Used by ``--data_pipeline gpu`` (issue 13): the worker draws every random choice of
+RandAugment with the per-sample seeded python ``random`` / ``np.random`` state, exactly
+as timm's ``RandAugment.__call__`` + ``AugmentOp.__call__`` would on a PIL image, and
+the training process applies the drawn ops to a whole batch of uint8 images on the
+GPU (or the CPU: same code, which is how the tests check it).
+
+API::
+
+    ra = RandAugmentParams('rand-m9-mstd0.5-inc1', img_size=B,
+                           hparams=rand_augment_hparams(B, mean, 'bicubic'))
+    p = ra()                  # in the worker, after datasets.seed_sample: float64 [num_layers, WIDTH]
+    ...                       # collate: params [N, num_layers, WIDTH] (keep it a CPU tensor)
+    out = apply_rand_augment(images_uint8_NCHW, params, fill=ra.fill)   # images on any device
+
+Columns of a layer's row (``COL_*``): the op's kernel id (index into ``KERNELS``), whether
+it is applied (timm's per-op probability), its resolved level argument (rotation
+degrees, shear factor, translation fraction (``*Rel``) or pixels, posterize bits,
+solarize threshold, solarize-add value, enhance factor; 0 for ops without one), the PIL
+resampling filter of a geometric op (-1 otherwise; a draw when the interpolation is
+'random') and the magnitude after noise and clipping (for inspection).  The table is
+float64 so angles and factors reach the device exactly as timm computes them.
+
+``params`` must be a CPU tensor (as it comes from the loader): the grouping of samples by
+op is planned on the host with numpy, so the device never has to report back (no sync);
+the plan's indices and arguments go to the device in one pinned, non-blocking copy.
+Per layer, the samples of each op are gathered (``index_select``), transformed together
+and written back (``index_copy_``); the geometric ops share one sampler per filter.
+
+Fidelity to PIL (what timm's ops call), checked per op by tests/test_gpu_randaug.py:
+
+* Images are uint8 between ops, and every op rounds as PIL's C code does: ``Image.blend``
+  computes ``in1 + alpha * (in2 - in1)`` in float32 and truncates (clipping when
+  extrapolating); ``convert('L')`` is the fixed-point ``(19595 R + 38470 G + 7471 B +
+  0x8000) >> 16``; ``ImageFilter.SMOOTH`` rounds the 3x3 sum / 13 and keeps the border
+  pixels; ImageOps' autocontrast / equalize build their per-channel LUTs from the
+  histogram exactly as ImageOps does (equalize's step is ``(count - last bin) // 255``,
+  LUT values above 255 clip as ``Image.point`` clips them).
+* Geometric ops: PIL's ``Image.transform(AFFINE)`` maps output pixel centre (x + .5,
+  y + .5) through the matrix timm passes (rotate: the matrix ``Image.rotate`` builds about
+  the centre), samples at that point with pixel centres at integer + .5, replicates edge
+  pixels for taps that fall outside, and leaves ``fillcolor`` where the point itself is
+  outside [0, W) x [0, H).  Its BICUBIC here is the cubic convolution with a = -1 (not the
+  a = -0.5 of ``Image.resize``, nor the a = -0.75 of ``grid_sample``), evaluated in the
+  same Horner form, and the result is truncated, not rounded; BILINEAR likewise.  So this
+  module samples with its own gathers rather than ``grid_sample``, coordinates in float64
+  (as PIL), values in float32.  NEAREST follows the generic path's floor; PIL's own
+  NEAREST affine path accumulates coordinates incrementally and can differ at a few
+  pixels.
+* The posterize fix of datasets._posterize holds: 0 bits gives a black image.
+
+Not supported (RandAugmentParams raises ValueError): timm's 3-Augment ops
+(GaussianBlur, GaussianBlurRand, Desaturate), and resampling filters other than
+nearest / bilinear / bicubic / 'random' (PIL's transform rejects them too).
+"""
+import math
+import random
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN
+from timm.data import auto_augment as timm_aa
+from timm.data.transforms import str_to_pil_interp
+
+__all__ = ['KERNELS', 'WIDTH', 'COL_OP', 'COL_APPLIED', 'COL_ARG', 'COL_RESAMPLE', 'COL_MAGNITUDE',
+           'RandAugmentParams', 'apply_rand_augment', 'rand_augment_hparams']
+
+# Kernel ids: one per distinct image operation; timm's variants (Increasing, Original)
+# differ only in their level function, which runs at draw time.
+KERNELS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd', 'Color',
+           'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'TranslateXRel',
+           'TranslateYRel')
+_KID = {k: i for i, k in enumerate(KERNELS)}
+_NAME_TO_KERNEL = dict({k: k for k in KERNELS}, PosterizeIncreasing='Posterize', PosterizeOriginal='Posterize',
+                       SolarizeIncreasing='Solarize', ColorIncreasing='Color', ContrastIncreasing='Contrast',
+                       BrightnessIncreasing='Brightness', SharpnessIncreasing='Sharpness')
+_GEOMETRIC = frozenset(_KID[k] for k in ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'TranslateXRel',
+                                          'TranslateYRel'))
+# PIL.Image.Resampling values; the only filters Image.transform accepts
+NEAREST, BILINEAR, BICUBIC = 0, 2, 3
+
+COL_OP, COL_APPLIED, COL_ARG, COL_RESAMPLE, COL_MAGNITUDE = range(5)
+WIDTH = 5
+
+
+def rand_augment_hparams(img_size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                         interpolation: Optional[str] = 'bicubic') -> Dict:
+    """The hparams timm's create_transform gives rand_augment_transform (timm/data/transforms_factory.py)."""
+    hp = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in mean))
+    if interpolation and interpolation != 'random':
+        hp['interpolation'] = str_to_pil_interp(interpolation)
+    return hp
+
+
+class RandAugmentParams:
+    """Draws what timm's RandAugment of ``policy`` would do to one image, without an image.
+
+    Built with timm's own ``rand_augment_transform`` (same ops, probabilities, magnitude
+    noise and level functions); ``__call__`` makes the same calls on python ``random`` and
+    ``np.random``, in the same order, as ``RandAugment.__call__`` would, so both streams
+    end in the same state, and returns float64 [num_layers, WIDTH] (module docstring).
+    """
+
+    def __init__(self, policy: str, img_size: int, hparams: Optional[Dict] = None):
+        if not policy.startswith('rand'):
+            raise ValueError(f'RandAugmentParams needs a RandAugment policy (rand-...), not {policy!r}')
+        hparams = dict(hparams) if hparams is not None else rand_augment_hparams(img_size)
+        # rand_augment_transform setdefault()s into the dict it gets: give it a copy
+        self.transform = timm_aa.rand_augment_transform(policy, dict(hparams))
+        self.policy, self.img_size, self.hparams = policy, int(img_size), hparams
+        self.num_layers = int(self.transform.num_layers)
+        self.width = WIDTH
+        self.fill = tuple(int(v) for v in hparams.get('img_mean', timm_aa._FILL))
+        self._ops = list(self.transform.ops)
+        # np.random.choice over the op list itself: numpy makes it an object array, the draw
+        # depends only on its length (and the weights), as in RandAugment.__call__
+        self._choice_pool = np.empty(len(self._ops), dtype=object)
+        self._choice_pool[:] = self._ops
+        self._kernel = []
+        for op in self._ops:
+            if op.name not in _NAME_TO_KERNEL:
+                raise ValueError(f'RandAugment op {op.name} has no batched implementation '
+                                 f'(supported: {sorted(_NAME_TO_KERNEL)})')
+            kid = _KID[_NAME_TO_KERNEL[op.name]]
+            self._kernel.append(kid)
+            if kid in _GEOMETRIC:
+                rs = op.kwargs['resample']
+                for r in (rs if isinstance(rs, (list, tuple)) else (rs,)):
+                    if int(r) not in (NEAREST, BILINEAR, BICUBIC):
+                        raise ValueError(f'RandAugment interpolation {r!r}: PIL transforms support only '
+                                         f'nearest, bilinear and bicubic')
+
+    def __call__(self) -> torch.Tensor:
+        t = self.transform
+        chosen = np.random.choice(self._choice_pool, t.num_layers, replace=t.choice_weights is None,
+                                  p=t.choice_weights)
+        out = np.zeros((self.num_layers, WIDTH), dtype=np.float64)
+        out[:, COL_RESAMPLE] = -1
+        index = {id(op): i for i, op in enumerate(self._ops)}
+        for layer, op in enumerate(chosen):
+            kid = self._kernel[index[id(op)]]
+            out[layer, COL_OP] = kid
+            # --- AugmentOp.__call__, without the image ---
+            if op.prob < 1.0 and random.random() > op.prob:
+                continue
+            magnitude = op.magnitude
+            if op.magnitude_std > 0:
+                if op.magnitude_std == float('inf'):
+                    magnitude = random.uniform(0, magnitude)
+                elif op.magnitude_std > 0:
+                    magnitude = random.gauss(magnitude, op.magnitude_std)
+            upper_bound = op.magnitude_max or timm_aa._LEVEL_DENOM
+            magnitude = max(0., min(magnitude, upper_bound))
+            # timm's own level function (its random negation included)
+            level_args = op.level_fn(magnitude, op.hparams) if op.level_fn is not None else tuple()
+            out[layer, COL_APPLIED] = 1
+            out[layer, COL_MAGNITUDE] = magnitude
+            if level_args:
+                out[layer, COL_ARG] = level_args[0]
+            if kid in _GEOMETRIC:
+                # the geometric op functions begin with _check_args_tf, whose only draw is
+                # timm's _interpolation: random.choice when the filter is 'random'
+                rs = op.kwargs['resample']
+                out[layer, COL_RESAMPLE] = int(random.choice(rs) if isinstance(rs, (list, tuple)) else rs)
+        return torch.from_numpy(out)
+
+    def __repr__(self):
+        return f'{self.__class__.__name__}({self.policy!r}, img_size={self.img_size}, fill={self.fill})'
+
+
+# ---------------------------------------------------------------------------
+# host-side plan
+# ---------------------------------------------------------------------------
+
+def _affine_matrices(kid: np.ndarray, arg: np.ndarray, w: int, h: int) -> np.ndarray:
+    """[n, 6] the inverse (output -> input) matrices timm hands to PIL's Image.transform."""
+    n = len(kid)
+    m = np.zeros((n, 6), dtype=np.float64)
+    m[:, 0] = 1.
+    m[:, 4] = 1.
+    sel = kid == _KID['ShearX']
+    m[sel, 1] = arg[sel]
+    sel = kid == _KID['ShearY']
+    m[sel, 3] = arg[sel]
+    sel = kid == _KID['TranslateX']
+    m[sel, 2] = arg[sel]
+    sel = kid == _KID['TranslateY']
+    m[sel, 5] = arg[sel]
+    sel = kid == _KID['TranslateXRel']
+    m[sel, 2] = arg[sel] * w  # translate_x_rel: pct * img.size[0]
+    sel = kid == _KID['TranslateYRel']
+    m[sel, 5] = arg[sel] * h
+    sel = kid == _KID['Rotate']
+    if sel.any():
+        # Image.rotate(angle) about (w / 2, h / 2), no expand, as Pillow builds it
+        angle = -np.radians(np.remainder(arg[sel], 360.0))
+        c, s = np.round(np.cos(angle), 15), np.round(np.sin(angle), 15)
+        cx, cy = w / 2.0, h / 2.0
+        m[sel, 0], m[sel, 1], m[sel, 3], m[sel, 4] = c, s, -s, c
+        m[sel, 2] = c * -cx + s * -cy + 0.0 + cx
+        m[sel, 5] = -s * -cx + c * -cy + 0.0 + cy
+    return m
+
+
+def _plan(p: np.ndarray, h: int, w: int):
+    """Groups (layer, kind, key, n, offset, width) and the chunks of one float64 buffer: per
+    group, n sample indices followed by n x width arguments."""
+    groups, chunks, offset = [], [], 0
+    for layer in range(p.shape[1]):
+        kid = p[:, layer, COL_OP].astype(np.int64)
+        on = p[:, layer, COL_APPLIED] > 0
+        geo = on & np.isin(kid, list(_GEOMETRIC))
+        for k in np.unique(kid[on & ~geo]):
+            idx = np.flatnonzero(on & (kid == k))
+            chunks += [idx.astype(np.float64), p[idx, layer, COL_ARG]]
+            groups.append((layer, 'op', int(k), len(idx), offset, 1))
+            offset += 2 * len(idx)
+        if geo.any():
+            rs = p[:, layer, COL_RESAMPLE].astype(np.int64)
+            for r in np.unique(rs[geo]):
+                idx = np.flatnonzero(geo & (rs == r))
+                chunks += [idx.astype(np.float64),
+                           _affine_matrices(kid[idx], p[idx, layer, COL_ARG], w, h).reshape(-1)]
+                groups.append((layer, 'affine', int(r), len(idx), offset, 6))
+                offset += 7 * len(idx)
+    return groups, chunks, offset
+
+
+# ---------------------------------------------------------------------------
+# device-side kernels: x float32 [n, 3, H, W] holding integers 0..255, per-sample args [n]
+# ---------------------------------------------------------------------------
+
+def _col(a: torch.Tensor) -> torch.Tensor:
+    return a.view(-1, 1, 1, 1)
+
+
+def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    # Image.blend: float32 in1 + alpha * (in2 - in1), truncated to uint8, clipped when extrapolating
+    alpha = _col(factor.to(torch.float32))
+    return (degenerate + alpha * (x - degenerate)).clamp_(0, 255).trunc_()
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    # convert('L'): L24 fixed point; every partial sum is an integer < 2^24, exact in float32
+    return torch.floor((x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471 + 32768) / 65536)
+
+
+def _autocontrast(x, _arg):
+    lo = x.amin(dim=(2, 3), keepdim=True).double()
+    hi = x.amax(dim=(2, 3), keepdim=True).double()
+    ok = hi > lo
+    # ImageOps.autocontrast's LUT in python floats: int(ix * scale + offset), clipped
+    scale = 255.0 / torch.where(ok, hi - lo, torch.ones_like(hi))
+    offset = -lo * scale
+    y = (x.double() * scale + offset).trunc_().clamp_(0, 255).float()
+    return torch.where(ok, y, x)
+
+
+def _equalize(x, _arg):
+    n, c, h, w = x.shape
+    xi = x.view(n * c, h * w).long()
+    rows = torch.arange(n * c, device=x.device).view(-1, 1) * 256
+    flat = (xi + rows).view(-1)
+    # scatter_add rather than bincount: CUDA bincount reads the max back to the host
+    hist = torch.zeros(n * c * 256, dtype=torch.long, device=x.device)
+    hist = hist.scatter_add_(0, flat, torch.ones_like(flat)).view(n * c, 256)
+    nz = hist > 0
+    last = 255 - nz.flip(1).long().argmax(1, keepdim=True)
+    step = (h * w - hist.gather(1, last)) // 255
+    ok = (nz.sum(1, keepdim=True) > 1) & (step > 0)
+    safe = torch.where(ok, step, torch.ones_like(step))
+    lut = (safe // 2 + hist.cumsum(1) - hist) // safe
+    ident = torch.arange(256, device=x.device).expand_as(lut)
+    lut = torch.where(ok, lut.clamp_(max=255), ident)
+    return lut.gather(1, xi).view(n, c, h, w).float()
+
+
+def _invert(x, _arg):
+    return 255 - x
+
+
+def _posterize(x, bits):
+    # ImageOps.posterize keeps the top `bits` bits; datasets._posterize: 0 bits -> black
+    q = torch.pow(2.0, (8 - bits.float()).clamp(0, 8))
+    q = _col(q)
+    return torch.floor(x / q) * q
+
+
+def _solarize(x, thresh):
+    return torch.where(x < _col(thresh.float()), x, 255 - x)
+
+
+def _solarize_add(x, add):
+    # timm's solarize_add LUT, threshold 128
+    return torch.where(x < 128, (x + _col(add.float())).clamp_(max=255), x)
+
+
+def _color(x, f):
+    return _blend(_gray(x), x, f)
+
+
+def _contrast(x, f):
+    g = _gray(x)
+    # ImageStat mean of the L image, int(mean + 0.5)
+    mean = g.double().sum(dim=(1, 2, 3), keepdim=True) / (g.shape[2] * g.shape[3])
+    return _blend(torch.floor(mean + 0.5).float(), x, f)
+
+
+def _brightness(x, f):
+    return _blend(torch.zeros_like(x), x, f)
+
+
+def _sharpness(x, f):
+    # ImageFilter.SMOOTH: [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded, border pixels kept.
+    # Shifted sums rather than conv2d: integer-exact (conv2d may run in TF32 on a GPU).
+    rows = x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]
+    box = rows[:, :, :, :-2] + rows[:, :, :, 1:-1] + rows[:, :, :, 2:]
+    inner = torch.floor((box + 4 * x[:, :, 1:-1, 1:-1]) / 13 + 0.5)
+    smooth = x.clone()
+    smooth[:, :, 1:-1, 1:-1] = inner
+    return _blend(smooth, x, f)
+
+
+_OPS = {_KID['AutoContrast']: _autocontrast, _KID['Equalize']: _equalize, _KID['Invert']: _invert,
+        _KID['Posterize']: _posterize, _KID['Solarize']: _solarize, _KID['SolarizeAdd']: _solarize_add,
+        _KID['Color']: _color, _KID['Contrast']: _contrast, _KID['Brightness']: _brightness,
+        _KID['Sharpness']: _sharpness}
+
+
+def _cubic(v0, v1, v2, v3, d):
+    # Pillow's BICUBIC macro (Geometry.c): cubic convolution with a = -1, in this Horner form
+    p2 = v2 - v0
+    p3 = 2 * (v0 - v1) + v2 - v3
+    p4 = v1 - v0 - v2 + v3
+    return v1 + d * (p2 + d * (p3 + d * p4))
+
+
+def _affine(x: torch.Tensor, m: torch.Tensor, resample: int, fill: torch.Tensor) -> torch.Tensor:
+    """PIL Image.transform(size, AFFINE, m, resample, fillcolor=fill) for each sample."""
+    n, c, h, w = x.shape
+    dev = x.device
+    xs = torch.arange(w, dtype=torch.float64, device=dev).view(1, 1, w) + 0.5
+    ys = torch.arange(h, dtype=torch.float64, device=dev).view(1, h, 1) + 0.5
+    a = [m[:, i].view(n, 1, 1) for i in range(6)]
+    # same association as Geometry.c's affine_transform: a0 * x + a1 * y + a2
+    xin = a[0] * xs + a[1] * ys + a[2]
+    yin = a[3] * xs + a[4] * ys + a[5]
+    outside = ((xin < 0) | (xin >= w) | (yin < 0) | (yin >= h)).view(n, 1, h * w)
+    flat = x.reshape(n, c, h * w)
+
+    def tap(iy, ix):
+        idx = (iy * w + ix).view(n, 1, h * w).expand(n, c, h * w)
+        return flat.gather(2, idx)
+
+    if resample == NEAREST:
+        ix = xin.floor().long().clamp_(0, w - 1)
+        iy = yin.floor().long().clamp_(0, h - 1)
+        v = tap(iy, ix)
+    else:
+        u, t = xin - 0.5, yin - 0.5
+        fx, fy = u.floor(), t.floor()
+        dx = (u - fx).float().view(n, 1, h * w)
+        dy = (t - fy).float().view(n, 1, h * w)
+        fx, fy = fx.long(), fy.long()
+        if resample == BILINEAR:
+            xcols = [(fx + k).clamp_(0, w - 1) for k in (0, 1)]
+            rows = []
+            for k in (0, 1):
+                iy = (fy + k).clamp_(0, h - 1)
+                v0, v1 = tap(iy, xcols[0]), tap(iy, xcols[1])
+                rows.append(v0 + (v1 - v0) * dx)
+            v = rows[0] + (rows[1] - rows[0]) * dy
+        elif resample == BICUBIC:
+            xcols = [(fx + k).clamp_(0, w - 1) for k in (-1, 0, 1, 2)]
+            rows = []
+            for k in (-1, 0, 1, 2):
+                iy = (fy + k).clamp_(0, h - 1)
+                rows.append(_cubic(*[tap(iy, xc) for xc in xcols], dx))
+            v = _cubic(*rows, dy)
+        else:
+            raise ValueError(f'resample {resample}: only nearest (0), bilinear (2) and bicubic (3)')
+        v = v.clamp_(0, 255).trunc_()
+    v = torch.where(outside, fill.view(1, c, 1), v)
+    return v.view(n, c, h, w)
+
+
+def apply_rand_augment(images: torch.Tensor, params: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
+    """The drawn RandAugment layers applied to each sample: [N, 3, H, W] uint8 -> uint8.
+
+    params: [N, num_layers, WIDTH] from RandAugmentParams, a CPU tensor (planning reads it
+    on the host; a device tensor is copied back first, which waits for the device).
+    fill: timm's img_mean fill colour of the geometric ops (RandAugmentParams.fill).
+    A floating input (values 0..255) is rounded to uint8 first and returned as float32.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f'apply_rand_augment expects [N, 3, H, W] images, got {tuple(images.shape)}')
+    if params.dim() != 3 or params.shape[0] != images.shape[0] or params.shape[2] != WIDTH:
+        raise ValueError(f'params must be [N, num_layers, {WIDTH}] for N = {images.shape[0]}, '
+                         f'got {tuple(params.shape)}')
+    floating = images.is_floating_point()
+    out = images.round().clamp(0, 255).to(torch.uint8) if floating else images.clone()
+    n, _, h, w = out.shape
+    groups, chunks, end = _plan(params.detach().cpu().double().numpy(), h, w)
+    if not groups:
+        return out.float() if floating else out
+    dev = out.device
+    # one host-to-device copy for the whole plan (and the fill colour), pinned so that it
+    # does not wait for the device
+    tbuf = torch.from_numpy(np.concatenate(chunks + [np.asarray(fill, dtype=np.float64).reshape(3)]))
+    tbuf = tbuf.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else tbuf.to(dev)
+    fill_t = tbuf[end:end + 3].float()
+    for _layer, kind, key, count, off, width in groups:
+        idx = tbuf[off:off + count].long()
+        args = tbuf[off + count:off + count * (1 + width)].view(count, width)
+        x = out.index_select(0, idx).float()
+        if kind == 'affine':
+            y = _affine(x, args, key, fill_t)
+        else:
+            y = _OPS[key](x, args[:, 0])
+        out.index_copy_(0, idx, y.to(torch.uint8))
+    return out.float() if floating else out
