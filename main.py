@@ -136,10 +136,12 @@ def get_args_parser():
     p.add_argument('--disable_eval', default=False, type=b)
     p.add_argument('--num_workers', default=min(10, os.cpu_count() or 1), type=int)
     p.add_argument('--pin_mem', default=True, type=b)
-    p.add_argument('--data_pipeline', default='published', choices=['published', 'fast'],
+    p.add_argument('--data_pipeline', default='published', choices=['published', 'fast', 'gpu'],
                    help='published: the papers\' CPU order (crop/augment at the base size, then resize to B); '
                         'fast: crop and augment at B, reduced-size JPEG decoding, uint8 batches normalised '
-                        'and random-erased on the device (curriculum/fastpath.py)')
+                        'and random-erased on the device (curriculum/fastpath.py); gpu: workers only read '
+                        'the JPEG bytes and draw the augmentation, the device decodes, crops, augments and '
+                        'erases (curriculum/gpudata.py; image folders, RandAugment policies)')
     p.add_argument('--image_store', default=None,
                    help='with --data_pipeline fast: a store of reduced-size copies of the training images, built '
                         'by scripts/build_image_store.py, read instead of the originals when the crop allows '
@@ -168,14 +170,35 @@ def check_args(args):
         raise UserError('--curriculum_file replaces --curriculum: drop --curriculum')
     if args.save_ckpt_steps < 0:
         raise UserError('--save_ckpt_steps must be >= 0 (0: no mid-epoch recovery checkpoints)')
-    if args.image_store and not args.eval and (args.data_pipeline != 'fast'
+    if args.image_store and not args.eval and (args.data_pipeline not in ('fast', 'gpu')
                                                or args.data_set not in ('IMNET', 'image_folder')):
         raise UserError('--image_store is read by the fast data path from an image folder: add --data_pipeline fast '
                         'and use --data_set IMNET or image_folder, or drop --image_store')
+    if args.data_pipeline == 'gpu' and not args.eval:
+        check_gpu_pipeline_args(args)
     if args.log_dir is None and args.output_dir:
         args.log_dir = os.path.join(args.output_dir, 'tensorboard')
     if args.log_dir in ('none', ''):
         args.log_dir = None
+
+
+def check_gpu_pipeline_args(args):
+    """What --data_pipeline gpu cannot do, refused before anything is loaded."""
+    if args.data_set not in ('IMNET', 'image_folder'):
+        raise UserError(f'--data_pipeline gpu decodes image files: --data_set {args.data_set} has none; use '
+                        f'--data_set IMNET or image_folder, or --data_pipeline fast')
+    aa = args.aa or 'none'
+    if aa != 'none' and not aa.startswith('rand'):
+        raise UserError(f'--data_pipeline gpu runs RandAugment policies (rand-...), not --aa {aa}: use e.g. '
+                        f'--aa rand-m9-mstd0.5-inc1, or --data_pipeline fast')
+    if aa == 'none' and args.color_jitter > 0:
+        raise UserError('--data_pipeline gpu has no colour jitter (timm applies it only without RandAugment): '
+                        'pass --color_jitter 0 or a RandAugment --aa, or use --data_pipeline fast')
+    if args.train_interpolation not in ('bilinear', 'bicubic', 'lanczos', 'random'):
+        raise UserError(f'--data_pipeline gpu resizes with bilinear, bicubic or lanczos filters, not '
+                        f'--train_interpolation {args.train_interpolation}: pick one of those or random')
+    if (args.remode or 'const').lower() not in ('const', 'rand', 'pixel'):
+        raise UserError(f'--remode {args.remode}: use const, rand or pixel')
 
 
 def _model_kwargs(args, nb_classes):
@@ -356,16 +379,24 @@ def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, 
     return point
 
 
-def build_device_transform(args, device, rank=0, world=1):
-    """The fast data path's device half (uint8 -> normalised, random erasing), else None.
+def build_device_transform(args, device, rank=0, world=1, dataset=None):
+    """The device half of the fast or gpu data path, else None.
 
-    Its random erasing is seeded per (seed, epoch, batch, rank), like the CPU transforms
-    per sample: a batch is erased the same way whenever it is loaded again (replay
-    buffer refills after a resume).
+    fast: uint8 -> normalised, random erasing seeded per (seed, epoch, batch, rank), like
+    the CPU transforms per sample, so a batch is erased the same way whenever it is loaded
+    again (replay buffer refills after a resume).  gpu: decoding, crop, resize, flip,
+    RandAugment, normalisation and erasing of an EncodedBatch, every draw made per sample
+    by the workers; `dataset` (the training loader's) counts its CPU decodes and names
+    files no decoder can read.
     """
-    if args.data_pipeline != 'fast':
+    if args.data_pipeline not in ('fast', 'gpu'):
         return None
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if args.data_pipeline == 'gpu':
+        from curriculum.gpudata import GpuDataTransform
+        fill = tuple(min(255, round(255 * m)) for m in IMAGENET_DEFAULT_MEAN)  # timm's RandAugment fill
+        return GpuDataTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_mode=args.remode,
+                                channels_last=args.channels_last, fill=fill, dataset=dataset).to(device)
     from curriculum.fastpath import DeviceTransform
     return DeviceTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=args.reprob, re_mode=args.remode,
                            re_count=args.recount, channels_last=args.channels_last, seed=args.seed, rank=rank,
@@ -402,6 +433,8 @@ def refill_replay(replay, stage, epoch, step, steps_in, loader, batch_sampler, d
     store = getattr(loader.dataset.base, 'store', None)
     if store is not None:
         counters.append(store.misses)
+    if hasattr(loader.dataset.base, 'cpu_decoded'):
+        counters.append(loader.dataset.base.cpu_decoded)
     before = [c.value for c in counters]
     replay.refill(appended, batches())
     for c, v in zip(counters, before):
@@ -462,7 +495,7 @@ def train(args):
 
     model_without_ddp = model
     model = wrap_ddp(model_without_ddp, args)
-    device_transform = build_device_transform(args, device, rank, world)
+    device_transform = build_device_transform(args, device, rank, world, dataset=train_loader.dataset)
     per_rank = len(batch_sampler.sampler)
     log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None
     if rank == 0 and args.output_dir:
@@ -600,6 +633,10 @@ def warn_data_problems(dataset):
         print(f'WARNING: {store.misses.value} reduced copies missing, unreadable or stale in --image_store '
               f'{store.root} so far; the originals were decoded instead: rebuild the store with '
               f'scripts/build_image_store.py')
+    cpu_decoded = getattr(dataset.base, 'cpu_decoded', None)
+    if cpu_decoded is not None and cpu_decoded.value:
+        print(f'WARNING: {cpu_decoded.value} training images decoded on the CPU so far (not JPEG, CMYK, '
+              f'grayscale, cut short, or rejected by the device decoder; --data_pipeline gpu)')
 
 
 def stage_record(plan, epoch):
