@@ -179,7 +179,7 @@ class EncodedBatch:
     """A batch of encoded images and their augmentation parameters (what the device transform consumes).
 
     data: flat uint8 payloads (JPEG bytes or raw RGB), offsets: int64 (N+1); geom: float64
-    (N, G_COLS); ra: float32 (N, layers, K) or None; erase: int32 (N, boxes, 4), -1 for
+    (N, G_COLS); ra: float64 (N, layers, K) from gpu_randaug.RandAugmentParams, or None; erase: int32 (N, boxes, 4), -1 for
     none; seeds: int64 (N,).  ``device`` is where the decoded batch goes; the payloads stay
     in host memory, where decoders read them.
     """
@@ -208,12 +208,11 @@ class EncodedBatch:
                             self.has_erase)
 
     def to(self, device, non_blocking=False):
-        """RandAugment parameters and erasing boxes to `device` (small, used there); the bytes, the
-        geometry and the seeds stay on the host, where the decoder and the per-sample planning
+        """The erasing boxes to `device` (used there); the bytes, the geometry, the RandAugment
+        parameters and the seeds stay on the host, where the decoder and the per-sample planning
         read them (no device-to-host synchronisation)."""
         device = torch.device(device)
-        ra = None if self.ra is None else self.ra.to(device, non_blocking=non_blocking)
-        return EncodedBatch(self.data, self.offsets, self.geom, ra, self.erase.to(device, non_blocking=non_blocking),
+        return EncodedBatch(self.data, self.offsets, self.geom, self.ra, self.erase.to(device, non_blocking=non_blocking),
                             self.seeds, self.out_size, device, self.has_erase)
 
     def payload(self, i: int) -> torch.Tensor:
@@ -254,7 +253,18 @@ class EncodedCollate:
 # device side
 # ---------------------------------------------------------------------------
 
-_decode_warning_filtered = False
+_DEPRECATION = 'The image decoding and encoding capabilities of TorchVision'
+
+
+def _filter_decode_deprecation() -> None:
+    # torchvision 0.29 warns on every decode that its decoders are deprecated in favour of
+    # TorchCodec: nothing a user can act on, and it would come once per batch.  Only that
+    # message, from torchvision's modules, is ignored; the filter is added once (again only
+    # if something reset the filters, as pytest does per test).
+    for f in warnings.filters:
+        if f[0] == 'ignore' and f[1] is not None and f[1].pattern == _DEPRECATION:
+            return
+    warnings.filterwarnings('ignore', message=_DEPRECATION, category=DeprecationWarning, module='torchvision')
 
 
 def decode_jpegs(payloads: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
@@ -265,15 +275,8 @@ def decode_jpegs(payloads: List[torch.Tensor], device: torch.device) -> List[tor
     CPU.  TorchCodec, which torchvision 0.29 points to, was measured and not chosen
     (README "Performance").  Raises RuntimeError when the decoder rejects an input.
     """
-    global _decode_warning_filtered
     from torchvision.io import ImageReadMode, decode_jpeg
-    if not _decode_warning_filtered:
-        # torchvision 0.29 warns on every call that its decoders are deprecated in favour
-        # of TorchCodec; that says nothing a user can act on, once per batch.  Only that
-        # message, from torchvision.io, is silenced.
-        warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision',
-                                category=DeprecationWarning, module='torchvision')
-        _decode_warning_filtered = True
+    _filter_decode_deprecation()
     if device.type == 'cuda':
         return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
     return decode_jpeg(payloads, mode=ImageReadMode.RGB)
@@ -444,8 +447,10 @@ class GpuDataTransform(torch.nn.Module):
             buf[n, :, :b - a, :d - c] = img[:, a:b, c:d]
         wy = resample_weights(top - y0, bh, y1 - y0, size, eh, filt, dev)     # (n, size, eh)
         wx = resample_weights(left - x0, bw, x1 - x0, size, ew, filt, dev)    # (n, size, ew)
-        # horizontal pass first, as PIL: (n, 3, eh, ew) @ (n, 1, ew, size), then (n, 1, size, eh) @ that
-        x = torch.matmul(wy.unsqueeze(1), torch.matmul(buf, wx.transpose(1, 2).unsqueeze(1)))
+        # horizontal pass first, rounded to 8 bits as PIL's intermediate image is (it matters
+        # for bicubic/Lanczos overshoot): (n, 3, eh, ew) @ (n, 1, ew, size), then (n, 1, size, eh) @ that
+        x = torch.matmul(buf, wx.transpose(1, 2).unsqueeze(1)).round_().clamp_(0, 255)
+        x = torch.matmul(wy.unsqueeze(1), x)
         return x.round_().clamp_(0, 255).to(torch.uint8)
 
     def images(self, batch: EncodedBatch) -> torch.Tensor:
@@ -504,11 +509,11 @@ class GpuDataTransform(torch.nn.Module):
         x = self.images(batch)
         if batch.ra is not None:
             from curriculum.gpu_randaug import apply_rand_augment
-            x = apply_rand_augment(x, batch.ra.to(x.device), self.fill)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = apply_rand_augment(x, batch.ra, self.fill)  # params on the host: planned there
         x = x.float().div_(255).sub_(self.mean).div_(self.std)
-        return self.erase(x, batch)
+        x = self.erase(x, batch)
+        # last: erasing's masked writes give a contiguous NCHW result
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def extra_repr(self):
         return f'channels_last={self.channels_last}, chunk={self.chunk}, erasing={self.re_mode}'
