@@ -338,8 +338,17 @@ def _train_argv(folder):
             '--data_pipeline', 'gpu', '--reprob', '0.5', '--save_ckpt_steps', '1', '--pin_mem', 'false']
 
 
-def test_sigkill_with_replay_resumes_exactly(folder, tmp_path):
-    argv = _train_argv(folder) + ['--replay_times', '2', '--replay_buffer_size', '1', '--model_ema', 'true']
+def test_sigkill_with_replay_resumes_exactly(tmp_path):
+    # replay splits a loader batch into 32 chunks: batch 64 x replay 2 -> loader batches of 32
+    rng = np.random.default_rng(4)
+    root = tmp_path / 'data'
+    for k in range(128):
+        d = root / f'c{k % 2}'
+        d.mkdir(parents=True, exist_ok=True)
+        _jpeg(rng, int(rng.integers(64, 100)), int(rng.integers(64, 100))).save(d / f'{k}.jpg', quality=90)
+    argv = _train_argv(str(root)) + ['--batch_size', '64', '--replay_times', '2', '--replay_buffer_size', '2',
+                                     '--model_ema', 'true']
     rc = fault_inject.main(['--run_timeout', '300', '--kills', '2', '--seed', '2', '--workdir', str(tmp_path),
                             '--'] + argv)
     assert rc == 0
+    assert open(tmp_path / 'faulty.out').read().count('Rebuilding the replay buffer') >= 1
