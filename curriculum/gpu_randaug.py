@@ -268,13 +268,13 @@ def _equalize(x, _arg):
     hist = torch.zeros(n * c * 256, dtype=torch.long, device=x.device)
     hist = hist.scatter_add_(0, flat, torch.ones_like(flat)).view(n * c, 256)
     nz = hist > 0
-    last = 255 - nz.flip(1).long().argmax(1, keepdim=True)
+    bins = torch.arange(256, device=x.device)
+    last = (nz * bins).amax(1, keepdim=True)  # the highest occupied bin
     step = (h * w - hist.gather(1, last)) // 255
     ok = (nz.sum(1, keepdim=True) > 1) & (step > 0)
     safe = torch.where(ok, step, torch.ones_like(step))
     lut = (safe // 2 + hist.cumsum(1) - hist) // safe
-    ident = torch.arange(256, device=x.device).expand_as(lut)
-    lut = torch.where(ok, lut.clamp_(max=255), ident)
+    lut = torch.where(ok, lut.clamp_(max=255), bins.expand_as(lut))
     return lut.gather(1, xi).view(n, c, h, w).float()
 
 
@@ -400,12 +400,15 @@ def _affine(x: torch.Tensor, m: torch.Tensor, resample: int, fill: torch.Tensor)
             offsets, wx, wy = (0, 1), (1 - dx, dx), (1 - dy, dy)
         else:
             raise ValueError(f'resample {resample}: only nearest (0), bilinear (2) and bicubic (3)')
+        cols = [(fx + o).clamp_(0, w - 1) for o in offsets]
         v = None
         for j, oy in enumerate(offsets):
+            row_start = (fy + oy).clamp_(0, h - 1).mul_(w)
             row = None
-            for i, ox in enumerate(offsets):
-                t_ = tap(fy + oy, fx + ox).float()
-                row = t_.mul_(wx[i]) if row is None else row.addcmul_(t_, wx[i])
+            for i, col in enumerate(cols):
+                idx = (row_start + col).view(n, 1, h * w).expand(n, c, h * w)
+                t_ = flat.gather(2, idx)  # uint8; addcmul promotes it
+                row = wx[i] * t_ if row is None else row.addcmul_(t_, wx[i])
             v = row.mul_(wy[j]) if v is None else v.addcmul_(row, wy[j])
         v = v.add_(_TRUNC_EPS).clamp_(0, 255).trunc_()
     v = torch.where(outside.view(n, 1, h * w), fill.view(1, c, 1), v)
