@@ -23,38 +23,41 @@ resampling filter of a geometric op (-1 otherwise; a draw when the interpolation
 float64 so angles and factors reach the device exactly as timm computes them.
 
 ``params`` must be a CPU tensor (as it comes from the loader): the grouping of samples by
-op is planned on the host with numpy, so the device never has to report back (no sync);
-the plan's indices and arguments go to the device in one pinned, non-blocking copy.
-Per layer, the samples of each op are gathered (``index_select``), transformed together
-and written back (``index_copy_``); the geometric ops share one sampler per filter.
+op is planned on the host with numpy, so the device never has to report back (no sync,
+no ``.item()``); the plan's indices and arguments go to the device in one pinned,
+non-blocking copy.  Per layer there are at most four groups, each gathered
+(``index_select``), transformed together and written back (``index_copy_``): the
+pointwise ops (autocontrast, equalize, invert, posterize, solarize, solarize-add,
+brightness, contrast) as one table lookup per sample and channel, Color, Sharpness, and
+the geometric ops, one sampler per resampling filter.  So the number of kernel launches
+does not grow with the batch, and the work is about one pass over the images per layer
+for the colour ops and 16 gathers (bicubic) for the geometric ones.
 
 Fidelity to PIL (what timm's ops call), checked per op by tests/test_gpu_randaug.py:
 
-* Images are uint8 between ops, and every op rounds as PIL's C code does: ``Image.blend``
-  computes ``in1 + alpha * (in2 - in1)`` in float32 and truncates (clipping when
-  extrapolating); ``convert('L')`` is the fixed-point ``(19595 R + 38470 G + 7471 B +
-  0x8000) >> 16``; ``ImageFilter.SMOOTH`` rounds the 3x3 sum / 13 and keeps the border
-  pixels; ImageOps' autocontrast / equalize build their per-channel LUTs from the
-  histogram exactly as ImageOps does (equalize's step is ``(count - last bin) // 255``,
-  LUT values above 255 clip as ``Image.point`` clips them).
-* Geometric ops: PIL's ``Image.transform(AFFINE)`` maps output pixel centre (x + .5,
-  y + .5) through the matrix timm passes (rotate: the matrix ``Image.rotate`` builds about
-  the centre), samples at that point with pixel centres at integer + .5, replicates edge
-  pixels for taps that fall outside, and leaves ``fillcolor`` where the point itself is
-  outside [0, W) x [0, H).  Its BICUBIC here is the cubic convolution with a = -1 (not the
-  a = -0.5 of ``Image.resize``, nor the a = -0.75 of ``grid_sample``), evaluated in the
-  same Horner form, and the result is truncated, not rounded; BILINEAR likewise.  So this
-  module samples with its own gathers rather than ``grid_sample``, coordinates in float64
-  (as PIL), values in float32.  NEAREST follows the generic path's floor; PIL's own
-  NEAREST affine path accumulates coordinates incrementally and can differ at a few
-  pixels.
+* Images are uint8 between ops, and every colour op computes what Pillow's C code does,
+  bit for bit: ``Image.blend`` is ``in1 + alpha * (in2 - in1)`` in float32, truncated
+  (clipped when extrapolating); ``convert('L')`` is the fixed-point ``(19595 R + 38470 G
+  + 7471 B + 0x8000) >> 16``; ``ImageFilter.SMOOTH`` rounds the 3x3 sum / 13 and keeps
+  the border pixels; autocontrast / equalize build their per-channel tables from the
+  histogram as ImageOps does (equalize's step is ``(count - last bin) // 255``, and
+  values above 255 clip as ``Image.point`` clips them); the contrast mean is ImageStat's.
+* Geometric ops: ``Image.transform(AFFINE)`` maps the output pixel centre (x + .5, y + .5)
+  through the matrix timm passes (rotate: the one ``Image.rotate`` builds about the
+  centre), leaves ``fillcolor`` where that point is outside [0, W) x [0, H), and otherwise
+  filters with pixel centres at integer + .5 and edge pixels replicated.  Pillow's BICUBIC
+  there is cubic convolution with a = -1 (not the a = -0.5 of ``Image.resize``, nor the
+  a = -0.75 of ``grid_sample``, which is why this module gathers its own taps), and the
+  result is truncated, not rounded.  Coordinates are float64 as in Pillow; the weighted
+  sums are float32 (see ``_TRUNC_EPS``), which leaves a difference of 1 level at a small
+  fraction of pixels.  NEAREST reproduces Pillow's own affine paths (16.16 fixed point
+  for rotate / shear, a float floor for translations), bit for bit.
 * The posterize fix of datasets._posterize holds: 0 bits gives a black image.
 
 Not supported (RandAugmentParams raises ValueError): timm's 3-Augment ops
 (GaussianBlur, GaussianBlurRand, Desaturate), and resampling filters other than
 nearest / bilinear / bicubic / 'random' (PIL's transform rejects them too).
 """
-import math
 import random
 from typing import Dict, Optional, Sequence
 
@@ -76,6 +79,9 @@ _KID = {k: i for i, k in enumerate(KERNELS)}
 _NAME_TO_KERNEL = dict({k: k for k in KERNELS}, PosterizeIncreasing='Posterize', PosterizeOriginal='Posterize',
                        SolarizeIncreasing='Solarize', ColorIncreasing='Color', ContrastIncreasing='Contrast',
                        BrightnessIncreasing='Brightness', SharpnessIncreasing='Sharpness')
+# pointwise: one table per sample and channel; the rest of the colour ops are Color and Sharpness
+_LUT_KERNELS = frozenset(_KID[k] for k in ('AutoContrast', 'Equalize', 'Invert', 'Posterize', 'Solarize',
+                                           'SolarizeAdd', 'Brightness', 'Contrast'))
 _GEOMETRIC = frozenset(_KID[k] for k in ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'TranslateXRel',
                                           'TranslateYRel'))
 # PIL.Image.Resampling values; the only filters Image.transform accepts
@@ -212,7 +218,13 @@ def _plan(p: np.ndarray, h: int, w: int):
         kid = p[:, layer, COL_OP].astype(np.int64)
         on = p[:, layer, COL_APPLIED] > 0
         geo = on & np.isin(kid, list(_GEOMETRIC))
-        for k in np.unique(kid[on & ~geo]):
+        lut = on & np.isin(kid, list(_LUT_KERNELS))
+        if lut.any():
+            idx = np.flatnonzero(lut)
+            chunks += [idx.astype(np.float64), np.stack([kid[idx], p[idx, layer, COL_ARG]], 1).reshape(-1)]
+            groups.append((layer, 'lut', frozenset(int(k) for k in np.unique(kid[idx])), len(idx), offset, 2))
+            offset += 3 * len(idx)
+        for k in np.unique(kid[on & ~geo & ~lut]):
             idx = np.flatnonzero(on & (kid == k))
             chunks += [idx.astype(np.float64), p[idx, layer, COL_ARG]]
             groups.append((layer, 'op', int(k), len(idx), offset, 1))
@@ -229,16 +241,12 @@ def _plan(p: np.ndarray, h: int, w: int):
 
 
 # ---------------------------------------------------------------------------
-# device-side kernels: x float32 [n, 3, H, W] holding integers 0..255, per-sample args [n]
+# device-side kernels
 # ---------------------------------------------------------------------------
-
-def _col(a: torch.Tensor) -> torch.Tensor:
-    return a.view(-1, 1, 1, 1)
-
 
 def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     # Image.blend: float32 in1 + alpha * (in2 - in1), truncated to uint8, clipped when extrapolating
-    alpha = _col(factor.to(torch.float32))
+    alpha = factor.to(torch.float32).view(-1, *([1] * (x.dim() - 1)))
     return (degenerate + alpha * (x - degenerate)).clamp_(0, 255).trunc_()
 
 
@@ -247,70 +255,79 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return torch.floor((x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471 + 32768) / 65536)
 
 
-def _autocontrast(x, _arg):
-    lo = x.amin(dim=(2, 3), keepdim=True).double()
-    hi = x.amax(dim=(2, 3), keepdim=True).double()
-    ok = hi > lo
-    # ImageOps.autocontrast's LUT in python floats: int(ix * scale + offset), clipped
-    # (a python number / tensor is computed as reciprocal * number in torch: one rounding too many)
-    scale = torch.full_like(hi, 255.0) / torch.where(ok, hi - lo, torch.ones_like(hi))
-    offset = -lo * scale
-    y = (x.double() * scale + offset).trunc_().clamp_(0, 255).float()
-    return torch.where(ok, y, x)
+def _lut_ops(x: torch.Tensor, args: torch.Tensor, present: frozenset) -> torch.Tensor:
+    """The pointwise ops, each a 256-entry table per sample and channel, applied in one gather.
 
-
-def _equalize(x, _arg):
+    x: uint8 [n, 3, H, W]; args: float64 [n, 2] (kernel id, level argument); present: the
+    kernel ids in this group (known on the host, so absent ops cost nothing).  Every table
+    is computed with the arithmetic Pillow / timm use per value, so a table lookup equals
+    the per-pixel operation.
+    """
     n, c, h, w = x.shape
-    xi = x.view(n * c, h * w).long()
-    rows = torch.arange(n * c, device=x.device).view(-1, 1) * 256
-    flat = (xi + rows).view(-1)
-    # scatter_add rather than bincount: CUDA bincount reads the max back to the host
-    hist = torch.zeros(n * c * 256, dtype=torch.long, device=x.device)
-    hist = hist.scatter_add_(0, flat, torch.ones_like(flat)).view(n * c, 256)
-    nz = hist > 0
-    bins = torch.arange(256, device=x.device)
-    last = (nz * bins).amax(1, keepdim=True)  # the highest occupied bin
-    step = (h * w - hist.gather(1, last)) // 255
-    ok = (nz.sum(1, keepdim=True) > 1) & (step > 0)
-    safe = torch.where(ok, step, torch.ones_like(step))
-    lut = (safe // 2 + hist.cumsum(1) - hist) // safe
-    lut = torch.where(ok, lut.clamp_(max=255), bins.expand_as(lut))
-    return lut.gather(1, xi).view(n, c, h, w).float()
+    dev = x.device
+    kid = args[:, 0].long().view(n, 1, 1)
+    arg = args[:, 1].view(n, 1, 1)
+    i = torch.arange(256, dtype=torch.float64, device=dev).view(1, 1, 256)
+    values = x.reshape(n * c, h * w).long()
+    lut = i.expand(n, c, 256)
 
+    def put(name, table):
+        nonlocal lut
+        lut = torch.where(kid == _KID[name], table, lut)
 
-def _invert(x, _arg):
-    return 255 - x
-
-
-def _posterize(x, bits):
-    # ImageOps.posterize keeps the top `bits` bits; datasets._posterize: 0 bits -> black
-    q = torch.pow(2.0, (8 - bits.float()).clamp(0, 8))
-    q = _col(q)
-    return torch.floor(x / q) * q
-
-
-def _solarize(x, thresh):
-    return torch.where(x < _col(thresh.float()), x, 255 - x)
-
-
-def _solarize_add(x, add):
-    # timm's solarize_add LUT, threshold 128
-    return torch.where(x < 128, (x + _col(add.float())).clamp_(max=255), x)
+    if _KID['Invert'] in present:
+        put('Invert', 255 - i)
+    if _KID['Posterize'] in present:
+        # ImageOps.posterize keeps the top `bits` bits; datasets._posterize: 0 bits -> black
+        q = torch.pow(2.0, (8 - arg).clamp(0, 8))
+        put('Posterize', torch.floor(i / q) * q)
+    if _KID['Solarize'] in present:
+        put('Solarize', torch.where(i < arg, i, 255 - i))
+    if _KID['SolarizeAdd'] in present:
+        # timm's solarize_add table, threshold 128
+        put('SolarizeAdd', torch.where(i < 128, (i + arg).clamp(max=255), i))
+    i32 = i.float()
+    if _KID['Brightness'] in present:
+        put('Brightness', _blend(torch.zeros_like(i32), i32, arg).double())
+    if _KID['Contrast'] in present:
+        # ImageEnhance.Contrast blends with the ImageStat mean of the L image, int(mean + 0.5)
+        g = _gray(x.float())
+        mean = g.double().sum(dim=(1, 2, 3)).view(n, 1, 1) / (h * w)
+        put('Contrast', _blend(torch.floor(mean + 0.5).float(), i32, arg).double())
+    if present & {_KID['AutoContrast'], _KID['Equalize']}:
+        rows = torch.arange(n * c, device=dev).view(-1, 1) * 256
+        flat = (values + rows).view(-1)
+        # scatter_add rather than bincount: CUDA bincount reads the max back to the host
+        hist = torch.zeros(n * c * 256, dtype=torch.long, device=dev)
+        hist = hist.scatter_add_(0, flat, torch.ones_like(flat)).view(n, c, 256)
+        nz = hist > 0
+        bins = torch.arange(256, device=dev)
+        lo = torch.where(nz, bins, 256).amin(2, keepdim=True)  # lowest / highest occupied bins
+        hi = (nz * bins).amax(2, keepdim=True)
+        if _KID['AutoContrast'] in present:
+            # ImageOps.autocontrast: int(ix * scale + offset) in python floats, clipped; identity
+            # when one value fills the channel.  (A python number / tensor is computed as
+            # reciprocal * number in torch, one rounding too many: hence full_like / ...)
+            ok = hi > lo
+            lo_f, hi_f = lo.double(), hi.double()
+            scale = torch.full_like(hi_f, 255.0) / torch.where(ok, hi_f - lo_f, torch.ones_like(hi_f))
+            offset = -lo_f * scale
+            put('AutoContrast', torch.where(ok, (i * scale + offset).trunc_().clamp_(0, 255), i))
+        if _KID['Equalize'] in present:
+            # ImageOps.equalize: step = (count - count of the last occupied bin) // 255,
+            # table[b] = (step // 2 + count below b) // step; identity when step is 0 or one
+            # bin is occupied; values above 255 clip as Image.point clips them
+            step = (h * w - hist.gather(2, hi)) // 255
+            ok = (nz.sum(2, keepdim=True) > 1) & (step > 0)
+            safe = torch.where(ok, step, torch.ones_like(step))
+            table = (safe // 2 + hist.cumsum(2) - hist) // safe
+            put('Equalize', torch.where(ok, table.clamp_(max=255), bins).double())
+    table = lut.to(torch.uint8).reshape(n * c, 256)
+    return table.gather(1, values).view(n, c, h, w)
 
 
 def _color(x, f):
     return _blend(_gray(x), x, f)
-
-
-def _contrast(x, f):
-    g = _gray(x)
-    # ImageStat mean of the L image, int(mean + 0.5)
-    mean = g.double().sum(dim=(1, 2, 3), keepdim=True) / (g.shape[2] * g.shape[3])
-    return _blend(torch.floor(mean + 0.5).float(), x, f)
-
-
-def _brightness(x, f):
-    return _blend(torch.zeros_like(x), x, f)
 
 
 def _sharpness(x, f):
@@ -324,10 +341,7 @@ def _sharpness(x, f):
     return _blend(smooth, x, f)
 
 
-_OPS = {_KID['AutoContrast']: _autocontrast, _KID['Equalize']: _equalize, _KID['Invert']: _invert,
-        _KID['Posterize']: _posterize, _KID['Solarize']: _solarize, _KID['SolarizeAdd']: _solarize_add,
-        _KID['Color']: _color, _KID['Contrast']: _contrast, _KID['Brightness']: _brightness,
-        _KID['Sharpness']: _sharpness}
+_OPS = {_KID['Color']: _color, _KID['Sharpness']: _sharpness}
 
 
 # The sampler's weighted sums run in float32 and are nudged by _TRUNC_EPS before PIL's
@@ -446,6 +460,8 @@ def apply_rand_augment(images: torch.Tensor, params: torch.Tensor, fill: Sequenc
         x = out.index_select(0, idx)
         if kind == 'affine':
             y = _affine(x, args, key, fill_t)
+        elif kind == 'lut':
+            y = _lut_ops(x, args, key)
         else:
             y = _OPS[key](x.float(), args[:, 0])
         out.index_copy_(0, idx, y.to(torch.uint8))
