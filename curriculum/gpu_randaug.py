@@ -210,33 +210,39 @@ def _affine_matrices(kid: np.ndarray, arg: np.ndarray, w: int, h: int) -> np.nda
     return m
 
 
-def _plan(p: np.ndarray, h: int, w: int):
-    """Groups (layer, kind, key, n, offset, width) and the chunks of one float64 buffer: per
-    group, n sample indices followed by n x width arguments."""
-    groups, chunks, offset = [], [], 0
+def _plan(p: np.ndarray, h: int, w: int, max_group: int):
+    """Groups (layer, kind, key, n, offset, width) of at most max_group samples, and the
+    chunks of one float64 buffer: per group, n sample indices then n x width arguments."""
+    groups, chunks = [], []
+    offset = 0
+
+    def add(layer, kind, key, idx, args):
+        nonlocal offset
+        for s in range(0, len(idx), max_group):
+            i, a = idx[s:s + max_group], args[s:s + max_group]
+            k = key(a) if callable(key) else key
+            chunks.extend([i.astype(np.float64), a.reshape(-1)])
+            groups.append((layer, kind, k, len(i), offset, a.shape[1]))
+            offset += len(i) * (1 + a.shape[1])
+
     for layer in range(p.shape[1]):
         kid = p[:, layer, COL_OP].astype(np.int64)
+        arg = p[:, layer, COL_ARG]
         on = p[:, layer, COL_APPLIED] > 0
-        geo = on & np.isin(kid, list(_GEOMETRIC))
         lut = on & np.isin(kid, list(_LUT_KERNELS))
+        geo = on & np.isin(kid, list(_GEOMETRIC))
         if lut.any():
             idx = np.flatnonzero(lut)
-            chunks += [idx.astype(np.float64), np.stack([kid[idx], p[idx, layer, COL_ARG]], 1).reshape(-1)]
-            groups.append((layer, 'lut', frozenset(int(k) for k in np.unique(kid[idx])), len(idx), offset, 2))
-            offset += 3 * len(idx)
+            add(layer, 'lut', lambda a: frozenset(int(k) for k in np.unique(a[:, 0])), idx,
+                np.stack([kid[idx], arg[idx]], 1).astype(np.float64))
         for k in np.unique(kid[on & ~geo & ~lut]):
             idx = np.flatnonzero(on & (kid == k))
-            chunks += [idx.astype(np.float64), p[idx, layer, COL_ARG]]
-            groups.append((layer, 'op', int(k), len(idx), offset, 1))
-            offset += 2 * len(idx)
+            add(layer, 'op', int(k), idx, arg[idx].reshape(-1, 1))
         if geo.any():
             rs = p[:, layer, COL_RESAMPLE].astype(np.int64)
             for r in np.unique(rs[geo]):
                 idx = np.flatnonzero(geo & (rs == r))
-                chunks += [idx.astype(np.float64),
-                           _affine_matrices(kid[idx], p[idx, layer, COL_ARG], w, h).reshape(-1)]
-                groups.append((layer, 'affine', int(r), len(idx), offset, 6))
-                offset += 7 * len(idx)
+                add(layer, 'affine', int(r), idx, _affine_matrices(kid[idx], arg[idx], w, h))
     return groups, chunks, offset
 
 
@@ -299,7 +305,8 @@ def _lut_ops(x: torch.Tensor, args: torch.Tensor, present: frozenset) -> torch.T
         flat = (values + rows).view(-1)
         # scatter_add rather than bincount: CUDA bincount reads the max back to the host
         hist = torch.zeros(n * c * 256, dtype=torch.long, device=dev)
-        hist = hist.scatter_add_(0, flat, torch.ones_like(flat)).view(n, c, 256)
+        hist = hist.scatter_add_(0, flat, torch.ones((), dtype=torch.long, device=dev).expand_as(flat))
+        hist = hist.view(n, c, 256)
         nz = hist > 0
         bins = torch.arange(256, device=dev)
         lo = torch.where(nz, bins, 256).amin(2, keepdim=True)  # lowest / highest occupied bins
@@ -429,12 +436,15 @@ def _affine(x: torch.Tensor, m: torch.Tensor, resample: int, fill: torch.Tensor)
     return v.view(n, c, h, w)
 
 
-def apply_rand_augment(images: torch.Tensor, params: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
+def apply_rand_augment(images: torch.Tensor, params: torch.Tensor, fill: Sequence[float],
+                       max_group: int = 256) -> torch.Tensor:
     """The drawn RandAugment layers applied to each sample: [N, 3, H, W] uint8 -> uint8.
 
     params: [N, num_layers, WIDTH] from RandAugmentParams, a CPU tensor (planning reads it
     on the host; a device tensor is copied back first, which waits for the device).
     fill: timm's img_mean fill colour of the geometric ops (RandAugmentParams.fill).
+    max_group: samples transformed per kernel call; bounds the temporaries (the bicubic
+    sampler holds about 16 bytes per output pixel and channel besides its input).
     A floating input (values 0..255) is rounded to uint8 first and returned as float32.
     """
     if images.dim() != 4 or images.shape[1] != 3:
@@ -445,7 +455,7 @@ def apply_rand_augment(images: torch.Tensor, params: torch.Tensor, fill: Sequenc
     floating = images.is_floating_point()
     out = images.round().clamp(0, 255).to(torch.uint8) if floating else images.clone()
     n, _, h, w = out.shape
-    groups, chunks, end = _plan(params.detach().cpu().double().numpy(), h, w)
+    groups, chunks, end = _plan(params.detach().cpu().double().numpy(), h, w, max(1, int(max_group)))
     if not groups:
         return out.float() if floating else out
     dev = out.device

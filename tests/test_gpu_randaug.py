@@ -229,6 +229,7 @@ def test_batch_equals_per_sample_and_is_deterministic():
     batch = G.apply_rand_augment(x, p, ra.fill)
     assert batch.dtype == torch.uint8 and batch.shape == x.shape
     assert torch.equal(batch, G.apply_rand_augment(x, p, ra.fill))
+    assert torch.equal(batch, G.apply_rand_augment(x, p, ra.fill, max_group=5))  # groups split in chunks
     for i in range(len(ims)):
         assert torch.equal(batch[i:i + 1], G.apply_rand_augment(x[i:i + 1], p[i:i + 1], ra.fill))
     # float input in, float out, same values
