@@ -348,7 +348,7 @@ def test_sigkill_with_replay_resumes_exactly(tmp_path):
         _jpeg(rng, int(rng.integers(64, 100)), int(rng.integers(64, 100))).save(d / f'{k}.jpg', quality=90)
     argv = _train_argv(str(root)) + ['--batch_size', '64', '--replay_times', '2', '--replay_buffer_size', '2',
                                      '--model_ema', 'true']
-    rc = fault_inject.main(['--run_timeout', '300', '--kills', '2', '--seed', '2', '--workdir', str(tmp_path),
+    rc = fault_inject.main(['--run_timeout', '300', '--kills', '1', '--seed', '2', '--workdir', str(tmp_path),
                             '--'] + argv)
     assert rc == 0
     assert open(tmp_path / 'faulty.out').read().count('Rebuilding the replay buffer') >= 1
