@@ -72,3 +72,15 @@ E2E=(--data_set image_folder --data_path "$OUT/e2e_folder" --eval_data_path "$OU
 e2e_data
 step e2e_r50 480 benchmarks/bench_e2e.py "${E2E[@]}" --json "$OUT/e2e_r50.json"
 echo "suite done after $SECONDS s"
+
+# issue 13: GPU data path
+# --data_pipeline gpu: the worker half per CPU-second next to the fast path (both reading a
+# store built for the run), the device half per batch at each B with the GPU memory it adds
+# (bench_data.py), then end to end against the same baseline as e2e_r50 above (the folder of
+# links and its store from e2e_data; built here when the steps above did not run).
+[ -d "$OUT/e2e_store" ] || e2e_data
+step data_gpu 240 benchmarks/bench_data.py --data_path "$DATA" --model resnet50 --curriculum etpp \
+    --pipelines fast-store,gpu-store --rounds 1 --device cuda --device_batch 192 --device_batches 3 \
+    --json "$OUT/data_gpu.json"
+step e2e_r50_gpu 480 benchmarks/bench_e2e.py "${E2E[@]}" --data_pipeline gpu --json "$OUT/e2e_r50_gpu.json"
+echo "issue 13 steps done after $SECONDS s"
