@@ -181,10 +181,11 @@ def test_colour_ops_equal_pil(name, images):
 # form in double, and both truncate: where the exact value is an integer (a step of 5
 # levels shifted by 0.2 px, say) either side may land on the integer or 1 below it.  So
 # the bound is a difference of at most 1 level and PSNR >= 55 dB (MSE <= 0.2: at most
-# one pixel in five off by one level); measured, the minimum over these images and
-# arguments is 60 dB (translation by 0.2 px, bilinear), 64-99 dB for realistic (noisy)
-# arguments.  Arguments: timm's ranges (rotate +-30 deg, shear +-0.3, translate +-0.45
-# of the side) with round and noisy values, both signs, and 0.
+# one pixel in five off by one level).  Measured minima over these arguments: 60 dB on the
+# ImageNet samples (bilinear, translation by 0.2 of the side), 58 dB on the synthetic
+# ramps (bicubic, the same translation: a ramp makes many exact values integers); with
+# noisy arguments, as drawn, 65-85 dB.  Arguments: timm's ranges (rotate +-30 deg, shear
+# +-0.3, translate +-0.45 of the side) with round and noisy values, both signs, and 0.
 GEOMETRIC_ARGS = {
     'Rotate': [-30.0, -7.31, 0.0, 13.77, 29.5], 'ShearX': [-0.3, -0.113, 0.171, 0.29], 'ShearY': [-0.27, 0.1711],
     'TranslateXRel': [-0.45, -0.1234, 0.2, 0.4137], 'TranslateYRel': [-0.3712, 0.123],
@@ -246,10 +247,11 @@ def test_batch_equals_per_sample_and_is_deterministic():
 def test_drawn_stacks_match_timm_on_pil(policy, interpolation, images):
     """The same seed through timm's RandAugment on the PIL image and through draw + apply.
 
-    Bound: PSNR >= 40 dB for every sample.  Each op is exact or within 1 level (above),
-    but a 1-level difference left by a geometric op moves a histogram op's LUT
-    (autocontrast/equalize remap by the extreme or cumulative counts) or a threshold
-    op's decision downstream, which can change a few pixels by more than 1 level."""
+    Bound: PSNR >= 45 dB for every sample, half of them bit-identical.  Each op is exact
+    or within 1 level (above), but a 1-level difference left by a geometric op can move a
+    histogram op's table (autocontrast / equalize remap by extreme or cumulative counts)
+    or a threshold op's decision downstream.  Measured on 13 images x 30 seeds: 68-70%
+    identical, minimum 59 dB, 5th percentile 73 dB."""
     size = images[0].size
     ra = G.RandAugmentParams(policy, size[0], G.rand_augment_hparams(size[0], interpolation=interpolation))
     ref_t = timm_aa.rand_augment_transform(policy, dict(ra.hparams))
@@ -262,6 +264,6 @@ def test_drawn_stacks_match_timm_on_pil(policy, interpolation, images):
     p = _draw(ra, seeds)
     ours = G.apply_rand_augment(_to_tensor(images[:1] * len(seeds)), p, ra.fill).permute(0, 2, 3, 1).numpy()
     psnrs = [_psnr(o, r[0]) for o, r in zip(ours, refs)]
-    assert min(psnrs) >= 40, f'min PSNR {min(psnrs):.1f} dB (all {np.round(psnrs, 1)})'
+    assert min(psnrs) >= 45, f'min PSNR {min(psnrs):.1f} dB (all {np.round(psnrs, 1)})'
     # most stacks come out bit-identical
     assert np.mean([v == float('inf') for v in psnrs]) >= 0.5
