@@ -120,10 +120,10 @@ class RandAugmentParams:
         self.width = WIDTH
         self.fill = tuple(int(v) for v in hparams.get('img_mean', timm_aa._FILL))
         self._ops = list(self.transform.ops)
-        # np.random.choice over the op list itself: numpy makes it an object array, the draw
-        # depends only on its length (and the weights), as in RandAugment.__call__
-        self._choice_pool = np.empty(len(self._ops), dtype=object)
-        self._choice_pool[:] = self._ops
+        # RandAugment.__call__ draws np.random.choice(ops, ...); numpy's draw depends only on
+        # the population's length and the weights, so choosing among the ops' positions
+        # consumes the same numbers (and survives pickling to loader workers)
+        self._positions = np.arange(len(self._ops))
         self._kernel = []
         for op in self._ops:
             if op.name not in _NAME_TO_KERNEL:
@@ -140,13 +140,12 @@ class RandAugmentParams:
 
     def __call__(self) -> torch.Tensor:
         t = self.transform
-        chosen = np.random.choice(self._choice_pool, t.num_layers, replace=t.choice_weights is None,
+        chosen = np.random.choice(self._positions, t.num_layers, replace=t.choice_weights is None,
                                   p=t.choice_weights)
         out = np.zeros((self.num_layers, WIDTH), dtype=np.float64)
         out[:, COL_RESAMPLE] = -1
-        index = {id(op): i for i, op in enumerate(self._ops)}
-        for layer, op in enumerate(chosen):
-            kid = self._kernel[index[id(op)]]
+        for layer, pos in enumerate(chosen):
+            op, kid = self._ops[pos], self._kernel[pos]
             out[layer, COL_OP] = kid
             # --- AugmentOp.__call__, without the image ---
             if op.prob < 1.0 and random.random() > op.prob:

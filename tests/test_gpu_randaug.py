@@ -267,3 +267,10 @@ def test_drawn_stacks_match_timm_on_pil(policy, interpolation, images):
     assert min(psnrs) >= 45, f'min PSNR {min(psnrs):.1f} dB (all {np.round(psnrs, 1)})'
     # most stacks come out bit-identical
     assert np.mean([v == float('inf') for v in psnrs]) >= 0.5
+
+
+def test_params_object_pickles_for_loader_workers():
+    import pickle
+    ra = G.RandAugmentParams('rand-m9-mstd0.5-inc1', 96, G.rand_augment_hparams(96))
+    clone = pickle.loads(pickle.dumps(ra))
+    assert torch.equal(_draw(ra, range(20)), _draw(clone, range(20)))
