@@ -156,6 +156,10 @@ def get_args_parser():
     p.add_argument('--model_key', default='model|module', type=str)
     p.add_argument('--model_prefix', default='', type=str)
     p.add_argument('--print_freq', default=10, type=int)
+    # --- added for issue 13 ---
+    p.add_argument('--gpu_prefetch', default='auto', choices=['auto', 'true', 'false'],
+                   help='with --data_pipeline gpu: finish the next batch on the device (decode, augment; its '
+                        'own CUDA stream and thread) while the current one trains; auto: on CUDA devices')
     return p
 
 
@@ -496,6 +500,11 @@ def train(args):
     model_without_ddp = model
     model = wrap_ddp(model_without_ddp, args)
     device_transform = build_device_transform(args, device, rank, world, dataset=train_loader.dataset)
+    epoch_loader = train_loader
+    if args.data_pipeline == 'gpu' and (args.gpu_prefetch == 'true' or
+                                        (args.gpu_prefetch == 'auto' and device.type == 'cuda')):
+        from curriculum.gpudata import DevicePrefetcher
+        epoch_loader = DevicePrefetcher(train_loader, device_transform, device)
     per_rank = len(batch_sampler.sampler)
     log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None
     if rank == 0 and args.output_dir:
@@ -553,7 +562,7 @@ def train(args):
 
         epoch_start = time.time()
         train_stats = train_one_epoch(
-            model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
+            model, criterion, epoch_loader, optimizer, device, epoch, loss_scaler,
             hparams_at=lambda frac, e=epoch: hparams(plan.progress(e, frac)),
             update_freq=stage.update_freq, max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
             amp_dtype=amp_dtype, lowfreq=lowfreq, replay=replay, log_writer=log_writer,

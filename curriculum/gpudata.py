@@ -52,7 +52,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from curriculum.fastpath import DRAFT_MARGIN, BatchRandomErasing, LazyImageFolder, _draft_scale
 
 __all__ = ['EncodedImageFolder', 'GpuSampleTransform', 'EncodedBatch', 'collate_encoded', 'decode_jpegs',
-           'resample_weights', 'GpuDataTransform', 'FILTERS', 'KIND_JPEG', 'KIND_RGB']
+           'resample_weights', 'GpuDataTransform', 'PreparedBatch', 'DevicePrefetcher', 'FILTERS', 'KIND_JPEG', 'KIND_RGB']
 
 KIND_JPEG, KIND_RGB = 0, 1
 # filter ids carried per sample; PIL's names for the three filters the pipeline can draw
@@ -80,6 +80,17 @@ class EncodedImageFolder(LazyImageFolder):
     def count_cpu_decoded(self, n: int = 1) -> None:
         with self.cpu_decoded.get_lock():
             self.cpu_decoded.value += n
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor to `device` without waiting: a copy from pageable memory would
+    synchronise the stream (the previous step's kernels) first; from pinned memory it is queued."""
+    device = torch.device('cpu' if device is None else device)
+    if device.type != 'cuda':
+        return t.to(device)
+    if not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _read_all(img: Image.Image) -> bytes:
@@ -212,7 +223,7 @@ class EncodedBatch:
         parameters and the seeds stay on the host, where the decoder and the per-sample planning
         read them (no device-to-host synchronisation)."""
         device = torch.device(device)
-        return EncodedBatch(self.data, self.offsets, self.geom, self.ra, self.erase.to(device, non_blocking=non_blocking),
+        return EncodedBatch(self.data, self.offsets, self.geom, self.ra, to_device(self.erase, device),
                             self.seeds, self.out_size, device, self.has_erase)
 
     def payload(self, i: int) -> torch.Tensor:
@@ -318,11 +329,12 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: torch.T
     hi = torch.minimum(torch.floor(centre + support[:, None] + 0.5), in_size[:, None])
     # the big (N, out, extent) tensors in float32 on the device: source positions are
     # below 2^14, so float32 keeps the kernel arguments to ~1e-3 pixel
-    centre, lo, hi = (t.to(device=device, dtype=torch.float32) for t in (centre, lo, hi))
-    fscale = fscale.to(device=device, dtype=torch.float32)
+    small = to_device(torch.cat([centre, lo, hi], 1).float(), device)
+    centre, lo, hi = small.split(out, 1)
+    fscale = to_device(fscale.float(), device)
     x = torch.arange(extent, dtype=torch.float32, device=device)[None, None]
     arg = (x - centre[..., None] + 0.5) / fscale[:, None, None]
-    filt_t = torch.tensor(list(filt), device=device)
+    filt_t = to_device(torch.tensor(list(filt)), device)
     w = None
     for f in sorted(set(filt)):
         k = _kernel(f, arg)
@@ -390,7 +402,7 @@ class GpuDataTransform(torch.nn.Module):
         for n, i in enumerate(rows):
             if geom[i, G_KIND] == KIND_RGB:
                 h, w = int(geom[i, G_H]), int(geom[i, G_W])
-                out[n] = batch.payload(i).view(h, w, 3).permute(2, 0, 1).to(device, non_blocking=True)
+                out[n] = to_device(batch.payload(i).view(h, w, 3), device).permute(2, 0, 1)
         if jpeg:
             payloads = [batch.payload(rows[n]) for n in jpeg]
             try:
@@ -416,7 +428,7 @@ class GpuDataTransform(torch.nn.Module):
             for n in retry:  # the device decoder rejected it (or disagreed with the header): PIL
                 i = rows[n]
                 shape = (int(geom[i, G_H]), int(geom[i, G_W]))
-                out[n] = self._cpu_decode(batch.payload(i), shape, int(geom[i, G_INDEX])).to(device)
+                out[n] = to_device(self._cpu_decode(batch.payload(i), shape, int(geom[i, G_INDEX])), device)
             self._count_cpu(len(retry) if device.type == 'cuda' else 0)
         return out
 
@@ -464,10 +476,10 @@ class GpuDataTransform(torch.nn.Module):
         for s in range(0, n, self.chunk):
             rows = order[s:s + self.chunk]
             imgs = self.decode(batch, rows, device)
-            idx = torch.tensor(rows, device=device)
+            idx = to_device(torch.tensor(rows), device)
             out[idx] = self.crop_resize(imgs, geom_cpu[rows], size)
             del imgs
-        flip = (geom_cpu[:, G_FLIP] > 0).to(device, non_blocking=True).view(-1, 1, 1, 1)
+        flip = to_device(geom_cpu[:, G_FLIP] > 0, device).view(-1, 1, 1, 1)
         return torch.where(flip, out.flip(-1), out)
 
     # -- the rest ------------------------------------------------------------------
@@ -501,6 +513,8 @@ class GpuDataTransform(torch.nn.Module):
 
     def forward(self, batch, epoch: Optional[int] = None, step: Optional[int] = None) -> torch.Tensor:
         """epoch, step: unused (every draw came per sample from the worker); kept for the loop's contract."""
+        if isinstance(batch, PreparedBatch):  # already done by DevicePrefetcher
+            return batch.tensor
         if not isinstance(batch, EncodedBatch):
             raise TypeError(f'GpuDataTransform expects an EncodedBatch from --data_pipeline gpu, got '
                             f'{type(batch).__name__}')
@@ -517,6 +531,112 @@ class GpuDataTransform(torch.nn.Module):
 
     def extra_repr(self):
         return f'channels_last={self.channels_last}, chunk={self.chunk}, erasing={self.re_mode}'
+
+
+class PreparedBatch:
+    """A batch the device transform has already finished (DevicePrefetcher); `.to()` and the transform pass it on."""
+
+    __slots__ = ('tensor',)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __len__(self):
+        return self.tensor.shape[0]
+
+    @property
+    def shape(self):
+        return self.tensor.shape
+
+    def to(self, device, non_blocking=False):
+        return self
+
+
+_END = object()
+
+
+class DevicePrefetcher:
+    """Iterates a loader of EncodedBatches with the next batch's device half already under way.
+
+    A thread takes batches from `loader` and runs `transform` on them (on CUDA in a stream
+    of its own), keeping at most `ahead` finished batches waiting, while the training
+    loop computes on the current one: decoding (nvJPEG's host-side part included),
+    resampling and RandAugment overlap the training step instead of preceding it.  The
+    consumer's stream waits on an event recorded after each batch (no host wait), and
+    the tensors are marked as used on it.  Yields (PreparedBatch, targets) that the loop
+    handles as usual (`.to(device)`, then `device_transform(...)`, which returns the
+    tensor).  Every draw of a batch was made per sample by the workers, so the result is
+    the same as without prefetching (tests/test_gpudata.py).  Leaving the loop early (a
+    break, an exception, SIGTERM) stops the thread before returning; an exception in the
+    thread (an unreadable image) is raised in the consumer.  The same code runs on the
+    CPU (no streams), where it only tests the plumbing.
+    """
+
+    def __init__(self, loader, transform, device, ahead: int = 1):
+        self.loader, self.transform, self.device, self.ahead = loader, transform, torch.device(device), ahead
+
+    def __len__(self):
+        return len(self.loader)
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    def __iter__(self):
+        import contextlib
+        import queue
+        import threading
+        q = queue.Queue(maxsize=self.ahead)
+        stop = threading.Event()
+        cuda = self.device.type == 'cuda'
+        stream = torch.cuda.Stream(self.device) if cuda else None
+
+        def put(item):
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work():
+            try:
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                    for x, y in self.loader:
+                        if stop.is_set():
+                            return
+                        xd = self.transform(x.to(self.device, non_blocking=True))
+                        yd = y.to(self.device, non_blocking=True)
+                        done = None
+                        if cuda:
+                            done = torch.cuda.Event()
+                            done.record(stream)
+                        if not put((xd, yd, done)):
+                            return
+                put(_END)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+                put(e)
+
+        thread = threading.Thread(target=work, name='gpu-data-prefetch', daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                xd, yd, done = item
+                if cuda:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(done)
+                    xd.record_stream(current)
+                    yd.record_stream(current)
+                yield PreparedBatch(xd), yd
+        finally:
+            stop.set()
+            thread.join()
 
 
 def gpu_train_transform(size: int, base_size: int, lowfreq: str, timm_kwargs: dict, aa: Optional[str],

@@ -260,6 +260,34 @@ def test_image_store_copies_are_read_when_the_crop_allows(folder, tmp_path):
     assert dt(next(iter(loader))[0]).shape[0] == plan.stages[0].loader_batch
 
 
+def test_prefetcher_gives_the_same_batches_and_stops_cleanly(folder, odd_folder):
+    import threading
+    from curriculum.gpudata import DevicePrefetcher, PreparedBatch
+    a, plan, loader, bs = _loader(folder, 'gpu', ['--reprob', '0.5'])
+    dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
+    direct = [(dt(x), y) for x, y in loader]
+    pre = DevicePrefetcher(loader, dt, torch.device('cpu'))
+    assert len(pre) == len(loader) and pre.dataset is loader.dataset
+    got = []
+    for x, y in pre:
+        assert isinstance(x, PreparedBatch) and x.to('cpu', non_blocking=True) is x
+        got.append((dt(x, 0, 0), y))
+    assert len(got) == len(direct) and all(torch.equal(p, q) and torch.equal(u, v)
+                                           for (p, u), (q, v) in zip(got, direct))
+    it = iter(pre)
+    next(it)
+    it.close()  # leaving early (break, SIGTERM) joins the thread
+    assert not any(t.name == 'gpu-data-prefetch' for t in threading.enumerate())
+    # an unreadable image found on the device side is raised in the training loop
+    (odd_folder / 'a' / '0.jpg').write_bytes(b'\xff\xd8\xff\xe0' + b'\x00' * 200 + b'\xff\xd9')
+    a, plan, loader, bs = _loader(str(odd_folder), 'gpu', ['--batch_size', '5'])
+    dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
+    with pytest.raises(datasets.BadImageError):
+        for _ in DevicePrefetcher(loader, dt, torch.device('cpu')):
+            pass
+    assert not any(t.name == 'gpu-data-prefetch' for t in threading.enumerate())
+
+
 # ---------------------------------------------------------------------------
 # odd and unreadable files
 # ---------------------------------------------------------------------------
@@ -346,8 +374,9 @@ def test_sigkill_with_replay_resumes_exactly(tmp_path):
         d = root / f'c{k % 2}'
         d.mkdir(parents=True, exist_ok=True)
         _jpeg(rng, int(rng.integers(64, 100)), int(rng.integers(64, 100))).save(d / f'{k}.jpg', quality=90)
+    # prefetching on (its thread runs on the CPU too): a batch is the same whenever it is made
     argv = _train_argv(str(root)) + ['--batch_size', '64', '--replay_times', '2', '--replay_buffer_size', '2',
-                                     '--model_ema', 'true']
+                                     '--model_ema', 'true', '--gpu_prefetch', 'true']
     rc = fault_inject.main(['--run_timeout', '300', '--kills', '1', '--seed', '2', '--workdir', str(tmp_path),
                             '--'] + argv)
     assert rc == 0
