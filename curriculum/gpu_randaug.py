@@ -476,3 +476,64 @@ def apply_rand_augment(images: torch.Tensor, params: torch.Tensor, fill: Sequenc
             y = _OPS[key](x.float(), args[:, 0])
         out.index_copy_(0, idx, y.to(torch.uint8))
     return out.float() if floating else out
+
+
+def _main(argv=None):
+    """``python -m curriculum.gpu_randaug``: apply's time per batch on a device and, off the
+    CPU, its agreement with the CPU result (colour ops should agree bit for bit; the
+    geometric ops' float32 sums may differ by 1 level where a device fuses multiply-adds)."""
+    import argparse
+    import time
+    ap = argparse.ArgumentParser(description=_main.__doc__)
+    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
+    ap.add_argument('--batch', type=int, default=256, help='images per batch')
+    ap.add_argument('--size', type=int, default=96, help='image side B')
+    ap.add_argument('--policy', default='rand-m9-mstd0.5-inc1', help='RandAugment policy')
+    ap.add_argument('--interpolation', default='bicubic', help="timm interpolation name or 'random'")
+    ap.add_argument('--iters', type=int, default=10, help='timed batches')
+    a = ap.parse_args(argv)
+    dev = torch.device(a.device)
+    ra = RandAugmentParams(a.policy, a.size, rand_augment_hparams(a.size, interpolation=a.interpolation))
+    gen = torch.Generator().manual_seed(0)
+    # smooth random images (upsampled noise), so histograms and edges look like photographs'
+    low = torch.rand(a.batch, 3, max(a.size // 8, 2), max(a.size // 8, 2), generator=gen)
+    imgs = torch.nn.functional.interpolate(low, size=(a.size, a.size), mode='bilinear', align_corners=False)
+    imgs = (imgs * 255).round().to(torch.uint8)
+    params = []
+    for it in range(a.iters + 1):
+        rows = []
+        for i in range(a.batch):
+            random.seed(it * a.batch + i)
+            np.random.seed(it * a.batch + i)
+            rows.append(ra())
+        params.append(torch.stack(rows))
+    x = imgs.to(dev)
+
+    def sync():
+        if dev.type == 'cuda':
+            torch.cuda.synchronize(dev)
+
+    out = apply_rand_augment(x, params[0], ra.fill)  # warm-up
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    sync()
+    t0 = time.perf_counter()
+    for p in params[1:]:
+        out = apply_rand_augment(x, p, ra.fill)
+    sync()
+    ms = (time.perf_counter() - t0) / a.iters * 1000
+    line = (f'{dev}: {ms:.2f} ms per batch of {a.batch} at {a.size} px ({a.batch / ms * 1000:.0f} images/s), '
+            f'{a.policy}, {a.interpolation}, torch threads {torch.get_num_threads()}')
+    if dev.type == 'cuda':
+        line += f', peak extra memory {(torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20:.0f} MiB'
+    print(line)
+    if dev.type != 'cpu':
+        ref = apply_rand_augment(imgs, params[-1], ra.fill)
+        diff = (out.cpu().int() - ref.int()).abs()
+        print(f'agreement with the CPU: {(diff == 0).float().mean().item() * 100:.4f}% of values equal, '
+              f'max difference {diff.max().item()}')
+
+
+if __name__ == '__main__':
+    _main()

@@ -274,3 +274,8 @@ def test_params_object_pickles_for_loader_workers():
     ra = G.RandAugmentParams('rand-m9-mstd0.5-inc1', 96, G.rand_augment_hparams(96))
     clone = pickle.loads(pickle.dumps(ra))
     assert torch.equal(_draw(ra, range(20)), _draw(clone, range(20)))
+
+
+def test_benchmark_entry_point_runs(capsys):
+    G._main(['--device', 'cpu', '--batch', '4', '--size', '32', '--iters', '1'])
+    assert 'ms per batch of 4 at 32 px' in capsys.readouterr().out
