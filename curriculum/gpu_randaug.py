@@ -14,6 +14,9 @@ API::
     ...                       # collate: params [N, num_layers, WIDTH] (keep it a CPU tensor)
     out = apply_rand_augment(images_uint8_NCHW, params, fill=ra.fill)   # images on any device
 
+``python -m curriculum.gpu_randaug --device cuda --batch 256 --size 96`` times
+``apply_rand_augment`` on a device and compares its result with the CPU's.
+
 Columns of a layer's row (``COL_*``): the op's kernel id (index into ``KERNELS``), whether
 it is applied (timm's per-op probability), its resolved level argument (rotation
 degrees, shear factor, translation fraction (``*Rel``) or pixels, posterize bits,
