@@ -85,6 +85,7 @@ _NAME_TO_KERNEL = dict({k: k for k in KERNELS}, PosterizeIncreasing='Posterize',
 # pointwise: one table per sample and channel; the rest of the colour ops are Color and Sharpness
 _LUT_KERNELS = frozenset(_KID[k] for k in ('AutoContrast', 'Equalize', 'Invert', 'Posterize', 'Solarize',
                                            'SolarizeAdd', 'Brightness', 'Contrast'))
+_HIST_KERNELS = frozenset(_KID[k] for k in ('AutoContrast', 'Equalize'))
 _GEOMETRIC = frozenset(_KID[k] for k in ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'TranslateXRel',
                                           'TranslateYRel'))
 # PIL.Image.Resampling values; the only filters Image.transform accepts
@@ -212,6 +213,13 @@ def _affine_matrices(kid: np.ndarray, arg: np.ndarray, w: int, h: int) -> np.nda
     return m
 
 
+def _lut_key(a: np.ndarray):
+    """(kernels present, samples needing histograms, Contrast samples after them)."""
+    k = a[:, 0].astype(np.int64)
+    return (frozenset(int(v) for v in np.unique(k)), int(np.isin(k, list(_HIST_KERNELS)).sum()),
+            int((k == _KID['Contrast']).sum()))
+
+
 def _plan(p: np.ndarray, h: int, w: int, max_group: int):
     """Groups (layer, kind, key, n, offset, width) of at most max_group samples, and the
     chunks of one float64 buffer: per group, n sample indices then n x width arguments."""
@@ -235,8 +243,11 @@ def _plan(p: np.ndarray, h: int, w: int, max_group: int):
         geo = on & np.isin(kid, list(_GEOMETRIC))
         if lut.any():
             idx = np.flatnonzero(lut)
-            add(layer, 'lut', lambda a: frozenset(int(k) for k in np.unique(a[:, 0])), idx,
-                np.stack([kid[idx], arg[idx]], 1).astype(np.float64))
+            # histogram ops first, then Contrast, so each statistic is computed over a
+            # leading slice of the group only (the key carries the slice lengths)
+            rank = np.where(np.isin(kid[idx], list(_HIST_KERNELS)), 0, np.where(kid[idx] == _KID['Contrast'], 1, 2))
+            idx = idx[np.argsort(rank, kind='stable')]
+            add(layer, 'lut', _lut_key, idx, np.stack([kid[idx], arg[idx]], 1).astype(np.float64))
         for k in np.unique(kid[on & ~geo & ~lut]):
             idx = np.flatnonzero(on & (kid == k))
             add(layer, 'op', int(k), idx, arg[idx].reshape(-1, 1))
@@ -263,25 +274,25 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return torch.floor((x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471 + 32768) / 65536)
 
 
-def _lut_ops(x: torch.Tensor, args: torch.Tensor, present: frozenset) -> torch.Tensor:
+def _lut_ops(x: torch.Tensor, args: torch.Tensor, key) -> torch.Tensor:
     """The pointwise ops, each a 256-entry table per sample and channel, applied in one gather.
 
-    x: uint8 [n, 3, H, W]; args: float64 [n, 2] (kernel id, level argument); present: the
-    kernel ids in this group (known on the host, so absent ops cost nothing).  Every table
-    is computed with the arithmetic Pillow / timm use per value, so a table lookup equals
-    the per-pixel operation.
+    x: uint8 [n, 3, H, W]; args: float64 [n, 2] (kernel id, level argument); key: from
+    _lut_key, known on the host: the kernels present (absent ones cost nothing), and how
+    many leading samples need histograms (autocontrast / equalize) and, after them, the
+    grey mean (contrast).  Every table is computed with the arithmetic Pillow / timm use
+    per value, so a lookup equals the per-pixel operation.
     """
+    present, n_hist, n_contrast = key
     n, c, h, w = x.shape
     dev = x.device
     kid = args[:, 0].long().view(n, 1, 1)
     arg = args[:, 1].view(n, 1, 1)
     i = torch.arange(256, dtype=torch.float64, device=dev).view(1, 1, 256)
-    values = x.reshape(n * c, h * w).long()
-    lut = i.expand(n, c, 256)
+    lut = i.expand(n, c, 256).clone()
 
-    def put(name, table):
-        nonlocal lut
-        lut = torch.where(kid == _KID[name], table, lut)
+    def put(name, table, rows=slice(None)):
+        lut[rows] = torch.where(kid[rows] == _KID[name], table, lut[rows])
 
     if _KID['Invert'] in present:
         put('Invert', 255 - i)
@@ -297,18 +308,20 @@ def _lut_ops(x: torch.Tensor, args: torch.Tensor, present: frozenset) -> torch.T
     i32 = i.float()
     if _KID['Brightness'] in present:
         put('Brightness', _blend(torch.zeros_like(i32), i32, arg).double())
-    if _KID['Contrast'] in present:
+    if n_contrast:
         # ImageEnhance.Contrast blends with the ImageStat mean of the L image, int(mean + 0.5)
-        g = _gray(x.float())
-        mean = g.double().sum(dim=(1, 2, 3)).view(n, 1, 1) / (h * w)
-        put('Contrast', _blend(torch.floor(mean + 0.5).float(), i32, arg).double())
-    if present & {_KID['AutoContrast'], _KID['Equalize']}:
-        rows = torch.arange(n * c, device=dev).view(-1, 1) * 256
-        flat = (values + rows).view(-1)
+        rows = slice(n_hist, n_hist + n_contrast)
+        g = _gray(x[rows].float())
+        mean = g.double().sum(dim=(1, 2, 3)).view(-1, 1, 1) / (h * w)
+        put('Contrast', _blend(torch.floor(mean + 0.5).float(), i32, arg[rows]).double(), rows)
+    if n_hist:
+        rows = slice(0, n_hist)
+        m = n_hist * c
+        flat = (x[rows].reshape(m, h * w).long() + torch.arange(m, device=dev).view(-1, 1) * 256).view(-1)
         # scatter_add rather than bincount: CUDA bincount reads the max back to the host
-        hist = torch.zeros(n * c * 256, dtype=torch.long, device=dev)
+        hist = torch.zeros(m * 256, dtype=torch.long, device=dev)
         hist = hist.scatter_add_(0, flat, torch.ones((), dtype=torch.long, device=dev).expand_as(flat))
-        hist = hist.view(n, c, 256)
+        hist = hist.view(n_hist, c, 256)
         nz = hist > 0
         bins = torch.arange(256, device=dev)
         lo = torch.where(nz, bins, 256).amin(2, keepdim=True)  # lowest / highest occupied bins
@@ -321,7 +334,7 @@ def _lut_ops(x: torch.Tensor, args: torch.Tensor, present: frozenset) -> torch.T
             lo_f, hi_f = lo.double(), hi.double()
             scale = torch.full_like(hi_f, 255.0) / torch.where(ok, hi_f - lo_f, torch.ones_like(hi_f))
             offset = -lo_f * scale
-            put('AutoContrast', torch.where(ok, (i * scale + offset).trunc_().clamp_(0, 255), i))
+            put('AutoContrast', torch.where(ok, (i * scale + offset).trunc_().clamp_(0, 255), i), rows)
         if _KID['Equalize'] in present:
             # ImageOps.equalize: step = (count - count of the last occupied bin) // 255,
             # table[b] = (step // 2 + count below b) // step; identity when step is 0 or one
@@ -330,9 +343,9 @@ def _lut_ops(x: torch.Tensor, args: torch.Tensor, present: frozenset) -> torch.T
             ok = (nz.sum(2, keepdim=True) > 1) & (step > 0)
             safe = torch.where(ok, step, torch.ones_like(step))
             table = (safe // 2 + hist.cumsum(2) - hist) // safe
-            put('Equalize', torch.where(ok, table.clamp_(max=255), bins).double())
+            put('Equalize', torch.where(ok, table.clamp_(max=255), bins).double(), rows)
     table = lut.to(torch.uint8).reshape(n * c, 256)
-    return table.gather(1, values).view(n, c, h, w)
+    return table.gather(1, x.reshape(n * c, h * w).long()).view(n, c, h, w)
 
 
 def _color(x, f):

@@ -174,6 +174,23 @@ def test_colour_ops_equal_pil(name, images):
             assert np.array_equal(got, ref), f'{name}({arg}): max diff {np.abs(got.astype(int) - ref).max()}'
 
 
+def test_mixed_groups_equal_pil(images):
+    """One layer mixing every colour op (the pointwise ones share one table lookup, with
+    histogram and contrast statistics over slices of the group), split into chunks too."""
+    ops = [(name, arg) for name in sorted(EXACT_OPS) for arg in EXACT_OPS[name][-2:]]
+    order = np.random.default_rng(0).permutation(len(ops))
+    ops = [ops[i] for i in order]
+    ims = [images[i % len(images)] for i in range(len(ops))]
+    p = torch.zeros(len(ops), 1, G.WIDTH, dtype=torch.float64)
+    for j, (name, arg) in enumerate(ops):
+        p[j, 0, G.COL_OP], p[j, 0, G.COL_APPLIED], p[j, 0, G.COL_ARG] = G._KID[name], 1, arg
+    x = _to_tensor(ims)
+    for max_group in (256, 3):
+        ours = G.apply_rand_augment(x, p, FILL, max_group=max_group).permute(0, 2, 3, 1).numpy()
+        for (name, arg), im, got in zip(ops, ims, ours):
+            assert np.array_equal(got, _timm_op(name, im, arg, -1)), f'{name}({arg}), max_group {max_group}'
+
+
 # Geometric ops: the same inverse matrices, pixel-centre convention, fill test, edge
 # replication and kernels as Pillow's Image.transform (its BICUBIC is cubic convolution
 # with a = -1, its NEAREST affine path 16.16 fixed point, both reproduced), so NEAREST is
