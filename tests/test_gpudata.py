@@ -381,3 +381,19 @@ def test_sigkill_with_replay_resumes_exactly(tmp_path):
                             '--'] + argv)
     assert rc == 0
     assert open(tmp_path / 'faulty.out').read().count('Rebuilding the replay buffer') >= 1
+
+
+def test_bench_data_gpu_pipelines(folder, tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+    import bench_data
+    out = str(tmp_path / 'data.json')
+    res = bench_data.main(['--data_path', folder, '--rounds', '1', '--batch', '8', '--pipelines', 'gpu,gpu-store',
+                           '--device_batch', '8', '--device_batches', '1', '--json', out, '--model', 'resnet18',
+                           '--curriculum', 'etpp', '--base_input_size', '64', '--device', 'cpu'])
+    printed = capsys.readouterr().out
+    assert 'CPU tensors' in printed and 'not a GPU number' in printed
+    for row in res['stages']:
+        assert row['gpu'] > 0 and row['gpu-store'] > 0
+    dev = res['device_side']['stages']
+    assert {r['size'] for r in dev} == {r['size'] for r in res['stages']}
+    assert all(r['ms_per_batch'] > 0 and r['memory_added_mib'] is None for r in dev)
