@@ -250,6 +250,8 @@ def test_batch_equals_per_sample_and_is_deterministic():
     assert torch.equal(batch, G.apply_rand_augment(x, p, ra.fill, max_group=5))  # groups split in chunks
     for i in range(len(ims)):
         assert torch.equal(batch[i:i + 1], G.apply_rand_augment(x[i:i + 1], p[i:i + 1], ra.fill))
+    # any memory layout (the GPU path may hand over channels_last batches)
+    assert torch.equal(G.apply_rand_augment(x.contiguous(memory_format=torch.channels_last), p, ra.fill), batch)
     # float input in, float out, same values
     assert torch.equal(G.apply_rand_augment(x.float(), p, ra.fill), batch.float())
     # nothing applied: the input unchanged (and not aliased)
