@@ -397,3 +397,17 @@ def test_bench_data_gpu_pipelines(folder, tmp_path, capsys):
     dev = res['device_side']['stages']
     assert {r['size'] for r in dev} == {r['size'] for r in res['stages']}
     assert all(r['ms_per_batch'] > 0 and r['memory_added_mib'] is None for r in dev)
+
+
+def test_tiny_training_run_with_fourier_crop(folder, tmp_path):
+    # EfficientTrain (--curriculum et): the device half works at the base size and the
+    # Fourier crop to B follows it in the training loop, as with the fast path
+    out = str(tmp_path / 'run')
+    argv = _train_argv(folder) + ['--curriculum', 'et', '--epochs', '1', '--output_dir', out, '--print_freq', '100',
+                                  '--channels_last', 'true']
+    main_mod.main(main_mod.get_args_parser().parse_args(argv))
+    import json
+    import math
+    log = [json.loads(line) for line in open(os.path.join(out, 'log.txt'))]
+    sizes = [r['input_size'] for r in log if 'train_loss' in r]
+    assert sizes and min(sizes) < 64 and all(math.isfinite(r['train_loss']) for r in log if 'train_loss' in r)
