@@ -347,19 +347,23 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: torch.T
 class GpuDataTransform(torch.nn.Module):
     """EncodedBatch -> normalised float32 (N, 3, B, B) on the batch's device (see the module docstring).
 
+    chunk, chunk_pixels: the most images, and padded crop pixels, decoded and resampled at once.
+
     counter: the dataset's ``cpu_decoded`` (samples the device decoder rejected are added);
     bad_count / skip_bad / paths: the dataset's unreadable-image handling for samples no
     decoder can read (without them such a sample raises).
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], re_mode: str = 'const',
-                 channels_last: bool = False, chunk: int = 64, fill: Sequence[int] = (124, 116, 104),
-                 dataset=None):
+                 channels_last: bool = False, chunk: int = 64, chunk_pixels: int = 64 * 448 * 448,
+                 fill: Sequence[int] = (124, 116, 104), dataset=None):
         super().__init__()
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.re_mode = (re_mode or 'const').lower()
         self.channels_last, self.chunk, self.fill = channels_last, int(chunk), tuple(int(v) for v in fill)
+        # 64 x 448^2 padded pixels: 154 MB for the float32 crop buffer of a chunk
+        self.chunk_pixels = int(chunk_pixels)
         self.dataset = dataset
 
     # -- decoding ------------------------------------------------------------------
@@ -465,16 +469,30 @@ class GpuDataTransform(torch.nn.Module):
         x = torch.matmul(wy.unsqueeze(1), x)
         return x.round_().clamp_(0, 255).to(torch.uint8)
 
+    def chunks(self, geom: torch.Tensor) -> List[List[int]]:
+        """Sample rows in chunks of similar crop boxes (the padded buffer wastes little), each at
+        most `chunk` images and, past its first image, `chunk_pixels` padded box pixels: a chunk
+        of large crops of large originals is cut short instead of spiking device memory."""
+        area = (geom[:, G_BH].ceil() + 8) * (geom[:, G_BW].ceil() + 8)  # the box and its filter margin
+        out, cur, biggest = [], [], 0.0
+        for i in torch.argsort(area).tolist():
+            a = float(area[i])
+            if cur and (len(cur) >= self.chunk or (len(cur) + 1) * max(biggest, a) > self.chunk_pixels):
+                out.append(cur)
+                cur, biggest = [], 0.0
+            cur.append(i)
+            biggest = max(biggest, a)
+        if cur:
+            out.append(cur)
+        return out
+
     def images(self, batch: EncodedBatch) -> torch.Tensor:
         """Decoded, cropped, resized and flipped uint8 (N, 3, B, B), chunk by chunk."""
         device = batch.device
         n, size = len(batch), batch.out_size
         geom_cpu = batch.geom
         out = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device)
-        # chunks of similar crop windows: the padded buffer wastes little
-        order = torch.argsort(geom_cpu[:, G_BH] * geom_cpu[:, G_BW]).tolist()
-        for s in range(0, n, self.chunk):
-            rows = order[s:s + self.chunk]
+        for rows in self.chunks(geom_cpu):
             imgs = self.decode(batch, rows, device)
             idx = to_device(torch.tensor(rows), device)
             out[idx] = self.crop_resize(imgs, geom_cpu[rows], size)

@@ -24,8 +24,8 @@ import datasets
 import main as main_mod
 from curriculum import build_plan
 from curriculum.fastpath import DRAFT_MARGIN, DraftRandomResizedCrop, _draft_scale
-from curriculum.gpudata import (FILTERS, G_BH, G_BW, G_FLIP, G_LEFT, G_TOP, EncodedBatch, GpuSampleTransform,
-                                resample_weights)
+from curriculum.gpudata import (FILTERS, G_BH, G_BW, G_FLIP, G_LEFT, G_TOP, EncodedBatch, GpuDataTransform,
+                                GpuSampleTransform, resample_weights)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(ROOT, '..', 'shared', 'data', 'imagenet-samples')
@@ -426,3 +426,18 @@ def test_decoder_deprecation_warning_is_filtered_and_nothing_else(folder):
         warnings.warn('another deprecation', DeprecationWarning)
     assert img.dtype == torch.uint8 and img.shape[0] == 3
     assert [str(w.message) for w in caught] == ['another deprecation']
+
+
+def test_chunks_bound_images_and_pixels():
+    from curriculum.gpudata import G_COLS
+    dt = GpuDataTransform(
+        IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, chunk=4, chunk_pixels=4 * 108 * 108)
+    geom = torch.zeros(11, G_COLS, dtype=torch.float64)
+    sides = [100] * 8 + [1000, 20, 3000]
+    geom[:, G_BH] = torch.tensor(sides, dtype=torch.float64)
+    geom[:, G_BW] = torch.tensor(sides, dtype=torch.float64)
+    chunks = dt.chunks(geom)
+    assert sorted(i for c in chunks for i in c) == list(range(11))
+    assert all(len(c) <= 4 for c in chunks)
+    assert [len(c) for c in chunks if 8 in c or 10 in c] == [1, 1]  # big crops alone
+    assert all(sides[c[0]] <= sides[c[-1]] for c in chunks)  # similar sizes together
