@@ -52,7 +52,8 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from curriculum.fastpath import DRAFT_MARGIN, BatchRandomErasing, LazyImageFolder, _draft_scale
 
 __all__ = ['EncodedImageFolder', 'GpuSampleTransform', 'EncodedBatch', 'collate_encoded', 'decode_jpegs',
-           'resample_weights', 'GpuDataTransform', 'PreparedBatch', 'DevicePrefetcher', 'FILTERS', 'KIND_JPEG', 'KIND_RGB']
+           'resample_weights', 'GpuDataTransform', 'PreparedBatch', 'DevicePrefetcher', 'FILTERS', 'KIND_JPEG',
+           'KIND_RGB']
 
 KIND_JPEG, KIND_RGB = 0, 1
 # filter ids carried per sample; PIL's names for the three filters the pipeline can draw
@@ -106,7 +107,7 @@ def _has_eoi(data: bytes) -> bool:
 def _gpu_decodable(img: Image.Image) -> bool:
     # YCbCr/RGB baseline or progressive JPEG: what nvJPEG decodes to RGB.  'L' (grayscale)
     # and 'CMYK' go to the CPU, as does anything that is not a JPEG whatever its name says.
-    return img.format == 'JPEG' and img.mode == 'RGB'
+    return img.format in ('JPEG', 'MPO') and img.mode == 'RGB'  # MPO: a JPEG with more frames after it
 
 
 class GpuSampleTransform:
@@ -145,7 +146,7 @@ class GpuSampleTransform:
         return box, FILTERS[filt], flip, ra, boxes, seed
 
     def payload(self, img: Image.Image, box):
-        """(kind, uint8 array, its image's (h, w), scale): the bytes to decode, or CPU-decoded RGB."""
+        """(kind, uint8 array, (h, w) of its image, its scale k, decoded here): the bytes to decode or RGB."""
         s = _draft_scale(min(box[2], box[3]), self.size, self.draft_margin)
         copies = getattr(img, 'reduced_copies', None)
         if copies is not None and s > 1:
@@ -190,9 +191,9 @@ class EncodedBatch:
     """A batch of encoded images and their augmentation parameters (what the device transform consumes).
 
     data: flat uint8 payloads (JPEG bytes or raw RGB), offsets: int64 (N+1); geom: float64
-    (N, G_COLS); ra: float64 (N, layers, K) from gpu_randaug.RandAugmentParams, or None; erase: int32 (N, boxes, 4), -1 for
-    none; seeds: int64 (N,).  ``device`` is where the decoded batch goes; the payloads stay
-    in host memory, where decoders read them.
+    (N, G_COLS); ra: float64 (N, layers, K) from gpu_randaug.RandAugmentParams, or None;
+    erase: int32 (N, boxes, 4), -1 for none; seeds: int64 (N,).  ``device`` is where the
+    decoded batch goes; the payloads stay in host memory, where decoders read them.
     """
 
     __slots__ = ('data', 'offsets', 'geom', 'ra', 'erase', 'seeds', 'out_size', 'device', 'has_erase')
