@@ -38,7 +38,6 @@ sample no decoder can read raises ``BadImageError`` naming the file, or with
 ``--skip_bad_images`` is counted, reported and replaced by the mean colour.
 """
 import hashlib
-import math
 import multiprocessing
 import random
 import warnings

@@ -6,7 +6,6 @@ transform and comes out close to the fast path's, odd files are decoded on the C
 counted, unreadable ones behave as with the other pipelines, and a killed run resumes
 exactly.
 """
-import io
 import os
 import random
 import sys
