@@ -440,3 +440,26 @@ def test_chunks_bound_images_and_pixels():
     assert all(len(c) <= 4 for c in chunks)
     assert [len(c) for c in chunks if 8 in c or 10 in c] == [1, 1]  # big crops alone
     assert all(sides[c[0]] <= sides[c[-1]] for c in chunks)  # similar sizes together
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (nvJPEG decoding, streams)')
+def test_cuda_device_half_matches_the_cpu_one_and_prefetches(folder, odd_folder):
+    from curriculum.gpudata import DevicePrefetcher
+    cuda = torch.device('cuda')
+    a, plan, loader, bs = _loader(folder, 'gpu', ['--reprob', '0'])
+    cpu_dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
+    gpu_dt = main_mod.build_device_transform(a, cuda, dataset=loader.dataset)
+    batches = list(loader)
+    for x, _ in batches:
+        ref = _denorm(cpu_dt(x))
+        out = _denorm(gpu_dt(x.to(cuda, non_blocking=True)).cpu())
+        # nvJPEG upsamples chroma and rounds its IDCT a little differently from libjpeg-turbo
+        assert _psnr(ref, out).mean() > 38
+    direct = [gpu_dt(x.to(cuda)) for x, _ in batches]
+    for (x, _), d in zip(DevicePrefetcher(loader, gpu_dt, cuda), direct):
+        assert torch.equal(gpu_dt(x.to(cuda)), d)
+    # odd files: decoded on a CPU, counted, never a crash
+    a, plan, loader, bs = _loader(str(odd_folder), 'gpu', ['--batch_size', '5'])
+    dt = main_mod.build_device_transform(a, cuda, dataset=loader.dataset)
+    assert sum(len(dt(x.to(cuda))) for x, _ in loader) == 15
+    assert loader.dataset.base.cpu_decoded.value >= 3
