@@ -570,24 +570,23 @@ class PreparedBatch:
         return self
 
 
-_END = object()
-
-
 class DevicePrefetcher:
     """Iterates a loader of EncodedBatches with the next batch's device half already under way.
 
-    A thread takes batches from `loader` and runs `transform` on them (on CUDA in a stream
-    of its own), keeping at most `ahead` finished batches waiting, while the training
-    loop computes on the current one: decoding (nvJPEG's host-side part included),
-    resampling and RandAugment overlap the training step instead of preceding it.  The
-    consumer's stream waits on an event recorded after each batch (no host wait), and
-    the tensors are marked as used on it.  Yields (PreparedBatch, targets) that the loop
-    handles as usual (`.to(device)`, then `device_transform(...)`, which returns the
-    tensor).  Every draw of a batch was made per sample by the workers, so the result is
-    the same as without prefetching (tests/test_gpudata.py).  Leaving the loop early (a
-    break, an exception, SIGTERM) stops the thread before returning; an exception in the
-    thread (an unreadable image) is raised in the consumer.  The same code runs on the
-    CPU (no streams), where it only tests the plumbing.
+    The training thread takes batches from `loader` as usual (so a loader without workers
+    still fetches, and seeds the global random streams per sample, in this thread only:
+    those streams are also the training step's); one helper thread runs `transform` on
+    them (on CUDA in a stream of its own), at most `ahead` batches beyond the one being
+    trained: decoding (nvJPEG's host-side part included), resampling and RandAugment
+    overlap the training step instead of preceding it.  The transform draws nothing from
+    the global streams.  The consumer's stream waits on an event recorded after each
+    batch (no host wait), and the tensors are marked as used on it.  Yields
+    (PreparedBatch, targets) that the loop handles as usual (`.to(device)`, then
+    `device_transform(...)`, which returns the tensor): the same values as without
+    prefetching (tests/test_gpudata.py).  Leaving the loop early (a break, an exception,
+    SIGTERM) waits for the helper before returning; its exceptions (an unreadable image)
+    are raised in the loop.  The same code runs on the CPU (no streams), where it only
+    tests the plumbing.
     """
 
     def __init__(self, loader, transform, device, ahead: int = 1):
@@ -601,51 +600,38 @@ class DevicePrefetcher:
         return self.loader.dataset
 
     def __iter__(self):
+        import collections
         import contextlib
-        import queue
-        import threading
-        q = queue.Queue(maxsize=self.ahead)
-        stop = threading.Event()
+        from concurrent.futures import ThreadPoolExecutor
         cuda = self.device.type == 'cuda'
         stream = torch.cuda.Stream(self.device) if cuda else None
 
-        def put(item):
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+        def prepare(x, y):
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                xd = self.transform(x.to(self.device, non_blocking=True))
+                yd = y.to(self.device, non_blocking=True)
+                done = None
+                if cuda:
+                    done = torch.cuda.Event()
+                    done.record(stream)
+            return xd, yd, done
 
-        def work():
-            try:
-                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                    for x, y in self.loader:
-                        if stop.is_set():
-                            return
-                        xd = self.transform(x.to(self.device, non_blocking=True))
-                        yd = y.to(self.device, non_blocking=True)
-                        done = None
-                        if cuda:
-                            done = torch.cuda.Event()
-                            done.record(stream)
-                        if not put((xd, yd, done)):
-                            return
-                put(_END)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-                put(e)
-
-        thread = threading.Thread(target=work, name='gpu-data-prefetch', daemon=True)
-        thread.start()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gpu-data-prefetch')
+        pending = collections.deque()
+        batches = iter(self.loader)
+        exhausted = False
         try:
             while True:
-                item = q.get()
-                if item is _END:
+                while not exhausted and len(pending) <= self.ahead:
+                    try:
+                        x, y = next(batches)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    pending.append(pool.submit(prepare, x, y))
+                if not pending:
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                xd, yd, done = item
+                xd, yd, done = pending.popleft().result()
                 if cuda:
                     current = torch.cuda.current_stream(self.device)
                     current.wait_event(done)
@@ -653,8 +639,9 @@ class DevicePrefetcher:
                     yd.record_stream(current)
                 yield PreparedBatch(xd), yd
         finally:
-            stop.set()
-            thread.join()
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=True)
 
 
 def gpu_train_transform(size: int, base_size: int, lowfreq: str, timm_kwargs: dict, aa: Optional[str],

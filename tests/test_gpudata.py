@@ -276,7 +276,7 @@ def test_prefetcher_gives_the_same_batches_and_stops_cleanly(folder, odd_folder)
     it = iter(pre)
     next(it)
     it.close()  # leaving early (break, SIGTERM) joins the thread
-    assert not any(t.name == 'gpu-data-prefetch' for t in threading.enumerate())
+    assert not any(t.name.startswith('gpu-data-prefetch') for t in threading.enumerate())
     # an unreadable image found on the device side is raised in the training loop
     (odd_folder / 'a' / '0.jpg').write_bytes(b'\xff\xd8\xff\xe0' + b'\x00' * 200 + b'\xff\xd9')
     a, plan, loader, bs = _loader(str(odd_folder), 'gpu', ['--batch_size', '5'])
@@ -284,7 +284,7 @@ def test_prefetcher_gives_the_same_batches_and_stops_cleanly(folder, odd_folder)
     with pytest.raises(datasets.BadImageError):
         for _ in DevicePrefetcher(loader, dt, torch.device('cpu')):
             pass
-    assert not any(t.name == 'gpu-data-prefetch' for t in threading.enumerate())
+    assert not any(t.name.startswith('gpu-data-prefetch') for t in threading.enumerate())
 
 
 # ---------------------------------------------------------------------------
