@@ -31,7 +31,8 @@ SAMPLES = os.path.join(ROOT, '..', 'shared', 'data', 'imagenet-samples')
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import fault_inject  # noqa: E402
 
-# Mean PSNR bound against --data_pipeline fast for the same draws, and why: the two paths
+# PSNR bound (median over samples) against --data_pipeline fast for the same draws, and why:
+# the two paths
 # make the same draws and differ only in how pixels are computed (the fast path decodes at
 # reduced scale in the DCT domain and box-reduces large crops first; this one decodes the
 # full file and resamples with PIL's kernels exactly; RandAugment's ops agree with PIL's to
@@ -40,7 +41,8 @@ import fault_inject  # noqa: E402
 # path stays at least as close to the fast path as the fast path is to the paper's order.
 # Measured on the ImageNet samples (192 per B, RandAugment on): median 45 / 85 / 87 dB at
 # B = 96 / 160 / 224, 5th percentile 32 / 35 / 54 dB.
-MIN_MEAN_PSNR = 36.0
+# (The median, not the mean: many samples come out identical, whose PSNR is unbounded.)
+MIN_MEDIAN_PSNR = 36.0
 MIN_P5_PSNR = 30.0
 
 
@@ -227,13 +229,13 @@ def _compare_with_fast(root, stages, extra=(), n_batches=1):
 
 def test_end_to_end_close_to_fast_path(folder):
     for size, p in _compare_with_fast(folder, (1, 9), n_batches=2).items():
-        assert p.mean() >= MIN_MEAN_PSNR and np.percentile(p, 5) >= MIN_P5_PSNR, (size, p)
+        assert np.median(p) >= MIN_MEDIAN_PSNR and np.percentile(p, 5) >= MIN_P5_PSNR, (size, p)
 
 
 @pytest.mark.skipif(not os.path.isdir(SAMPLES), reason=f'ImageNet samples not found at {SAMPLES}')
 def test_real_imagenet_samples_close_to_fast_path():
     for size, p in _compare_with_fast(SAMPLES, (1, 5), ['--batch_size', '32']).items():
-        assert p.mean() >= MIN_MEAN_PSNR and np.percentile(p, 5) >= MIN_P5_PSNR, (size, p)
+        assert np.median(p) >= MIN_MEDIAN_PSNR and np.percentile(p, 5) >= MIN_P5_PSNR, (size, p)
 
 
 def test_image_store_copies_are_read_when_the_crop_allows(folder, tmp_path):
