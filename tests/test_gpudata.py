@@ -32,8 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import fault_inject  # noqa: E402
 
 # PSNR bound (median over samples) against --data_pipeline fast for the same draws, and why:
-# the two paths
-# make the same draws and differ only in how pixels are computed (the fast path decodes at
+# the two paths make the same draws and differ only in how pixels are computed (the fast path decodes at
 # reduced scale in the DCT domain and box-reduces large crops first; this one decodes the
 # full file and resamples with PIL's kernels exactly; RandAugment's ops agree with PIL's to
 # the rounding, tests/test_gpu_randaug.py).  36 dB (RMS 4 grey levels) is the bound the
