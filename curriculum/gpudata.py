@@ -604,12 +604,19 @@ class DevicePrefetcher:
         import contextlib
         from concurrent.futures import ThreadPoolExecutor
         cuda = self.device.type == 'cuda'
-        stream = torch.cuda.Stream(self.device) if cuda else None
+        device, stream = self.device, None
+        if cuda:
+            # the CUDA current device is per thread (a new one starts at 0): name this
+            # rank's device explicitly for everything the helper thread allocates
+            device = torch.device('cuda', torch.cuda.current_device() if device.index is None else device.index)
+            stream = torch.cuda.Stream(device)
 
         def prepare(x, y):
+            if cuda:
+                torch.cuda.set_device(device)
             with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                xd = self.transform(x.to(self.device, non_blocking=True))
-                yd = y.to(self.device, non_blocking=True)
+                xd = self.transform(x.to(device, non_blocking=True))
+                yd = y.to(device, non_blocking=True)
                 done = None
                 if cuda:
                     done = torch.cuda.Event()
@@ -633,7 +640,7 @@ class DevicePrefetcher:
                     return
                 xd, yd, done = pending.popleft().result()
                 if cuda:
-                    current = torch.cuda.current_stream(self.device)
+                    current = torch.cuda.current_stream(device)
                     current.wait_event(done)
                     xd.record_stream(current)
                     yd.record_stream(current)
