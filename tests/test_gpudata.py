@@ -466,3 +466,20 @@ def test_cuda_device_half_matches_the_cpu_one_and_prefetches(folder, odd_folder)
     dt = main_mod.build_device_transform(a, cuda, dataset=loader.dataset)
     assert sum(len(dt(x.to(cuda))) for x, _ in loader) == 15
     assert loader.dataset.base.cpu_decoded.value >= 3
+
+
+def test_decoder_failures_are_found_by_bisection(monkeypatch):
+    import curriculum.gpudata as gd
+    calls = []
+
+    def fake(payloads, device):
+        calls.append(len(payloads))
+        if any(int(p[0]) == 1 for p in payloads):
+            raise RuntimeError('rejected')
+        return [torch.zeros(3, 2, 2, dtype=torch.uint8) for _ in payloads]
+
+    monkeypatch.setattr(gd, 'decode_jpegs', fake)
+    payloads = [torch.tensor([1 if i == 37 else 0], dtype=torch.uint8) for i in range(64)]
+    out = GpuDataTransform._decode_bisect(payloads, torch.device('cpu'))
+    assert [i for i, o in enumerate(out) if o is None] == [37] and len(out) == 64
+    assert len(calls) <= 13
