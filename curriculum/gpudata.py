@@ -368,6 +368,10 @@ class GpuDataTransform(torch.nn.Module):
 
     # -- decoding ------------------------------------------------------------------
 
+    def _bad_count(self) -> int:
+        bad = getattr(self.dataset, 'bad_count', None)
+        return bad.value if bad is not None else 0
+
     def _count_cpu(self, n):
         base = getattr(self.dataset, 'base', None)
         if n and base is not None and hasattr(base, 'count_cpu_decoded'):
@@ -430,11 +434,13 @@ class GpuDataTransform(torch.nn.Module):
                     out[n] = img
                 else:
                     retry.append(n)
+            bad_before = self._bad_count()
             for n in retry:  # the device decoder rejected it (or disagreed with the header): PIL
                 i = rows[n]
                 shape = (int(geom[i, G_H]), int(geom[i, G_W]))
                 out[n] = to_device(self._cpu_decode(batch.payload(i), shape, int(geom[i, G_INDEX])), device)
-            self._count_cpu(len(retry) if device.type == 'cuda' else 0)
+            if device.type == 'cuda':  # those PIL could read (the others are counted as unreadable)
+                self._count_cpu(len(retry) - (self._bad_count() - bad_before))
         return out
 
     # -- crop and resize -----------------------------------------------------------
