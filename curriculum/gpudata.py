@@ -24,18 +24,26 @@ skips it as today).  Those few come decoded as raw RGB and are counted
 ``collate_encoded`` packs a batch as an ``EncodedBatch``: one flat uint8 tensor of all
 payloads with offsets, a float64 geometry table, the RandAugment parameters, the erasing
 boxes.  It pins and moves like a tensor (``.to(device, non_blocking=True)`` moves the
-parameters; the bytes stay in pinned host memory, where the decoder reads them).
+erasing boxes; the bytes and the other parameters stay in pinned host memory, where the
+decoder and the per-chunk planning read them without waiting for the device).
 
 Device side (``GpuDataTransform``, main.build_device_transform), per batch, in chunks of
-``chunk`` images so a batch of originals does not spike device memory: decode
+similar crop sizes of at most ``chunk`` images and ``chunk_pixels`` padded box pixels, so
+a batch of originals does not spike device memory: decode
 (``decode_jpegs``, the one decoder call: torchvision's batched nvJPEG on CUDA, libjpeg-turbo
 on the CPU), crop and resize each box to the output size with an anti-aliased separable
 filter as two batched matrix products (``resample_weights``: PIL's convolution-resize
 kernels for the fractional box, so the crop is exact), flip, RandAugment
 (``apply_rand_augment``), normalisation, random erasing, channels_last.  Samples the
-device decoder rejects at run time are decoded on the CPU (counted with the others); a
-sample no decoder can read raises ``BadImageError`` naming the file, or with
-``--skip_bad_images`` is counted, reported and replaced by the mean colour.
+device decoder rejects at run time (a failed batched call is bisected) are decoded on
+the CPU (counted with the others); a sample no decoder can read raises ``BadImageError``
+naming the file, or with ``--skip_bad_images`` is counted, reported and replaced by the
+mean colour.  ``DevicePrefetcher`` (``--gpu_prefetch``) runs the next batch's device half
+in a helper thread and CUDA stream while the current batch trains.
+
+Every draw is made per sample in the worker, so the device half is a function of the
+batch alone (the erasing noise is seeded from the batch's sample seeds): exact resume
+and replay-buffer refills hold as for the other pipelines.
 """
 import hashlib
 import multiprocessing
