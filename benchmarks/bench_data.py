@@ -17,6 +17,7 @@ from other processes on a shared machine changes them little.  Ratios are agains
 """
 import argparse
 import atexit
+import json
 import contextlib
 import shutil
 import statistics
@@ -66,6 +67,9 @@ def parse(argv=None):
                    help='gpu pipelines: images per batch in the device-side measurement')
     p.add_argument('--device_batches', type=int, default=3,
                    help='gpu pipelines: batches timed per stage in the device-side measurement (after one warm-up)')
+    p.add_argument('--step_json', default=None,
+                   help='gpu pipelines: a benchmarks/bench_step.py --json result; the device half is then shown '
+                        'as a share of the training step at each B (its images/s, scaled to the same batch)')
     own, rest = p.parse_known_args(argv)
     for name in own.pipelines.split(','):
         if name not in PIPELINES:
@@ -180,6 +184,14 @@ def measure(own, rest):
     gpu_names = [n for n in names if n.startswith('gpu')]
     if gpu_names:
         device_side = measure_device(own, rest, folder, gpu_names[-1], image_store)
+        if own.step_json:
+            with open(own.step_json, encoding='utf-8') as f:
+                step = {r['size']: r['img_s'] for r in json.load(f)['rows']}
+            device_side['step_json'] = own.step_json
+            for r in device_side['stages']:
+                if r['size'] in step:
+                    r['step_ms'] = 1e3 * r['batch'] / step[r['size']]
+                    r['device_pct_of_step'] = 100 * r['ms_per_batch'] / r['step_ms']
     return {
         'device_side': device_side,
         'host': host_info(), 'data_path': own.data_path, 'images': len(folder) // own.batch * own.batch,
@@ -270,9 +282,13 @@ def device_table(d):
              f'{"per-sample interpolate ms":>26} {"memory added MiB":>17}']
     for r in d['stages']:
         mem = '-' if r['memory_added_mib'] is None else f'{r["memory_added_mib"]:.0f}'
+        step = f'  step {r["step_ms"]:.1f} ms: {r["device_pct_of_step"]:.0f}%' if 'step_ms' in r else ''
         lines.append(f'{r["index"]:>5} {r["size"]:>4} {r["batch"]:>5} {r["ms_per_batch"]:>9.1f} '
                      f'{r["images_per_s"]:>8.0f} {r["resample_ms"]:>15.1f} {r["per_sample_interpolate_ms"]:>26.1f} '
-                     f'{mem:>17}')
+                     f'{mem:>17}{step}')
+    if d.get('step_json'):
+        lines.append(f'step: the training step of {d["step_json"]} for the same number of images (same device '
+                     f'only if that file says so)')
     return lines
 
 

@@ -389,9 +389,13 @@ def test_bench_data_gpu_pipelines(folder, tmp_path, capsys):
     sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
     import bench_data
     out = str(tmp_path / 'data.json')
+    step_json = tmp_path / 'step.json'  # what bench_step.py --json writes, in the fields read
+    import json
+    step_json.write_text(json.dumps({'rows': [{'size': b, 'img_s': 1000.0} for b in (32, 48, 64)]}))
     res = bench_data.main(['--data_path', folder, '--rounds', '1', '--batch', '8', '--pipelines', 'gpu,gpu-store',
                            '--device_batch', '8', '--device_batches', '1', '--json', out, '--model', 'resnet18',
-                           '--curriculum', 'etpp', '--base_input_size', '64', '--device', 'cpu'])
+                           '--curriculum', 'etpp', '--base_input_size', '64', '--device', 'cpu',
+                           '--step_json', str(step_json)])
     printed = capsys.readouterr().out
     assert 'CPU tensors' in printed and 'not a GPU number' in printed
     for row in res['stages']:
@@ -399,6 +403,9 @@ def test_bench_data_gpu_pipelines(folder, tmp_path, capsys):
     dev = res['device_side']['stages']
     assert {r['size'] for r in dev} == {r['size'] for r in res['stages']}
     assert all(r['ms_per_batch'] > 0 and r['memory_added_mib'] is None for r in dev)
+    for r in dev:  # 8 images at 1000 img/s: an 8 ms step
+        assert r['step_ms'] == pytest.approx(8.0) and r['device_pct_of_step'] == pytest.approx(r['ms_per_batch'] / 0.08)
+    assert '% ' in printed or '%\n' in printed
 
 
 def test_tiny_training_run_with_fourier_crop(folder, tmp_path):
