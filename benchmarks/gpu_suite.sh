@@ -84,6 +84,6 @@ STEP_JSON=()
 [ -f "$OUT/r50_amp_cl.json" ] && STEP_JSON=(--step_json "$OUT/r50_amp_cl.json")
 step data_gpu 240 benchmarks/bench_data.py --data_path "$DATA" --model resnet50 --curriculum etpp \
     --pipelines fast-store,gpu-store --rounds 1 --device cuda --device_batch 192 --device_batches 3 \
-    "${STEP_JSON[@]}" --json "$OUT/data_gpu.json"
+    ${STEP_JSON[@]+"${STEP_JSON[@]}"} --json "$OUT/data_gpu.json"
 step e2e_r50_gpu 480 benchmarks/bench_e2e.py "${E2E[@]}" --data_pipeline gpu --json "$OUT/e2e_r50_gpu.json"
 echo "issue 13 steps done after $SECONDS s"
