@@ -292,9 +292,14 @@ def decode_jpegs(payloads: List[torch.Tensor], device: torch.device) -> List[tor
     torchvision.io.decode_jpeg: a list input is one batched nvJPEG call on CUDA (the
     inputs stay on the host; outputs on the device) and libjpeg-turbo per image on the
     CPU.  TorchCodec, which torchvision 0.29 points to, was measured and not chosen
-    (README "Performance").  Raises RuntimeError when the decoder rejects an input.
+    (README "Performance"); it is used when torchvision no longer has the decoder.  Raises
+    RuntimeError when the decoder rejects an input.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:  # a torchvision without its decoders: TorchCodec's takes the same call
+        from torchcodec.decoders import decode_jpeg
+        return decode_jpeg(payloads, mode='RGB', device=device)
     _filter_decode_deprecation()
     if device.type == 'cuda':
         return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
