@@ -178,6 +178,23 @@ def check_args(args):
         args.log_dir = None
 
 
+def check_device(name):
+    """--device as torch understands it, on this machine (before anything is initialised on it)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f'--device {name} is not a device: use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError(f'--device {name} but no CUDA device is visible: pass --device cpu')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f'--device {name} but only {torch.cuda.device_count()} CUDA device(s) are visible: '
+                            f'use cuda:0..cuda:{torch.cuda.device_count() - 1}')
+    elif device.type != 'cpu':
+        raise UserError(f'--device {name}: this codebase trains on cpu or cuda only')
+    return device
+
+
 def _model_kwargs(args, nb_classes):
     kw = dict(num_classes=nb_classes, drop_path_rate=args.drop_path)
     if args.layer_scale_init_value is not None:
@@ -250,11 +267,10 @@ def load_finetune(args, model):
 
 def setup_run(args):
     """Distributed init, flag checks, seeding and determinism; returns (device, rank, world)."""
+    check_device(args.device)
     utils.init_distributed_mode(args)
     check_args(args)
     device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError('--device cuda but no CUDA device is visible: pass --device cpu')
     rank, world = utils.get_rank(), utils.get_world_size()
     if args.global_batch_size:
         per_step = args.batch_size * world
@@ -412,12 +428,13 @@ def main(args):
     # training installs its own SIGTERM handler (utils.StopRequest); callers in the same
     # process (tests, notebooks) get theirs back, or processes they fork later would
     # inherit one that never exits (a multiprocessing.Pool then waits forever to terminate them)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return train(args)
     finally:
-        # None: a handler not set from Python, which cannot be put back
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for s, handler in previous.items():
+            # None: a handler not set from Python, which cannot be put back
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def train(args):
@@ -515,8 +532,9 @@ def train(args):
             if stop:
                 saved = f'; recovery checkpoint {os.path.join(args.output_dir, utils.RECOVERY_NAME)}' \
                     if args.output_dir else ' (no --output_dir: nothing saved)'
-                raise utils.TrainingInterrupted(f'stopped by SIGTERM at epoch {epoch}, batch {done}{saved}; '
-                                                f'run the same command again to continue')
+                raise utils.TrainingInterrupted(f'stopped by {stop_request.name or "a signal"} at epoch {epoch}, '
+                                                f'batch {done}{saved}; run the same command again to continue',
+                                                stop_request.signum or signal.SIGTERM)
 
         epoch_start = time.time()
         train_stats = train_one_epoch(
@@ -728,7 +746,12 @@ def cli(argv=None):
         sys.exit(3)
     except utils.TrainingInterrupted as e:
         print(str(e), file=sys.stderr, flush=True)
-        sys.exit(143)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        # Ctrl-C before training's handler is installed, during evaluation, or a second one
+        print('interrupted (Ctrl-C): stopped without saving; checkpoints already written are intact',
+              file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()
