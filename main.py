@@ -36,124 +36,244 @@ from optim_factory import create_optimizer
 from utils import UserError, str2bool
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser('EfficientTrain(++) training and evaluation', add_help=True)
-    b = str2bool
-    # model
-    p.add_argument('--model', default='convnext_tiny', type=str, help='recipe name or any timm model name')
-    p.add_argument('--input_size', default=224, type=int, help='image size for training without a curriculum '
-                                                              'and for evaluation')
-    p.add_argument('--drop_path', default=0.0, type=float)
-    p.add_argument('--layer_scale_init_value', default=None, type=float,
-                   help='layer-scale init of ConvNeXt/ViT-style models (model default if unset)')
-    p.add_argument('--nb_classes', default=None, type=int, help='number of classes (default: from the data)')
-    # optimisation
-    p.add_argument('--batch_size', default=64, type=int, help='per-GPU batch (at the base size)')
-    p.add_argument('--update_freq', default=1, type=int, help='gradient accumulation steps (at the base size)')
-    p.add_argument('--global_batch_size', default=None, type=int,
-                   help='total batch per optimizer step; sets --update_freq from --batch_size and the GPU count')
-    p.add_argument('--epochs', default=300, type=int,
-                   help='data epochs; equivalent epochs at --base_input_size with --curriculum etpp')
-    p.add_argument('--warmup_epochs', default=20, type=float)
-    p.add_argument('--warmup_steps', default=-1, type=int, help='overrides --warmup_epochs when > 0')
-    p.add_argument('--lr', default=4e-3, type=float)
-    p.add_argument('--min_lr', default=1e-6, type=float)
-    p.add_argument('--weight_decay', default=0.05, type=float)
-    p.add_argument('--weight_decay_end', default=None, type=float, help='final weight decay (cosine); '
-                                                                        'default: constant')
-    p.add_argument('--opt', default='adamw', type=str, help="any optimizer timm's factory knows")
-    p.add_argument('--opt_eps', default=1e-8, type=float)
-    p.add_argument('--opt_betas', default=None, type=float, nargs='+')
-    p.add_argument('--momentum', default=0.9, type=float)
-    p.add_argument('--clip_grad', default=None, type=float)
-    p.add_argument('--layer_decay', default=1.0, type=float)
-    # EMA
-    p.add_argument('--model_ema', default=False, type=b)
-    p.add_argument('--model_ema_decay', default=0.9999, type=float)
-    p.add_argument('--model_ema_force_cpu', default=False, type=b)
-    p.add_argument('--model_ema_eval', default=False, type=b)
-    # augmentation
-    p.add_argument('--color_jitter', default=0.4, type=float)
-    p.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str)
-    p.add_argument('--smoothing', default=0.1, type=float)
-    p.add_argument('--train_interpolation', default='bicubic', type=str)
-    p.add_argument('--crop_pct', default=None, type=float)
-    p.add_argument('--reprob', default=0.25, type=float)
-    p.add_argument('--remode', default='pixel', type=str)
-    p.add_argument('--recount', default=1, type=int)
-    p.add_argument('--resplit', default=False, type=b,
-                   help='per-split random erasing; only has an effect with augmentation splits, which this '
-                        'codebase does not use (kept for command-line compatibility)')
-    p.add_argument('--mixup', default=0.8, type=float)
-    p.add_argument('--cutmix', default=1.0, type=float)
-    p.add_argument('--cutmix_minmax', default=None, type=float, nargs='+')
-    p.add_argument('--mixup_prob', default=1.0, type=float)
-    p.add_argument('--mixup_switch_prob', default=0.5, type=float)
-    p.add_argument('--mixup_mode', default='batch', type=str)
-    # curriculum
-    p.add_argument('--curriculum', default='none', choices=['none', 'et', 'etpp'])
-    p.add_argument('--curriculum_file', default=None, type=str, help='custom stages (JSON); see TRAINING.md')
-    p.add_argument('--base_input_size', default=224, type=int, help='final bandwidth of a curriculum')
-    p.add_argument('--lowfreq', default='auto', choices=['auto', 'fourier', 'lanczos'],
-                   help='auto: fourier for et, lanczos for etpp')
-    p.add_argument('--replay_times', default=1, type=int, help='replay factor for stages below the base size')
-    p.add_argument('--replay_buffer_size', default=0, type=int)
-    p.add_argument('--replay_preset', default=False, type=b, help="the recipe's published replay settings")
-    p.add_argument('--baseline_epochs', default=None, type=int,
-                   help='baseline the printed speedup is against (default: as published: 300 epochs for '
-                        'etpp, the same --epochs for et and custom files)')
-    # data and runs
-    p.add_argument('--data_set', default='IMNET', choices=['IMNET', 'image_folder', 'CIFAR', 'SYNTH'])
-    p.add_argument('--data_path', default=None, type=str)
-    p.add_argument('--eval_data_path', default=None, type=str)
-    p.add_argument('--synth_classes', default=10, type=int)
-    p.add_argument('--synth_per_class', default=100, type=int)
-    p.add_argument('--synth_val_per_class', default=20, type=int)
-    p.add_argument('--synth_image_size', default=80, type=int)
-    p.add_argument('--synth_seed', default=0, type=int)
-    p.add_argument('--output_dir', default='', type=str)
-    p.add_argument('--log_dir', default=None, type=str,
-                   help='TensorBoard directory (default <output_dir>/tensorboard; "none" disables)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str)
-    p.add_argument('--seed', default=0, type=int)
-    p.add_argument('--resume', default='', type=str)
-    p.add_argument('--auto_resume', default=True, type=b)
-    p.add_argument('--save_ckpt', default=True, type=b)
-    p.add_argument('--save_ckpt_freq', default=1, type=int)
-    p.add_argument('--save_ckpt_num', default=3, type=int)
-    p.add_argument('--save_ckpt_steps', default=0, type=int,
-                   help='also write checkpoint-recovery.pth every N optimizer steps inside an epoch')
-    p.add_argument('--deterministic', default=False, type=b,
-                   help='deterministic kernels (torch.use_deterministic_algorithms), for bit-exact resume')
-    p.add_argument('--cudnn_benchmark', default=True, type=b,
-                   help='let cuDNN time its convolution algorithms once per input shape (as the ConvNeXt/DeiT '
-                        'code does; once per stage here); off with --deterministic true')
-    p.add_argument('--skip_bad_images', default=False, type=b,
-                   help='skip and count unreadable training images instead of failing on the first')
-    p.add_argument('--start_epoch', default=0, type=int)
-    p.add_argument('--eval', default=False, type=b)
-    p.add_argument('--dist_eval', default=True, type=b)
-    p.add_argument('--disable_eval', default=False, type=b)
-    p.add_argument('--num_workers', default=min(10, os.cpu_count() or 1), type=int)
-    p.add_argument('--pin_mem', default=True, type=b)
-    p.add_argument('--data_pipeline', default='published', choices=['published', 'fast'],
-                   help='published: the papers\' CPU order (crop/augment at the base size, then resize to B); '
-                        'fast: crop and augment at B, reduced-size JPEG decoding, uint8 batches normalised '
-                        'and random-erased on the device (curriculum/fastpath.py)')
-    p.add_argument('--image_store', default=None,
-                   help='with --data_pipeline fast: a store of reduced-size copies of the training images, built '
-                        'by scripts/build_image_store.py, read instead of the originals when the crop allows '
-                        '(curriculum/store.py)')
-    p.add_argument('--channels_last', default=False, type=b, help='model (and fast-path batches) in NHWC layout')
-    p.add_argument('--compile', default=False, type=b,
-                   help='torch.compile the training model with static shapes: one compilation per stage size')
-    p.add_argument('--use_amp', default=False, type=b)
-    p.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'])
-    p.add_argument('--finetune', default='', type=str)
-    p.add_argument('--head_init_scale', default=1.0, type=float)
-    p.add_argument('--model_key', default='model|module', type=str)
-    p.add_argument('--model_prefix', default='', type=str)
-    p.add_argument('--print_freq', default=10, type=int)
+class _InputSizeDefault(int):
+    """--input_size's default (224), a distinct type so that a value the user typed can be told
+    apart from it: --eval then evaluates at the checkpoint's recorded size unless one was given.
+    utils.plain_args stores it as a plain int."""
+
+
+INPUT_SIZE_DEFAULT = _InputSizeDefault(224)
+
+
+def input_size_given(args):
+    """Whether --input_size was given (its value is not the parser's default object)."""
+    return type(args.input_size) is not _InputSizeDefault
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' unless the help already says its default; None reads 'unset'."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if 'default' in text or action.default is argparse.SUPPRESS or not action.option_strings \
+                or action.nargs == 0 or action.required:
+            return text
+        d = action.default
+        shown = 'unset' if d is None or d == '' else str(d).lower() if isinstance(d, bool) else str(d)
+        return text + f' (default: {shown})'.replace('%', '%%')
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without abbreviations (`--epoch 1` is an error, not --epochs), errors on one line."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault('allow_abbrev', False)
+        kw.setdefault('formatter_class', HelpFormatter)
+        super().__init__(*a, **kw)
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
+# true/false flags: shown as {true,false} in --help
+BOOL = dict(type=str2bool, metavar='{true,false}')
+
+
+def get_args_parser(add_help=True, prog=None):
+    # Flags live in argument groups, one local variable per group (model, optim, schedule,
+    # curriculum, augment, data, run, dist, perf); a flag added later belongs with
+    # `<group>.add_argument(...)` in its group, with a help text, and **BOOL for a true/false flag
+    # (tests/test_cli.py checks every action).
+    p = ArgumentParser(prog=prog, usage='%(prog)s [--flag value ...]', description='EfficientTrain(++) training and evaluation of timm backbones. '
+                       'Single process: python main.py ...; several: torchrun --nproc_per_node=N main.py ...',
+                       add_help=add_help)
+    model = p.add_argument_group('model')
+    optim = p.add_argument_group('optimisation')
+    schedule = p.add_argument_group('schedule (learning rate, weight decay, EMA)')
+    curriculum = p.add_argument_group('curriculum (EfficientTrain / EfficientTrain++)')
+    augment = p.add_argument_group('augmentation and regularisation')
+    data = p.add_argument_group('data')
+    run = p.add_argument_group('run and checkpoints')
+    dist = p.add_argument_group('distributed', 'torchrun (or srun with SLURM_NTASKS > 1) starts the processes '
+                                'and sets RANK, WORLD_SIZE and LOCAL_RANK; --batch_size is per process')
+    perf = p.add_argument_group('performance')
+
+    model.add_argument('--model', default='convnext_tiny', type=str,
+                       help='a recipe name (scripts/recipes.py list) or any timm model name')
+    model.add_argument('--input_size', default=INPUT_SIZE_DEFAULT, type=int,
+                       help='image size for training without a curriculum, and for --eval (default: 224; '
+                            "with --eval, the size the --resume checkpoint records, when it records one)")
+    model.add_argument('--drop_path', default=0.0, type=float, help='stochastic depth rate')
+    model.add_argument('--layer_scale_init_value', default=None, type=float,
+                       help='layer-scale init of ConvNeXt/ViT-style models (default: the model\'s own)')
+    model.add_argument('--nb_classes', default=None, type=int, help='number of classes (default: from the data)')
+    model.add_argument('--finetune', default='', type=str,
+                       help='initialise from these weights (a released or own checkpoint); a classifier of '
+                            'another shape is dropped and trained anew')
+    model.add_argument('--head_init_scale', default=1.0, type=float,
+                       help='with --finetune: scale the classifier weights by this')
+    model.add_argument('--model_key', default='model|module', type=str,
+                       help='the checkpoint entries that may hold the weights, tried in order ("|"-separated)')
+    model.add_argument('--model_prefix', default='', type=str,
+                       help='with --finetune: keep only weights whose names start with this, prefix removed')
+
+    optim.add_argument('--batch_size', default=64, type=int,
+                       help='batch per process (per GPU) at the base size; curricula scale it at lower B')
+    optim.add_argument('--update_freq', default=1, type=int,
+                       help='gradient accumulation steps per optimizer step (at the base size)')
+    optim.add_argument('--global_batch_size', default=None, type=int,
+                       help='total batch per optimizer step; sets --update_freq from --batch_size and the '
+                            'number of processes')
+    optim.add_argument('--opt', default='adamw', type=str, help="optimizer: any name timm's factory knows")
+    optim.add_argument('--opt_eps', default=1e-8, type=float, help='optimizer epsilon')
+    optim.add_argument('--opt_betas', default=None, type=float, nargs='+',
+                       help="optimizer betas (default: the optimizer's own)")
+    optim.add_argument('--momentum', default=0.9, type=float, help='SGD momentum')
+    optim.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm to this (default: off)')
+    optim.add_argument('--layer_decay', default=1.0, type=float,
+                       help='layer-wise learning-rate decay (1.0: off), as in fine-tuning recipes')
+
+    schedule.add_argument('--epochs', default=300, type=int,
+                          help='data epochs; with --curriculum etpp, the budget in equivalent epochs at '
+                               '--base_input_size')
+    schedule.add_argument('--lr', default=4e-3, type=float, help='peak learning rate (after warmup)')
+    schedule.add_argument('--min_lr', default=1e-6, type=float, help='final learning rate of the cosine schedule')
+    schedule.add_argument('--warmup_epochs', default=20, type=float,
+                          help='linear warmup length in epochs (clipped to the run when longer)')
+    schedule.add_argument('--warmup_steps', default=-1, type=int,
+                          help='warmup length in optimizer steps; overrides --warmup_epochs when > 0')
+    schedule.add_argument('--weight_decay', default=0.05, type=float, help='weight decay (AdamW: decoupled)')
+    schedule.add_argument('--weight_decay_end', default=None, type=float,
+                          help='final weight decay of a cosine schedule (default: unset, constant)')
+    schedule.add_argument('--model_ema', default=False, **BOOL, help='keep an exponential moving average of '
+                                                                     'the weights (saved as model_ema)')
+    schedule.add_argument('--model_ema_decay', default=0.9999, type=float, help='EMA decay per optimizer step')
+    schedule.add_argument('--model_ema_force_cpu', default=False, **BOOL,
+                          help='keep the EMA (and its evaluation) on the CPU')
+    schedule.add_argument('--model_ema_eval', default=False, **BOOL,
+                          help='evaluate the EMA too after each epoch; with --eval, evaluate the EMA weights')
+
+    curriculum.add_argument('--curriculum', default='none', choices=['none', 'et', 'etpp'],
+                            help='none: plain training at --input_size; et: EfficientTrain (ICCV 2023); '
+                                 'etpp: EfficientTrain++ (TPAMI 2024)')
+    curriculum.add_argument('--curriculum_file', default=None, type=str,
+                            help='custom stages (JSON) instead of --curriculum; see TRAINING.md')
+    curriculum.add_argument('--base_input_size', default=224, type=int,
+                            help='the final bandwidth B of a curriculum (the size it ends at)')
+    curriculum.add_argument('--lowfreq', default='auto', choices=['auto', 'fourier', 'lanczos'],
+                            help='how images are reduced to bandwidth B; auto: fourier for et, lanczos for etpp')
+    curriculum.add_argument('--replay_times', default=1, type=int,
+                            help='replay factor for stages below the base size (1: no replay buffer)')
+    curriculum.add_argument('--replay_buffer_size', default=0, type=int,
+                            help='replay buffer length in loader batches')
+    curriculum.add_argument('--replay_preset', default=False, **BOOL,
+                            help="the recipe's published replay settings")
+    curriculum.add_argument('--baseline_epochs', default=None, type=int,
+                            help='also compare the plan with a baseline of this many epochs at the base size '
+                                 '(default: unset; etpp compares with the published 300-epoch baseline when '
+                                 '--epochs is a published budget)')
+
+    augment.add_argument('--color_jitter', default=0.4, type=float,
+                         help='colour jitter strength (used only without RandAugment)')
+    augment.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str,
+                         help="timm auto-augment policy; 'none' disables (curricula set the magnitude m per stage)")
+    augment.add_argument('--smoothing', default=0.1, type=float, help='label smoothing')
+    augment.add_argument('--train_interpolation', default='bicubic', type=str,
+                         help='interpolation of the random resized crop')
+    augment.add_argument('--crop_pct', default=None, type=float,
+                         help='evaluation centre-crop fraction (default: unset, 0.875 below 384, none above)')
+    augment.add_argument('--reprob', default=0.25, type=float, help='random erasing probability')
+    augment.add_argument('--remode', default='pixel', type=str, help="random erasing fill ('pixel', 'rand', 'const')")
+    augment.add_argument('--recount', default=1, type=int, help='random erasing count')
+    augment.add_argument('--resplit', default=False, **BOOL,
+                         help='per-split random erasing; only has an effect with augmentation splits, which this '
+                              'codebase does not use (kept for command-line compatibility)')
+    augment.add_argument('--mixup', default=0.8, type=float, help='mixup alpha (0: off)')
+    augment.add_argument('--cutmix', default=1.0, type=float, help='cutmix alpha (0: off)')
+    augment.add_argument('--cutmix_minmax', default=None, type=float, nargs='+',
+                         help='cutmix box ratio range, overrides --cutmix (default: unset)')
+    augment.add_argument('--mixup_prob', default=1.0, type=float, help='probability of mixup or cutmix per batch')
+    augment.add_argument('--mixup_switch_prob', default=0.5, type=float,
+                         help='probability of cutmix instead of mixup when both are on')
+    augment.add_argument('--mixup_mode', default='batch', type=str, help="how mixup is applied: batch, pair or elem")
+
+    data.add_argument('--data_set', default='IMNET', choices=['IMNET', 'image_folder', 'CIFAR', 'SYNTH'],
+                      help='IMNET: --data_path/train and /val; image_folder: class folders; CIFAR: CIFAR-100; '
+                           'SYNTH: generated images, no download')
+    data.add_argument('--data_path', default=None, type=str, help='dataset root (default: unset; needed but for SYNTH)')
+    data.add_argument('--eval_data_path', default=None, type=str,
+                      help='evaluation folder for image_folder (default: unset)')
+    data.add_argument('--synth_classes', default=10, type=int, help='SYNTH: number of classes')
+    data.add_argument('--synth_per_class', default=100, type=int, help='SYNTH: training images per class')
+    data.add_argument('--synth_val_per_class', default=20, type=int, help='SYNTH: test images per class')
+    data.add_argument('--synth_image_size', default=80, type=int, help='SYNTH: image side in pixels')
+    data.add_argument('--synth_seed', default=0, type=int, help='SYNTH: seed of the generated images')
+    data.add_argument('--data_pipeline', default='published', choices=['published', 'fast'],
+                      help='published: the papers\' CPU order (crop/augment at the base size, then resize to B); '
+                           'fast: crop and augment at B, reduced-size JPEG decoding, uint8 batches normalised '
+                           'and random-erased on the device (curriculum/fastpath.py)')
+    data.add_argument('--image_store', default=None,
+                      help='with --data_pipeline fast: a store of reduced-size copies of the training images, '
+                           'built by scripts/build_image_store.py, read instead of the originals when the crop '
+                           'allows (curriculum/store.py)')
+    data.add_argument('--num_workers', default=min(10, os.cpu_count() or 1), type=int,
+                      help='data loader processes per training process (default: min(10, CPU count))')
+    data.add_argument('--pin_mem', default=True, **BOOL, help='page-locked loader batches (CUDA only)')
+    data.add_argument('--skip_bad_images', default=False, **BOOL,
+                      help='skip and count unreadable training images instead of failing on the first')
+
+    run.add_argument('--output_dir', default='', type=str,
+                     help="checkpoints, log.txt, config.json, TensorBoard logs ('': save nothing)")
+    run.add_argument('--log_dir', default=None, type=str,
+                     help='TensorBoard directory (default: <output_dir>/tensorboard; "none" disables)')
+    run.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
+                     help='cpu, cuda or cuda:N (torchrun: each process uses its LOCAL_RANK) '
+                          '(default: cuda when available, else cpu)')
+    run.add_argument('--seed', default=0, type=int, help='random seed (each process adds its rank)')
+    run.add_argument('--resume', default='', type=str,
+                     help='checkpoint to continue from, or to evaluate with --eval')
+    run.add_argument('--auto_resume', default=True, **BOOL,
+                     help='continue from the furthest checkpoint in --output_dir when there is one')
+    run.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
+    run.add_argument('--eval', default=False, **BOOL, help='only evaluate --resume on the test set')
+    run.add_argument('--disable_eval', default=False, **BOOL, help='no evaluation after each epoch')
+    run.add_argument('--save_ckpt', default=True, **BOOL, help='write checkpoint-N.pth and checkpoint-best.pth')
+    run.add_argument('--save_ckpt_freq', default=1, type=int, help='write checkpoint-N.pth every N epochs')
+    run.add_argument('--save_ckpt_num', default=3, type=int, help='keep the newest N checkpoint-N.pth files')
+    run.add_argument('--save_ckpt_steps', default=0, type=int,
+                     help='also write checkpoint-recovery.pth every N optimizer steps inside an epoch (0: off)')
+    run.add_argument('--deterministic', default=False, **BOOL,
+                     help='deterministic kernels (torch.use_deterministic_algorithms), for bit-exact resume')
+    run.add_argument('--print_freq', default=10, type=int, help='print training progress every N steps')
+
+    dist.add_argument('--dist_eval', default=True, **BOOL,
+                      help='split evaluation among the processes (else every process evaluates everything)')
+
+    perf.add_argument('--use_amp', default=False, **BOOL, help='mixed precision (autocast)')
+    perf.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'],
+                      help='autocast dtype with --use_amp (float16 uses a loss scaler)')
+    perf.add_argument('--channels_last', default=False, **BOOL, help='model (and fast-path batches) in NHWC layout')
+    perf.add_argument('--compile', default=False, **BOOL,
+                      help='torch.compile the training model with static shapes: one compilation per stage size')
+    perf.add_argument('--cudnn_benchmark', default=True, **BOOL,
+                      help='let cuDNN time its convolution algorithms once per input shape (as the ConvNeXt/DeiT '
+                           'code does; once per stage here); off with --deterministic true')
+    return p
+
+
+def script_parser(prog, description, epilog=None):
+    """A helper script's parser: main.py's flags are accepted but left out of its --help,
+    which lists the script's own options (add them to the returned parser) and points to
+    main.py --help for the rest."""
+    p = get_args_parser(prog=prog)
+    for action in p._actions:  # argparse has no public way to hide inherited options
+        if action.option_strings and action.dest != 'help':
+            action.help = argparse.SUPPRESS
+    for group in p._action_groups:
+        group.description = None  # main.py's group notes, above no visible option
+    p.description = description
+    p.epilog = ((epilog + ' ') if epilog else '') + \
+        'Every flag of main.py is accepted too: see python main.py --help.'
     return p
 
 
@@ -440,6 +560,8 @@ def main(args):
 def train(args):
     device, rank, world = setup_run(args)
     print(' '.join(sys.argv))
+    # before the data is built: a wrong path fails at once, and the model is built at its size
+    eval_ckpt = eval_checkpoint(args) if args.eval else None
     train_base, val_base, nb_classes = build_base_datasets(args)
     args.nb_classes = nb_classes
     model, final_size = build_model(args, nb_classes)
@@ -447,7 +569,7 @@ def train(args):
     print(f'Model {args.model}: {n_parameters / 1e6:.2f}M parameters, {nb_classes} classes')
     amp_dtype = getattr(torch, args.amp_dtype) if args.use_amp else None
     if args.eval:
-        return run_eval_only(args, model, val_base, device, amp_dtype, rank, world)
+        return run_eval_only(args, eval_ckpt, model, val_base, device, amp_dtype, rank, world)
 
     plan = checked_plan(args, model)
     print(plan.table(None if plan.name == 'baseline' else baseline_epochs(args)))
@@ -714,10 +836,30 @@ def make_hparams(args, plan, per_rank_images=None):
     return hparams
 
 
-def run_eval_only(args, model, val_base, device, amp_dtype, rank, world):
+def eval_checkpoint(args):
+    """--resume for --eval; --input_size becomes the checkpoint's recorded size unless given.
+
+    Our checkpoints record the size the model was last trained at ('input_size'); a model
+    trained at 64 and evaluated at the default 224 would score far lower without any sign why.
+    """
     if not args.resume:
         raise UserError('--eval true needs --resume FILE (the checkpoint to evaluate)')
     ckpt = utils.load_checkpoint_file(args.resume)
+    recorded = ckpt.get('input_size')
+    recorded = int(recorded) if isinstance(recorded, (int, float)) and recorded > 0 else None
+    if recorded is None or recorded == args.input_size:
+        return ckpt
+    if input_size_given(args):
+        print(f'NOTE: {args.resume} was trained at {recorded}x{recorded}; evaluating at --input_size '
+              f'{args.input_size} as asked')
+    else:
+        print(f'Evaluating at {recorded}x{recorded}, the size {args.resume} was trained at '
+              f'(not the default {args.input_size}; pass --input_size to choose)')
+        args.input_size = recorded
+    return ckpt
+
+
+def run_eval_only(args, ckpt, model, val_base, device, amp_dtype, rank, world):
     key = 'model_ema' if (args.model_ema_eval and 'model_ema' in ckpt) else args.model_key
     state, used = _state_from(ckpt, key, args.resume)
     if 'input_size' in ckpt and int(ckpt['input_size']) != args.input_size:
@@ -728,9 +870,10 @@ def run_eval_only(args, model, val_base, device, amp_dtype, rank, world):
     adapt_model(model, args.input_size)
     model.to(device)
     loader = build_eval_loader(args, val_base, args.input_size, rank, world)
-    stats = evaluate(loader, model, device, amp_dtype, reduce=args.dist_eval and world > 1)
-    print(f'Accuracy of the network ({used or "state_dict"}) on {stats["num_images"]} test images: '
-          f'{stats["acc1"]:.1f}%')
+    stats = evaluate(loader, model, device, amp_dtype, reduce=args.dist_eval and world > 1,
+                     size=args.input_size)
+    print(f'Accuracy of the network ({used or "state_dict"}) on {stats["num_images"]} test images at '
+          f'{args.input_size}x{args.input_size}: {stats["acc1"]:.1f}%')
     return stats
 
 

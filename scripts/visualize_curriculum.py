@@ -35,13 +35,13 @@ MATPLOTLIB_MISSING = 'plan.png needs matplotlib: pip install matplotlib'
 
 
 def get_args_parser():
-    p = train_main.get_args_parser()
+    p = train_main.script_parser('visualize_curriculum.py', __doc__.split('\n\n')[0])
     g = p.add_argument_group('visualisation')
     g.add_argument('--images', required=True, type=str,
                    help='an ImageFolder tree (<root>/<class>/<image>) or a flat folder of images')
     g.add_argument('--out', default='out/viz', type=str, help='folder for plan.png and stages.png')
     g.add_argument('--num_images', default=4, type=int, help='rows of stages.png')
-    g.add_argument('--no_augment', default=False, type=str2bool, nargs='?', const=True,
+    g.add_argument('--no_augment', default=False, type=str2bool, nargs='?', const=True, metavar='{true,false}',
                    help='show only the low-frequency operation: centre crop at the base size, then '
                         'Lanczos or Fourier crop to B (one column per distinct B)')
     g.add_argument('--cell_size', default=None, type=int,
