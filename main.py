@@ -340,6 +340,23 @@ def baseline_epochs(args):
     return 300 if args.curriculum == 'etpp' and not args.curriculum_file else args.epochs
 
 
+def compared_baseline_epochs(args):
+    """A baseline the plan table compares with besides the same data epochs at the base size:
+    --baseline_epochs, or the paper's 300-epoch one when the run is a paper setting
+    (EfficientTrain++ at 224, a budget of 100 epochs or more); else None."""
+    if args.baseline_epochs:
+        return args.baseline_epochs
+    paper = (args.curriculum == 'etpp' and not args.curriculum_file and args.base_input_size == 224
+             and args.epochs >= 100)
+    return 300 if paper else None
+
+
+def plan_text(args, plan, device, world):
+    """The plan table as main.py prints it for this run."""
+    return plan.table(compared_baseline_epochs(args), pipeline=args.data_pipeline, world=world,
+                      per='GPU' if device.type == 'cuda' else 'process')
+
+
 def checked_plan(args, model):
     """The plan for these flags, every stage's B checked against the model before training."""
     try:
@@ -572,7 +589,7 @@ def train(args):
         return run_eval_only(args, eval_ckpt, model, val_base, device, amp_dtype, rank, world)
 
     plan = checked_plan(args, model)
-    print(plan.table(None if plan.name == 'baseline' else baseline_epochs(args)))
+    print(plan_text(args, plan, device, world))
     # before anything is loaded or written: the loader checks the batch against the data
     # and the image store against the folder
     train_loader, batch_sampler = build_train_loader(args, train_base, plan, rank, world)
@@ -623,6 +640,7 @@ def train(args):
     replay, replay_stage = None, None
     current_size, max_acc, max_acc_ema = start.size, start.max_acc, start.max_acc_ema
     print(f'Start training for {plan.num_epochs} data epochs from epoch {start.epoch}')
+    per = 'GPU' if device.type == 'cuda' else 'process'
     start_time = time.time()
     for epoch in range(start.epoch, plan.num_epochs):
         stage = plan.stage_at(epoch)
@@ -642,9 +660,10 @@ def train(args):
         skip = start.step if epoch == start.epoch else 0
         batch_sampler.set_epoch(epoch, skip=skip)
         stage_desc = f'stage {stage.index}, B={stage.size}, m={stage.magnitude}'
-        print(f'Epoch {epoch}: {stage_desc}, batch {stage.batch_size} x {stage.update_freq} per GPU'
+        print(f'Epoch {epoch}: {stage_desc}, batch {stage.batch_size} x {stage.update_freq} per {per}'
               f'{f", replay {stage.replay_times}x (buffer {stage.buffer_size})" if stage.replay_times > 1 else ""}, '
-              f'progress {plan.progress(epoch):.2f}/{plan.total_progress:.2f} {plan.progress_unit}')
+              f'progress {plan.progress(epoch):.2f}/{plan.total_progress:.2f} {plan.progress_unit}'
+              f'{whole_run_eta(plan, start.epoch, epoch, time.time() - start_time)}')
         extra = {'input_size': current_size, 'max_accuracy': max_acc, 'max_accuracy_ema': max_acc_ema}
 
         def on_update(done, meters, stop, epoch=epoch, extra=extra):
@@ -729,6 +748,26 @@ def train(args):
                                  {'final_test_at_base': {**final, 'input_size': base}})
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     return model_without_ddp
+
+
+def whole_run_eta(plan, first_epoch, epoch, elapsed):
+    """', ETA <h:mm:ss> for the whole run' at the start of `epoch`, or '' before anything is measured.
+
+    The speed is the compute (equivalent epochs at the base size) done since this process
+    started at `first_epoch`, per second of wall time (evaluation and checkpoints included);
+    the rest of the run is the compute still to do at that speed.  Low-B epochs run below
+    their compute share on real hardware, so the estimate sharpens as the run goes on.
+    """
+    base = plan.base_size
+
+    def compute_before(e):
+        return sum(plan.stage_at(i).epoch_compute(base) for i in range(min(e, plan.num_epochs)))
+
+    done = compute_before(epoch) - compute_before(first_epoch)
+    if epoch <= first_epoch or done <= 0 or elapsed <= 0:
+        return ''
+    left = (plan.total_compute - compute_before(epoch)) * elapsed / done
+    return f', ETA {datetime.timedelta(seconds=int(round(left)))} for the whole run'
 
 
 def warn_data_problems(dataset):

@@ -380,7 +380,7 @@ def main(args):
     paths = list_images(args.images, args.num_images)
     display_size(args, plan)
     utils.check_writable_dir(args.out, '--out')
-    print(plan.table(None if plan.name == 'baseline' else train_main.baseline_epochs(args)))
+    print(plan.table(train_main.compared_baseline_epochs(args), pipeline=args.data_pipeline))
     if args.warmup_steps > 0:
         print('note: --warmup_steps depends on the training set size; plan.png shows the plan\'s '
               '--warmup_epochs warmup instead')
