@@ -767,7 +767,7 @@ def whole_run_eta(plan, first_epoch, epoch, elapsed):
     if epoch <= first_epoch or done <= 0 or elapsed <= 0:
         return ''
     left = (plan.total_compute - compute_before(epoch)) * elapsed / done
-    return f', ETA {datetime.timedelta(seconds=int(round(left)))} for the whole run'
+    return f', whole-run ETA {datetime.timedelta(seconds=int(round(left)))}'
 
 
 def warn_data_problems(dataset):
