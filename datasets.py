@@ -383,9 +383,11 @@ class StageBatchSampler(Sampler):
 
 
 def _worker_init(worker_id):
-    # Schedulers send SIGTERM to every process of a job. The main process saves a recovery
+    # Schedulers send SIGTERM to every process of a job, and Ctrl-C sends SIGINT to every
+    # process of the terminal's foreground group. The main process saves a recovery
     # checkpoint and shuts the loader down itself; a worker dying first would crash it instead.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardSampler(Sampler):
@@ -445,4 +447,5 @@ def build_eval_loader(args, val_base, size, rank, world):
         sampler = torch.utils.data.SequentialSampler(dataset)
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=int(1.5 * args.batch_size),
                                        num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False,
+                                       worker_init_fn=_worker_init,
                                        generator=torch.Generator().manual_seed(args.seed))
