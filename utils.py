@@ -521,11 +521,16 @@ class StopRequest:
 
     A second Ctrl-C raises KeyboardInterrupt at once (for a run that does not reach its
     next step, e.g. a stalled loader); main.cli turns that into one line and exit 130.
+    Only one that comes later than REPEAT_S: under torchrun a worker can get the same
+    SIGINT twice at once, from the terminal or a kill of the whole job and forwarded by
+    torchrun, and that must still save.
     """
     SIGNALS = ('SIGTERM', 'SIGINT')
+    REPEAT_S = 1.0
 
     def __init__(self):
         self.signum = None
+        self.first = None
 
     def install(self):
         import signal
@@ -535,9 +540,11 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         import signal
-        if self.signum is not None and signum == signal.SIGINT:
+        now = time.monotonic()
+        if self.signum is not None and signum == signal.SIGINT and now - self.first > self.REPEAT_S:
             raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is None:
+            self.signum, self.first = signum, now
 
     def requested(self):
         return self.signum is not None

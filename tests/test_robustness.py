@@ -106,6 +106,9 @@ def test_second_ctrl_c_aborts_at_once():
     stop._handle(signal.SIGINT, None)
     assert stop.requested() and stop.name == 'SIGINT'
     stop._handle(signal.SIGTERM, None)  # a scheduler's SIGTERM after a Ctrl-C still waits for the save
+    stop._handle(signal.SIGINT, None)  # the same Ctrl-C delivered twice (torchrun forwards it) too
+    assert stop.name == 'SIGINT'
+    stop.first -= 2 * stop.REPEAT_S
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
 
