@@ -116,6 +116,7 @@ class Plan:
         ('fourier', None): 'B by Fourier crop on the device',
         ('lanczos', 'published'): 'B by Lanczos resize on the CPU, published pipeline',
         ('lanczos', 'fast'): 'B by bicubic resize of the crop to B on the CPU, fast pipeline',
+        ('lanczos', 'gpu'): 'B by resize on the device, gpu pipeline',
         ('none', None): 'no low-frequency crop',
     }
 
