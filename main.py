@@ -81,12 +81,13 @@ BOOL = dict(type=str2bool, metavar='{true,false}')
 
 def get_args_parser(add_help=True, prog=None):
     # Flags live in argument groups, one local variable per group (model, optim, schedule,
-    # curriculum, augment, data, run, dist, perf); a flag added later belongs with
-    # `<group>.add_argument(...)` in its group, with a help text, and **BOOL for a true/false flag
-    # (tests/test_cli.py checks every action).
-    p = ArgumentParser(prog=prog, usage='%(prog)s [--flag value ...]', description='EfficientTrain(++) training and evaluation of timm backbones. '
-                       'Single process: python main.py ...; several: torchrun --nproc_per_node=N main.py ...',
-                       add_help=add_help)
+    # curriculum, augment, data, run, dist, perf), shown in this order by --help. A new flag
+    # goes into its group: `<group>.add_argument('--x', default=..., help='...')`, with
+    # **BOOL for a true/false flag; --help appends the default unless the help says it.
+    # tests/test_cli.py checks every action (help text, default shown, a group, bool metavar).
+    p = ArgumentParser(prog=prog, usage='%(prog)s [--flag value ...]', add_help=add_help,
+                       description='EfficientTrain(++) training and evaluation of timm backbones. Single '
+                                   'process: python main.py ...; several: torchrun --nproc_per_node=N main.py ...')
     model = p.add_argument_group('model')
     optim = p.add_argument_group('optimisation')
     schedule = p.add_argument_group('schedule (learning rate, weight decay, EMA)')
