@@ -413,13 +413,14 @@ def setup_run(args):
     if args.global_batch_size:
         per_step = args.batch_size * world
         if args.global_batch_size % per_step:
-            raise UserError(f'--global_batch_size {args.global_batch_size} does not divide among {world} GPU(s) x '
-                            f'--batch_size {args.batch_size}: choose a per-GPU batch such that batch x GPUs '
-                            f'divides it')
+            raise UserError(f'--global_batch_size {args.global_batch_size} does not divide among {world} '
+                            f'process(es) x --batch_size {args.batch_size}: choose a per-process batch such that '
+                            f'batch x processes divides it')
         freq = args.global_batch_size // per_step
         if args.update_freq not in (1, freq):
             raise UserError(f'--update_freq {args.update_freq} contradicts --global_batch_size '
-                            f'{args.global_batch_size} ({world} GPU(s) x {args.batch_size} needs {freq}): drop one')
+                            f'{args.global_batch_size} ({world} process(es) x {args.batch_size} needs {freq}): '
+                            f'drop one')
         args.update_freq = freq
     args.pin_mem = args.pin_mem and device.type == 'cuda'
     utils.seed_everything(args.seed + rank)
