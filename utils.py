@@ -325,8 +325,8 @@ def _why_unreadable(path, error):
         return 'it is not a file written by torch.save'
     msg = str(error)
     if 'weights_only' in msg or 'Unsupported global' in msg or 'GLOBAL' in msg:
-        return ('it holds Python objects other than tensors and plain values, which are not loaded '
-                '(loading them could run code)')
+        return ('it holds Python objects other than tensors and plain values, not loaded because loading '
+                'them could run code')
     return 'it is damaged or truncated'
 
 
