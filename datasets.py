@@ -439,8 +439,11 @@ def _worker_init(worker_id, leaving=None):
     # Schedulers send SIGTERM to every process of a job. The main process saves a recovery
     # checkpoint and shuts the loader down itself; a worker dying first would crash it instead.
     # Once the main process is leaving (release_workers), SIGTERM ends the worker.
+    # Ctrl-C sends SIGINT to every process of the terminal's foreground group: the main
+    # process stops and saves (utils.StopRequest); workers leave that to it.
     leaving = _LEAVING if leaving is None else leaving
     signal.signal(signal.SIGTERM, functools.partial(_worker_sigterm, leaving))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardSampler(Sampler):

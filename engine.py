@@ -106,7 +106,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
 
 
 @torch.no_grad()
-def evaluate(data_loader, model, device, amp_dtype=None, reduce=False, print_freq=50, header='Test:'):
+def evaluate(data_loader, model, device, amp_dtype=None, reduce=False, print_freq=50, header='Test:', size=None):
     """Top-1, top-5 and mean cross-entropy over the loader (summed over ranks if reduce)."""
     model.eval()
     loss_sum = top1 = top5 = count = 0.0
@@ -129,5 +129,8 @@ def evaluate(data_loader, model, device, amp_dtype=None, reduce=False, print_fre
     count = max(count, 1.0)
     stats = {'acc1': 100.0 * top1 / count, 'acc5': 100.0 * top5 / count, 'loss': loss_sum / count,
              'num_images': int(count)}
-    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}', flush=True)
+    # `size` (the evaluated resolution) goes after the three numbers, so parsers of
+    # '* Acc@1 <x> Acc@5 <y> loss <z>' keep working
+    at = f' at {size}x{size}' if size else ''
+    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}{at}', flush=True)
     return stats

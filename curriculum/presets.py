@@ -96,7 +96,8 @@ def build_plan(args, size_multiple=16):
     if args.curriculum == 'none':
         st = Stage(0, args.input_size, None, args.epochs, args.batch_size, args.update_freq)
         plan = Plan('baseline', [st], base, 'epochs', 'none')
-        plan.warmup = plan.progress_after_plain_epochs(args.warmup_epochs)
+        plan.warmup = clip_warmup(plan, plan.progress_after_plain_epochs(args.warmup_epochs),
+                                  f'--warmup_epochs {args.warmup_epochs:g}')
         plan.budget = args.epochs
         return plan
     if args.curriculum == 'et':
@@ -138,12 +139,16 @@ def _build_etpp(args, base, multiple, lowfreq):
         exact = e / ETPP_SEGMENTS * (base / b) ** 2 / rt
         raw.append((b, k, exact, bs, uf, rt, buf))
     epochs = split_rounded([r[2] for r in raw])
-    stages = []
+    stages, skipped = [], []
     for (b, k, _, bs, uf, rt, buf), n in zip(raw, epochs):
         if n <= 0:
-            notes.append(f'segment {k} (B={b}, m={k}) rounds to 0 epochs and is skipped: raise --epochs')
+            skipped.append(f'{k} (B={b})')
             continue
         stages.append(Stage(0, b, k, n, bs, uf, rt, buf))
+    if skipped:
+        notes.append(f'segment{"s" if len(skipped) > 1 else ""} {", ".join(skipped)} of {ETPP_SEGMENTS} '
+                     f'round{"" if len(skipped) > 1 else "s"} to 0 data epochs and '
+                     f'{"are" if len(skipped) > 1 else "is"} skipped: a larger --epochs trains every segment')
     _check_replay_update_freq(stages)
     plan = Plan(f'EfficientTrain++ (E={args.epochs:g})', stages, base, 'compute', lowfreq, notes=notes)
     plan.budget = e
@@ -153,16 +158,18 @@ def _build_etpp(args, base, multiple, lowfreq):
 
 def _build_et(args, base, multiple, lowfreq):
     epochs = split_rounded([args.epochs / ET_SEGMENTS] * ET_SEGMENTS)
-    stages, notes = [], []
+    stages, notes, undoubled = [], [], []
     for k, (b_pub, m, n) in enumerate(zip(ET_SIZES, ET_MAGNITUDES, epochs)):
         b = scaled_size(b_pub, base, multiple)
         bs, uf, r = stage_batches(args.batch_size, args.update_freq, 2 if b < base else 1)
         if b < base and r == 1:
-            notes.append(f'segment {k}: batch not doubled (--update_freq {args.update_freq} is odd); '
-                         f'the global batch stays constant')
+            undoubled.append(str(k))
         rt, buf = _replay_for(args, _ET_RECIPE, b_pub, b, base)
         if n > 0:
             stages.append(Stage(0, b, m, n, bs, uf, rt, buf))
+    if undoubled:
+        notes.append(f'segment{"s" if len(undoubled) > 1 else ""} {", ".join(undoubled)}: batch not doubled '
+                     f'(--update_freq {args.update_freq} is odd); the global batch stays constant')
     _check_replay_update_freq(stages)
     plan = Plan(f'EfficientTrain (ICCV, {args.epochs} epochs)', stages, base, 'epochs', lowfreq, notes=notes)
     plan.budget = args.epochs
@@ -170,11 +177,29 @@ def _build_et(args, base, multiple, lowfreq):
     return plan
 
 
+# A warmup as long as the run would leave no run after it (the lr only rises): it is cut to
+# this fraction of the run instead, the published rule of the DeiT recipes.
+CLIPPED_WARMUP_FRACTION = 0.2
+
+
 def _warmup(args, rule, plan):
     kind, value = rule
     if kind == 'compute':
         return value * plan.total_progress
-    return plan.progress_after_plain_epochs(args.warmup_epochs)
+    return clip_warmup(plan, plan.progress_after_plain_epochs(args.warmup_epochs),
+                       f'--warmup_epochs {args.warmup_epochs:g}')
+
+
+def clip_warmup(plan, warmup, what):
+    """warmup (progress), or a fifth of the run with a note when it would take the whole run."""
+    total = plan.total_progress
+    if total <= 0 or warmup < total:
+        return warmup
+    clipped = CLIPPED_WARMUP_FRACTION * total
+    unit = 'equivalent epochs' if plan.progress_unit == 'compute' else 'epochs'
+    plan.notes.append(f'{what} covers the whole run ({total:.2f} {unit}): warmup clipped to its first '
+                      f'{100 * CLIPPED_WARMUP_FRACTION:.0f}% ({clipped:.2f} {unit}); lower --warmup_epochs to choose')
+    return clipped
 
 
 # The replay buffer splits every loaded batch into this many chunks (METHOD.md).
@@ -307,5 +332,5 @@ def load_plan_file(path, args, size_multiple=16):
         we = spec.get('warmup_epochs', args.warmup_epochs)
         if isinstance(we, bool) or not isinstance(we, (int, float)) or we < 0:
             raise _field_error(path, 'warmup_epochs', f'must be a number >= 0, got {we!r}')
-        plan.warmup = plan.progress_after_plain_epochs(we)
+        plan.warmup = clip_warmup(plan, plan.progress_after_plain_epochs(we), f'warmup_epochs {we:g}')
     return plan
