@@ -29,7 +29,7 @@ from curriculum.adapt import adapt_model, check_input_size, size_multiple
 from curriculum.lowfreq import FourierCrop
 from curriculum.replay import ReplayBuffer, history
 from datasets import build_base_datasets, build_eval_loader, build_train_loader
-from engine import TrainingDiverged, evaluate, train_one_epoch
+from engine import TrainingDiverged, TrainStep, evaluate, train_one_epoch
 from models import create_model
 from models.checkpoint_compat import load_into
 from optim_factory import create_optimizer
@@ -154,6 +154,18 @@ def get_args_parser():
     p.add_argument('--model_key', default='model|module', type=str)
     p.add_argument('--model_prefix', default='', type=str)
     p.add_argument('--print_freq', default=10, type=int)
+    # --- added for issue 12 ---
+    p.add_argument('--cuda_graph', default=False, type=b,
+                   help='capture the whole training step (forward, backward, clipping, fused optimizer step, '
+                        'loss scaling, EMA on the GPU) in a CUDA graph once per stage shape and replay it; '
+                        'where a setting cannot be captured one line says why and training goes on eagerly')
+    p.add_argument('--stage_batch', default='published', choices=['published', 'auto'],
+                   help='per-GPU micro-batch of stages below the base size: published: the recipe\'s (the base '
+                        'micro-batch x the published ratio); auto: grown with (base/B)^2 (about the memory of the '
+                        'base stage), up to --max_micro_batch, with update_freq shrunk so that the global batch '
+                        'and the recipe stay as published')
+    p.add_argument('--max_micro_batch', default=0, type=int,
+                   help='with --stage_batch auto: largest per-GPU micro-batch (0: no limit but update_freq 1)')
     return p
 
 
@@ -482,6 +494,7 @@ def train(args):
     stop_request = utils.StopRequest().install()
     eval_loader, eval_size = None, None
     replay, replay_stage = None, None
+    train_step = None
     current_size, max_acc, max_acc_ema = start.size, start.max_acc, start.max_acc_ema
     print(f'Start training for {plan.num_epochs} data epochs from epoch {start.epoch}')
     start_time = time.time()
@@ -519,14 +532,13 @@ def train(args):
                                                 f'run the same command again to continue')
 
         epoch_start = time.time()
+        train_step = stage_step(args, train_step, model, stage, stage_desc, criterion, optimizer, loss_scaler,
+                                device, model_ema, mixup_fn, amp_dtype, lowfreq, replay, device_transform)
         train_stats = train_one_epoch(
-            model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
-            hparams_at=lambda frac, e=epoch: hparams(plan.progress(e, frac)),
-            update_freq=stage.update_freq, max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
-            amp_dtype=amp_dtype, lowfreq=lowfreq, replay=replay, log_writer=log_writer,
-            device_transform=device_transform,
+            train_step, train_loader, epoch,
+            hparams_at=lambda frac, e=epoch: hparams(plan.progress(e, frac)), log_writer=log_writer,
             global_step=sum(steps_in(e) for e in range(epoch)), print_freq=args.print_freq,
-            header=f'Epoch: [{epoch}/{plan.num_epochs}] [{stage_desc}]', stage_desc=stage_desc,
+            header=f'Epoch: [{epoch}/{plan.num_epochs}] [{stage_desc}]',
             start_step=skip, meter_state=start.meters if skip else None,
             stop_requested=stop_request.requested, on_update=on_update)
         train_time = time.time() - epoch_start
@@ -589,6 +601,24 @@ def train(args):
                                  {'final_test_at_base': {**final, 'input_size': base}})
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     return model_without_ddp
+
+
+def stage_step(args, previous, model, stage, stage_desc, criterion, optimizer, loss_scaler, device, model_ema,
+               mixup_fn, amp_dtype, lowfreq, replay, device_transform):
+    """The stage's engine.TrainStep: kept while the model, B and the micro-batch stay (a captured
+    CUDA graph is reused), else built anew; the per-stage host-side pieces are swapped in."""
+    key = (id(model), stage.size, stage.batch_size, stage.update_freq)
+    if previous is None or previous.key != key:
+        previous = TrainStep(model, criterion, optimizer, loss_scaler, device, update_freq=stage.update_freq,
+                             max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, amp_dtype=amp_dtype,
+                             device_transform=device_transform, cuda_graph=getattr(args, 'cuda_graph', False),
+                             weight_decay_varies=args.weight_decay_end not in (None, args.weight_decay),
+                             compiled=getattr(args, 'compile', False))
+        previous.key = key
+        if previous.graph_note:
+            print(previous.graph_note, flush=True)
+    previous.lowfreq, previous.replay, previous.stage_desc = lowfreq, replay, stage_desc
+    return previous
 
 
 def warn_data_problems(dataset):
@@ -654,7 +684,7 @@ def save_training_checkpoint(args, name, epoch, model, optimizer, loss_scaler, m
             torch.distributed.all_gather_object(gathered_meters, meters)
     if not utils.is_main_process():
         return
-    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+    state = {'model': model.state_dict(), 'optimizer': plain_lr(optimizer.state_dict()), 'epoch': epoch,
              'scaler': loss_scaler.state_dict(), 'args': utils.plain_args(args), 'rng': rng, **extra}
     if step is not None:
         state['step'] = step
@@ -667,6 +697,14 @@ def save_training_checkpoint(args, name, epoch, model, optimizer, loss_scaler, m
     except OSError as e:
         raise UserError(f'could not write {path} ({e.strerror or e}): free space in --output_dir and re-run '
                         f'the same command; earlier checkpoints are intact') from None
+
+
+def plain_lr(opt_state):
+    """An optimizer state whose lr entries are numbers (a captured step keeps them in device tensors)."""
+    for g in opt_state['param_groups']:
+        if isinstance(g.get('lr'), torch.Tensor):
+            g['lr'] = float(g['lr'])
+    return opt_state
 
 
 def restore_rank_state(ckpt, rank, world):

@@ -44,7 +44,7 @@ import utils  # noqa: E402
 from curriculum.adapt import adapt_model  # noqa: E402
 from curriculum.fastpath import DeviceTransform  # noqa: E402
 from curriculum.lowfreq import FourierCrop, fourier_crop  # noqa: E402
-from engine import train_one_epoch  # noqa: E402
+from engine import TrainStep, train_one_epoch  # noqa: E402
 from models import create_model  # noqa: E402
 from optim_factory import create_optimizer  # noqa: E402
 
@@ -189,13 +189,17 @@ def measure(own, args):
         n = s.batch_size  # replay off: the micro-batch is the loader batch
         batch = make_batch(args, n, s.size, base, plan.lowfreq, device)
 
+        step = TrainStep(train_model, criterion, optimizer, loss_scaler, device, update_freq=s.update_freq,
+                         max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, amp_dtype=amp_dtype,
+                         lowfreq=lowfreq, device_transform=device_transform, cuda_graph=args.cuda_graph,
+                         compiled=args.compile, weight_decay_varies=False)
+        if step.graph_note:
+            print(step.graph_note)
+
         def epoch(steps):
             with contextlib.redirect_stdout(io.StringIO()):
-                train_one_epoch(train_model, criterion, RepeatLoader(batch, steps), optimizer, device, 0,
-                                loss_scaler, hparams_at=lambda frac: (1e-5, args.weight_decay),
-                                update_freq=s.update_freq, max_norm=args.clip_grad, model_ema=model_ema,
-                                mixup_fn=mixup_fn, amp_dtype=amp_dtype, lowfreq=lowfreq,
-                                device_transform=device_transform, print_freq=10 ** 9)
+                train_one_epoch(step, RepeatLoader(batch, steps), 0,
+                                hparams_at=lambda frac: (1e-5, args.weight_decay), print_freq=10 ** 9)
             sync(device)
 
         if device.type == 'cuda':
