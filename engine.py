@@ -1,5 +1,6 @@
 """One training epoch and one evaluation pass, with explicit arguments."""
 import contextlib
+import math
 import time
 
 import torch
@@ -100,16 +101,29 @@ class TrainStep:
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.bad_loss = torch.zeros((), dtype=torch.float32, device=self.device)
 
-    def _track(self, loss, it):
-        """Remember (on the device) the first step of the epoch whose loss is not finite."""
-        first = (self.bad_step < 0) & ~torch.isfinite(loss)
+    def _track(self, loss, it, norm=None):
+        """Remember (on the device) the first step of the epoch whose loss is not finite.
+
+        Without fp16 loss scaling a non-finite gradient norm is divergence too (with it,
+        an overflow the scaler skips and backs off from, as GradScaler always did).
+        """
+        bad = ~torch.isfinite(loss)
+        if norm is not None and not self.loss_scaler.enabled:
+            bad = bad | ~torch.isfinite(norm)
+        first = (self.bad_step < 0) & bad
         self.bad_step = torch.where(first, torch.full_like(self.bad_step, it), self.bad_step)
         self.bad_loss = torch.where(first, loss.float(), self.bad_loss)
 
     def diverged_error(self, bad_step, bad_loss, num_steps, elsewhere=False):
-        where = 'non-finite on another rank' if elsewhere else bad_loss
+        what = 'loss is'
+        if elsewhere:
+            where = 'non-finite on another rank'
+        elif math.isfinite(bad_loss):
+            what, where = 'gradient norm is', f'non-finite (loss {bad_loss:.4g})'
+        else:
+            where = bad_loss
         stage = f' ({self.stage_desc})' if self.stage_desc else ''
-        return TrainingDiverged(f'loss is {where} at epoch {self.epoch}, step {int(bad_step)}/{num_steps}{stage}: '
+        return TrainingDiverged(f'{what} {where} at epoch {self.epoch}, step {int(bad_step)}/{num_steps}{stage}: '
                                 f'training diverged; lower --lr, enable --clip_grad, or use --amp_dtype bfloat16')
 
     # ------------------------------------------------------------------ the step
@@ -184,6 +198,10 @@ class TrainStep:
             self.model_ema.update(self._unwrapped())
         return norm
 
+    def zero_grad(self):
+        """Drop the gradients; in place once graphs are captured (they hold the gradients' memory)."""
+        self.optimizer.zero_grad(set_to_none=not self._graphs)
+
     def _unwrapped(self):
         m = self.model
         m = getattr(m, '_orig_mod', m)
@@ -197,7 +215,7 @@ class TrainStep:
                 return out
         loss, acc = self._micro(samples, targets, hard, update)
         norm = self._update() if update else None
-        self._track(loss, it)
+        self._track(loss, it, norm)
         return {'loss': loss, 'class_acc': acc, 'grad_norm': norm}
 
     # ------------------------------------------------------------------ CUDA graphs
@@ -227,7 +245,7 @@ class TrainStep:
                'grad_norm': None if static_out['grad_norm'] is None else static_out['grad_norm'].clone()}
         if update and self.model_ema is not None and not self.ema_on_device:
             self.model_ema.update(self._unwrapped())
-        self._track(loss, it)
+        self._track(loss, it, out['grad_norm'])
         return out
 
     def _side_stream_eager(self, samples, targets, hard, update, it):
@@ -236,7 +254,7 @@ class TrainStep:
         with torch.cuda.stream(stream):
             loss, acc = self._micro(samples, targets, hard, update)
             norm = self._update() if update else None
-            self._track(loss, it)
+            self._track(loss, it, norm)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return {'loss': loss, 'class_acc': acc, 'grad_norm': norm}
 
@@ -299,7 +317,8 @@ def train_one_epoch(step, data_loader, epoch, *, hparams_at, log_writer=None, gl
     Under DDP every read also all-reduces (diverged, stop requested), so all ranks raise
     together and stop at the same update.  on_update(batches_done, metric_logger, stop)
     runs after every optimizer update; stop=True there means: save and stop.
-    Returns the averaged metrics plus 'steady_img_s' and 'warm_s' (see _Timing).
+    Returns the averaged metrics plus 'steady_img_s' and 'warm_time_s' (see _Timing; log.txt
+    gets them as train_steady_img_s and train_warm_time_s).
     """
     step.model.train(True)
     step.begin_epoch(epoch)
@@ -332,7 +351,7 @@ def train_one_epoch(step, data_loader, epoch, *, hparams_at, log_writer=None, gl
         timing.read(state['it'], state.get('images', 0))
 
     metric_logger.watch, metric_logger.on_flush = watched, on_flush
-    step.optimizer.zero_grad(set_to_none=True)
+    step.zero_grad()
     lr = wd = 0.0
     state.update(it=start_step, images=0)
     batches = metric_logger.log_every(data_loader, print_freq, header, start_index=start_step)
@@ -356,7 +375,7 @@ def train_one_epoch(step, data_loader, epoch, *, hparams_at, log_writer=None, gl
                 metric_logger.flush()
             if on_update is not None:
                 on_update(it + 1, metric_logger, state['stop'])
-    step.optimizer.zero_grad(set_to_none=not step.cuda_graph)
+    step.zero_grad()
     metric_logger.synchronize_between_processes(step.device)
     metric_logger.watch = metric_logger.on_flush = None  # checked and timed: the epoch is over
     print('Averaged stats:', metric_logger, flush=True)
@@ -368,9 +387,10 @@ def train_one_epoch(step, data_loader, epoch, *, hparams_at, log_writer=None, gl
 class _Timing:
     """Steady-state throughput of an epoch from the times of its reads (the device is idle after each).
 
-    warm_s: from the epoch's start to the first read at or after WARM_STEPS steps (start-up:
+    warm_time_s: from the epoch's start to the first read at or after WARM_STEPS steps (start-up:
     the loader's first batches, cuDNN autotuning or graph capture of new shapes);
-    steady_img_s: images per second between that read and the last one.
+    steady_img_s: images per second between that read and the last one;
+    excess_time_s: the epoch's time less its images at the steady rate (start-up cost).
     """
     WARM_STEPS = 5
 
@@ -388,9 +408,13 @@ class _Timing:
             self.last = (now, images)
 
     def summary(self, device):
-        out = {'warm_s': round(self.first[0] - self.t0, 4) if self.first else None, 'steady_img_s': None}
+        out = {'warm_time_s': round(self.first[0] - self.t0, 4) if self.first else None, 'steady_img_s': None,
+               'excess_time_s': None}
         if self.first and self.last and self.last[1] > self.first[1] and self.last[0] > self.first[0]:
-            out['steady_img_s'] = round((self.last[1] - self.first[1]) / (self.last[0] - self.first[0]), 2)
+            rate = (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+            out['steady_img_s'] = round(rate, 2)
+            # what the epoch's start cost beyond steady state (a stage switch: new shapes)
+            out['excess_time_s'] = round((self.last[0] - self.t0) - self.last[1] / rate, 4)
         return out
 
 

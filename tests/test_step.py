@@ -203,3 +203,35 @@ def test_metric_logger_keeps_tensors_until_read():
         assert log.averages()['loss'] == pytest.approx(4.5)
         assert c['n'] == 1  # one transfer for all pending values
     assert log.state_dict()['loss'] == [45.0, 10.0]
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float('inf')
+
+
+def test_non_finite_gradient_with_a_finite_loss_is_divergence_without_fp16_scaling():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 3)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return _InfGrad.apply(self.lin(x.flatten(1)))
+
+    step = TrainStep(M(), torch.nn.CrossEntropyLoss(), torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True),
+                     utils.LossScaler('cpu', enabled=False), torch.device('cpu'))
+    before = [p.detach().clone() for p in lin.parameters()]
+    with pytest.raises(TrainingDiverged, match='gradient norm is non-finite') as e, \
+            contextlib.redirect_stdout(io.StringIO()):
+        train_one_epoch(step, Loader(_batches(3)), 1, hparams_at=lambda f: (0.1, 0.0), print_freq=2)
+    assert 'step 0/3' in str(e.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))

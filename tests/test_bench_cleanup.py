@@ -1,0 +1,72 @@
+"""bench_e2e.py ends its training processes (the whole tree) when it is interrupted or times out."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import fault_inject  # noqa: E402
+
+# long enough to be running when it is interrupted; loader workers give the tree a second level
+LONG = ['--data_set', 'SYNTH', '--synth_classes', '2', '--synth_per_class', '64', '--synth_image_size', '40',
+        '--model', 'resnet18', '--curriculum', 'etpp', '--base_input_size', '32', '--epochs', '200',
+        '--batch_size', '4', '--device', 'cpu', '--num_workers', '1', '--pin_mem', 'false']
+
+
+def _alive(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+def _start(extra=()):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'benchmarks', 'bench_e2e.py'), *extra, *LONG],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_tree(proc, depth=2, limit=60):
+    """The pids below proc once the training process has its loader worker (depth 2)."""
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        below = fault_inject._descendants(proc.pid)
+        if len(below) >= depth:
+            return below
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    fault_inject.signal_run(proc, signal.SIGKILL)
+    pytest.fail(f'bench_e2e did not start its training process: {proc.communicate()[0][-2000:]}')
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='needs /proc to list process trees')
+@pytest.mark.parametrize('how', ['sigterm', 'ctrl-c', 'timeout'])
+def test_bench_e2e_ends_its_training_processes(how):
+    proc = _start(['--run_timeout', '4'] if how == 'timeout' else [])
+    try:
+        below = _wait_for_tree(proc)
+        if how == 'sigterm':
+            os.kill(proc.pid, signal.SIGTERM)
+        elif how == 'ctrl-c':
+            os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            fault_inject.signal_run(proc, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    if how == 'timeout':
+        assert '--run_timeout' in out
+    deadline = time.time() + 10
+    while any(_alive(p) for p in below) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in below if _alive(p)], out[-2000:]
