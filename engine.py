@@ -198,6 +198,34 @@ class TrainStep:
             self.model_ema.update(self._unwrapped())
         return norm
 
+    def warm_up(self, shape, num_classes, channels_last=False):
+        """Run this stage's shapes once (forward and backward on zeros) without changing training.
+
+        cuDNN autotuning (cudnn.benchmark) and the allocator's first blocks for a new B then
+        happen here, while the loader fills its first batches of the stage, instead of in the
+        first steps.  Nothing training sees changes: the batch-norm statistics and every
+        buffer are restored, the random streams forked, the gradients dropped, the optimizer,
+        scaler and EMA untouched; the unwrapped module runs (no DDP communication).
+        """
+        module = self._unwrapped()
+        buffers = [b.detach().clone() for b in module.buffers()]
+        x = torch.zeros(shape, device=self.device)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.mixup_fn is not None:
+            y = torch.full((shape[0], num_classes), 1.0 / num_classes, device=self.device)
+        else:
+            y = torch.zeros(shape[0], dtype=torch.long, device=self.device)
+        devices = [self.device] if self.device.type == 'cuda' else []
+        with torch.random.fork_rng(devices=devices):
+            with _autocast(self.device, self.amp_dtype):
+                loss = self.criterion(module(x), y)
+            loss.backward()
+        with torch.no_grad():
+            for b, saved in zip(module.buffers(), buffers):
+                b.copy_(saved)
+        self.zero_grad()
+
     def zero_grad(self):
         """Drop the gradients; in place once graphs are captured (they hold the gradients' memory)."""
         self.optimizer.zero_grad(set_to_none=not self._graphs)
@@ -301,8 +329,23 @@ class TrainStep:
 STOP_CHECK_STEPS = 25
 
 
+class _Started:
+    """A loader whose iterator is created at once (its workers start prefetching), iterated later."""
+
+    def __init__(self, loader):
+        self.length = len(loader)
+        self.iterator = iter(loader)
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        return self.iterator
+
+
 def train_one_epoch(step, data_loader, epoch, *, hparams_at, log_writer=None, global_step=0, print_freq=10,
-                    header=None, start_step=0, meter_state=None, stop_requested=None, on_update=None):
+                    header=None, start_step=0, meter_state=None, stop_requested=None, on_update=None,
+                    warm_shape=None):
     """Train `step` (a TrainStep) over one pass of data_loader; returns the epoch's averages.
 
     hparams_at(frac) -> (lr, weight_decay) at fraction frac of this epoch; it is asked
@@ -317,6 +360,8 @@ def train_one_epoch(step, data_loader, epoch, *, hparams_at, log_writer=None, gl
     Under DDP every read also all-reduces (diverged, stop requested), so all ranks raise
     together and stop at the same update.  on_update(batches_done, metric_logger, stop)
     runs after every optimizer update; stop=True there means: save and stop.
+    warm_shape: (input shape, classes, channels_last) to run once through step.warm_up while
+    the loader starts (a new stage's shapes on a GPU), or None.
     Returns the averaged metrics plus 'steady_img_s' and 'warm_time_s' (see _Timing; log.txt
     gets them as train_steady_img_s and train_warm_time_s).
     """
@@ -330,6 +375,8 @@ def train_one_epoch(step, data_loader, epoch, *, hparams_at, log_writer=None, gl
         raise utils.UserError('the training loader yields no batch: lower --batch_size')
     distributed = utils.is_dist_avail_and_initialized()
     update_freq = step.update_freq
+    # an update every STOP_CHECK_STEPS micro-steps or fewer, the same on every rank
+    check_every = update_freq * max(1, STOP_CHECK_STEPS // update_freq)
     state = {'stop': False}
     timing = _Timing()
 
@@ -354,7 +401,10 @@ def train_one_epoch(step, data_loader, epoch, *, hparams_at, log_writer=None, gl
     step.zero_grad()
     lr = wd = 0.0
     state.update(it=start_step, images=0)
-    batches = metric_logger.log_every(data_loader, print_freq, header, start_index=start_step)
+    loader = _Started(data_loader)  # the workers start loading now
+    if warm_shape is not None:
+        step.warm_up(*warm_shape)
+    batches = metric_logger.log_every(loader, print_freq, header, start_index=start_step)
     for it, (samples, targets) in enumerate(batches, start=start_step):
         state['it'] = it
         if it % update_freq == 0:
@@ -371,7 +421,7 @@ def train_one_epoch(step, data_loader, epoch, *, hparams_at, log_writer=None, gl
         if update:
             if not distributed and local_stop():
                 state['stop'] = True  # a Python flag: no device read needed on one process
-            elif distributed and (it + 1) % STOP_CHECK_STEPS == 0:
+            elif distributed and (it + 1) % check_every == 0:
                 metric_logger.flush()
             if on_update is not None:
                 on_update(it + 1, metric_logger, state['stop'])

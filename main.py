@@ -540,7 +540,8 @@ def train(args):
             global_step=sum(steps_in(e) for e in range(epoch)), print_freq=args.print_freq,
             header=f'Epoch: [{epoch}/{plan.num_epochs}] [{stage_desc}]',
             start_step=skip, meter_state=start.meters if skip else None,
-            stop_requested=stop_request.requested, on_update=on_update)
+            stop_requested=stop_request.requested, on_update=on_update,
+            warm_shape=warm_shape(args, train_step, stage, nb_classes))
         train_time = time.time() - epoch_start
         warn_data_problems(train_loader.dataset)
 
@@ -614,11 +615,21 @@ def stage_step(args, previous, model, stage, stage_desc, criterion, optimizer, l
                              device_transform=device_transform, cuda_graph=getattr(args, 'cuda_graph', False),
                              weight_decay_varies=args.weight_decay_end not in (None, args.weight_decay),
                              compiled=getattr(args, 'compile', False))
-        previous.key = key
+        previous.key, previous.warmed = key, False
         if previous.graph_note:
             print(previous.graph_note, flush=True)
     previous.lowfreq, previous.replay, previous.stage_desc = lowfreq, replay, stage_desc
     return previous
+
+
+def warm_shape(args, step, stage, nb_classes):
+    """The stage's input for TrainStep.warm_up at its first epoch on a GPU (cuDNN autotuning of
+    the new shapes while the loader starts), else None.  Not with --cuda_graph, whose eager
+    warm-up updates do the same, nor without cudnn.benchmark (nothing to tune)."""
+    if step.device.type != 'cuda' or step.warmed or step.cuda_graph or not torch.backends.cudnn.benchmark:
+        return None
+    step.warmed = True
+    return (stage.batch_size, 3, stage.size, stage.size), nb_classes, args.channels_last
 
 
 def warn_data_problems(dataset):

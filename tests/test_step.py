@@ -235,3 +235,22 @@ def test_non_finite_gradient_with_a_finite_loss_is_divergence_without_fp16_scali
         train_one_epoch(step, Loader(_batches(3)), 1, hparams_at=lambda f: (0.1, 0.0), print_freq=2)
     assert 'step 0/3' in str(e.value)
     assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))
+
+
+def test_warm_up_runs_the_shapes_and_changes_nothing_training_sees():
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5))
+    model.train()
+    step = TrainStep(model, SoftTargetCrossEntropy(), torch.optim.AdamW(model.parameters(), fused=True),
+                     utils.LossScaler('cpu', enabled=False), torch.device('cpu'),
+                     mixup_fn=Mixup(mixup_alpha=0.8, num_classes=5))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    step.warm_up((2, 3, 8, 8), 5, channels_last=True)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
+    assert not step.optimizer.state
