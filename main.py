@@ -604,6 +604,9 @@ def train(args):
     return model_without_ddp
 
 
+_NOTES_SHOWN = set()
+
+
 def stage_step(args, previous, model, stage, stage_desc, criterion, optimizer, loss_scaler, device, model_ema,
                mixup_fn, amp_dtype, lowfreq, replay, device_transform):
     """The stage's engine.TrainStep: kept while the model, B and the micro-batch stay (a captured
@@ -616,7 +619,8 @@ def stage_step(args, previous, model, stage, stage_desc, criterion, optimizer, l
                              weight_decay_varies=args.weight_decay_end not in (None, args.weight_decay),
                              compiled=getattr(args, 'compile', False))
         previous.key, previous.warmed = key, False
-        if previous.graph_note:
+        if previous.graph_note and previous.graph_note not in _NOTES_SHOWN:
+            _NOTES_SHOWN.add(previous.graph_note)  # once per run, not at every stage
             print(previous.graph_note, flush=True)
     previous.lowfreq, previous.replay, previous.stage_desc = lowfreq, replay, stage_desc
     return previous

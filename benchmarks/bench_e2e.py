@@ -156,6 +156,7 @@ def project(args, own, rates, base_rate, switch_costs):
         total += s.epochs * IMAGENET_TRAIN * s.replay_times / rate
     switches = sum(1 for a, b in zip(plan.stages, plan.stages[1:]) if a.size != b.size)
     total += switches * (statistics.median(switch_costs) if switch_costs else 0.0)
+    full.baseline_epochs = None  # the published comparison (300 epochs for etpp), not this run's
     base_epochs = main_mod.baseline_epochs(full)
     if missing or not base_rate:
         return {'epochs': own.project_epochs, 'missing_stages': missing}

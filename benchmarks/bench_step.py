@@ -245,7 +245,7 @@ def measure(own, args):
                                            channels_last=args.channels_last).to(device)
     train_model = main_mod.wrap_ddp(model, args)
     current = base
-    rows = []
+    rows, notes = [], set()
     for s in sizes:
         if s.size != current:
             if adapt_model(model, s.size, optimizer, model_ema):
@@ -259,7 +259,8 @@ def measure(own, args):
                          max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, amp_dtype=amp_dtype,
                          lowfreq=lowfreq, device_transform=device_transform, cuda_graph=args.cuda_graph,
                          compiled=args.compile, weight_decay_varies=False)
-        if step.graph_note:
+        if step.graph_note and step.graph_note not in notes:
+            notes.add(step.graph_note)
             print(step.graph_note)
 
         def epoch(steps):
