@@ -165,7 +165,8 @@ def get_args_parser():
                         'base stage), up to --max_micro_batch, with update_freq shrunk so that the global batch '
                         'and the recipe stay as published')
     p.add_argument('--max_micro_batch', default=0, type=int,
-                   help='with --stage_batch auto: largest per-GPU micro-batch (0: no limit but update_freq 1)')
+                   help='with --stage_batch auto: largest per-GPU micro-batch (0: no cap; update_freq still '
+                        'bounds the growth)')
     return p
 
 

@@ -333,7 +333,8 @@ def table(res):
     where = h.get('gpu') or f'CPU {h["cpu"]} ({h["cpu_count"]} cores, {h.get("threads", "")} threads)'
     lines = [f'Training step, images/s per device: {res["model"]} ({res["plan"]}) on {where}',
              f'amp {res["amp"] or "off"}, clip {res["clip_grad"]}, channels_last {res["channels_last"]}, '
-             f'compile {res["compile"]}, cuda_graph {res.get("cuda_graph")}, cudnn.benchmark {res.get("cudnn_benchmark")}, input {res["data_pipeline"]}, '
+             f'compile {res["compile"]}, cuda_graph {res.get("cuda_graph")}, '
+             f'cudnn.benchmark {res.get("cudnn_benchmark")}, input {res["data_pipeline"]}, '
              f'torch {h["torch"]}']
     hdr = (f'{"B":>4} {"batch x freq":>12} {"img/s":>9} {"ratio":>7} {"(base/B)^2":>10} {"ms/step":>8} '
            f'{"devtf ms":>8} {"h2d ms":>7} {"fourier ms":>10} {"% step":>6} {"recompiles":>10} '
