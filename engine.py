@@ -92,6 +92,7 @@ class TrainStep:
         self._updates_seen = {}
         self._pool = None
         self._loss_ok = None  # this update's micro-steps all had a finite loss (device bool)
+        self._with_grad = self.params
         self.begin_epoch(0)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -160,6 +161,7 @@ class TrainStep:
         """Unscale, clip, the guarded optimizer step, scaler update, EMA; returns the gradient norm."""
         self.loss_scaler.unscale_(self.optimizer)
         params = [p for p in self.params if p.grad is not None]
+        self._with_grad = params  # what a capture gives persistent gradients (unused ones stay None)
         if self.max_norm:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
         else:
@@ -293,7 +295,7 @@ class TrainStep:
                 g['lr'] = torch.tensor(float(g['lr']), device=self.device)
         # persistent zero gradients: the captured backward accumulates into them and the
         # update graph zeroes them again, so micro-step and update graphs compose
-        for p in self.params:
+        for p in self._with_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         static_in = (samples.clone(), targets.clone(), None if hard is None else hard.clone())
