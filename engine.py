@@ -22,7 +22,7 @@ def _is_ddp(model):
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
-def graph_blocker(model, optimizer, device, *, model_ema=None, weight_decay_varies=False, compiled=False):
+def graph_blocker(model, optimizer, device, *, weight_decay_varies=False, compiled=False):
     """Why this step cannot be captured in a CUDA graph here, or None."""
     if device.type != 'cuda':
         return f'{device.type} device: CUDA graphs need a CUDA device'
@@ -33,7 +33,7 @@ def graph_blocker(model, optimizer, device, *, model_ema=None, weight_decay_vari
                 'not captured here')
     if not getattr(optimizer, '_step_supports_amp_scaling', False):
         return (f'{type(optimizer).__name__} has no fused kernel taking a device-side lr and skip flag '
-                f'(timm\'s Lamb keeps its step count and bias corrections on the host)')
+                f'(timm\'s Lamb, for one, keeps its step count and bias corrections on the host)')
     if weight_decay_varies:
         return '--weight_decay_end: a weight decay that changes every step would be frozen into the graph'
     return None
@@ -79,8 +79,8 @@ class TrainStep:
         self.graph_note = None
         self.cuda_graph = False
         if cuda_graph:
-            why = graph_blocker(model, optimizer, self.device, model_ema=model_ema,
-                                weight_decay_varies=weight_decay_varies, compiled=compiled)
+            why = graph_blocker(model, optimizer, self.device, weight_decay_varies=weight_decay_varies,
+                                compiled=compiled)
             if why:
                 self.graph_note = f'--cuda_graph: not captured ({why}); training goes on eagerly'
             else:
