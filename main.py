@@ -31,7 +31,7 @@ from curriculum.lowfreq import FourierCrop
 from curriculum.replay import ReplayBuffer, history
 import datasets
 from datasets import build_base_datasets, build_eval_loader, build_train_loader
-from engine import TrainingDiverged, evaluate, train_one_epoch
+from engine import TrainingDiverged, TrainStep, evaluate, train_one_epoch
 from models import create_model
 from models.checkpoint_compat import load_into
 from optim_factory import create_optimizer
@@ -264,6 +264,18 @@ def get_args_parser(add_help=True, prog=None):
     perf.add_argument('--cudnn_benchmark', default=True, **BOOL,
                       help='let cuDNN time its convolution algorithms once per input shape (as the ConvNeXt/DeiT '
                            'code does; once per stage here); off with --deterministic true')
+    perf.add_argument('--cuda_graph', default=False, **BOOL,
+                      help='capture the whole training step (forward, backward, clipping, fused optimizer step, '
+                           'loss scaling, EMA on the GPU) in a CUDA graph once per stage shape and replay it; '
+                           'where a setting cannot be captured one line says why and training goes on eagerly')
+    curriculum.add_argument('--stage_batch', default='published', choices=['published', 'auto'],
+                            help="per-GPU micro-batch of stages below the base size: published: the recipe's (the "
+                                 "base micro-batch x the published ratio); auto: grown with (base/B)^2 (about the "
+                                 "memory of the base stage), up to --max_micro_batch, with update_freq shrunk so "
+                                 "that the global batch and the recipe stay as published")
+    curriculum.add_argument('--max_micro_batch', default=0, type=int,
+                            help='with --stage_batch auto: largest per-GPU micro-batch (0: no cap; update_freq '
+                                 'still bounds the growth)')
     return p
 
 
@@ -494,14 +506,15 @@ RESUME_CHECKED = (
     'color_jitter', 'aa', 'smoothing', 'train_interpolation', 'crop_pct', 'reprob', 'remode', 'recount',
     'mixup', 'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode',
     'curriculum', 'curriculum_file', 'base_input_size', 'input_size', 'lowfreq', 'replay_times',
-    'replay_buffer_size', 'replay_preset',
+    'replay_buffer_size', 'replay_preset', 'stage_batch', 'max_micro_batch',
     'data_set', 'synth_classes', 'synth_per_class', 'synth_val_per_class', 'synth_image_size', 'synth_seed',
     'seed', 'data_pipeline', 'use_amp', 'amp_dtype',
 )
 # The flags the plan is built from: overriding one of them lets the plan differ as well.
 PLAN_FLAGS = frozenset({'model', 'batch_size', 'update_freq', 'global_batch_size', 'epochs', 'warmup_epochs',
                         'warmup_steps', 'curriculum', 'curriculum_file', 'base_input_size', 'input_size',
-                        'lowfreq', 'replay_times', 'replay_buffer_size', 'replay_preset'})
+                        'lowfreq', 'replay_times', 'replay_buffer_size', 'replay_preset', 'stage_batch',
+                        'max_micro_batch'})
 
 
 def parse_overrides(value):
@@ -744,6 +757,7 @@ def train(args):
     stop_request = utils.StopRequest().install()
     eval_loader, eval_size = None, None
     replay, replay_stage = None, None
+    train_step = None
     current_size, max_acc, max_acc_ema = start.size, start.max_acc, start.max_acc_ema
     plan_summary = plan.summary()
     if rank == 0 and args.output_dir and start.epoch < plan.num_epochs:
@@ -790,16 +804,16 @@ def train(args):
                                                 stop_request.signum or signal.SIGTERM)
 
         epoch_start = time.time()
+        train_step = stage_step(args, train_step, model, stage, stage_desc, criterion, optimizer, loss_scaler,
+                                device, model_ema, mixup_fn, amp_dtype, lowfreq, replay, device_transform)
         train_stats = train_one_epoch(
-            model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
-            hparams_at=lambda frac, e=epoch: hparams(plan.progress(e, frac)),
-            update_freq=stage.update_freq, max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
-            amp_dtype=amp_dtype, lowfreq=lowfreq, replay=replay, log_writer=log_writer,
-            device_transform=device_transform,
+            train_step, train_loader, epoch,
+            hparams_at=lambda frac, e=epoch: hparams(plan.progress(e, frac)), log_writer=log_writer,
             global_step=sum(steps_in(e) for e in range(epoch)), print_freq=args.print_freq,
-            header=f'Epoch: [{epoch}/{plan.num_epochs}] [{stage_desc}]', stage_desc=stage_desc,
+            header=f'Epoch: [{epoch}/{plan.num_epochs}] [{stage_desc}]',
             start_step=skip, meter_state=start.meters if skip else None,
-            stop_requested=stop_request.requested, on_update=on_update)
+            stop_requested=stop_request.requested, on_update=on_update,
+            warm_shape=warm_shape(args, train_step, stage, nb_classes))
         train_time = time.time() - epoch_start
         warn_data_problems(train_loader.dataset)
         check_finite(model_without_ddp, model_ema, f'after epoch {epoch} ({stage_desc})')
@@ -928,6 +942,38 @@ def whole_run_eta(plan, first_epoch, epoch, elapsed):
     return f', whole-run ETA {datetime.timedelta(seconds=int(round(left)))}'
 
 
+_NOTES_SHOWN = set()
+
+
+def stage_step(args, previous, model, stage, stage_desc, criterion, optimizer, loss_scaler, device, model_ema,
+               mixup_fn, amp_dtype, lowfreq, replay, device_transform):
+    """The stage's engine.TrainStep: kept while the model, B and the micro-batch stay (a captured
+    CUDA graph is reused), else built anew; the per-stage host-side pieces are swapped in."""
+    key = (id(model), stage.size, stage.batch_size, stage.update_freq)
+    if previous is None or previous.key != key:
+        previous = TrainStep(model, criterion, optimizer, loss_scaler, device, update_freq=stage.update_freq,
+                             max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, amp_dtype=amp_dtype,
+                             device_transform=device_transform, cuda_graph=getattr(args, 'cuda_graph', False),
+                             weight_decay_varies=args.weight_decay_end not in (None, args.weight_decay),
+                             compiled=getattr(args, 'compile', False))
+        previous.key, previous.warmed = key, False
+        if previous.graph_note and previous.graph_note not in _NOTES_SHOWN:
+            _NOTES_SHOWN.add(previous.graph_note)  # once per run, not at every stage
+            print(previous.graph_note, flush=True)
+    previous.lowfreq, previous.replay, previous.stage_desc = lowfreq, replay, stage_desc
+    return previous
+
+
+def warm_shape(args, step, stage, nb_classes):
+    """The stage's input for TrainStep.warm_up at its first epoch on a GPU (cuDNN autotuning of
+    the new shapes while the loader starts), else None.  Not with --cuda_graph, whose eager
+    warm-up updates do the same, nor without cudnn.benchmark (nothing to tune)."""
+    if step.device.type != 'cuda' or step.warmed or step.cuda_graph or not torch.backends.cudnn.benchmark:
+        return None
+    step.warmed = True
+    return (stage.batch_size, 3, stage.size, stage.size), nb_classes, args.channels_last
+
+
 def warn_data_problems(dataset):
     """After each epoch: images skipped (--skip_bad_images) and store copies not usable, so far."""
     if dataset.bad_count.value:
@@ -991,7 +1037,7 @@ def save_training_checkpoint(args, name, epoch, model, optimizer, loss_scaler, m
             torch.distributed.all_gather_object(gathered_meters, meters)
     if not utils.is_main_process():
         return
-    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+    state = {'model': model.state_dict(), 'optimizer': plain_lr(optimizer.state_dict()), 'epoch': epoch,
              'scaler': loss_scaler.state_dict(), 'args': utils.plain_args(args), 'rng': rng, **extra}
     if step is not None:
         state['step'] = step
@@ -1004,6 +1050,14 @@ def save_training_checkpoint(args, name, epoch, model, optimizer, loss_scaler, m
     except OSError as e:
         raise UserError(f'could not write {path} ({e.strerror or e}): free space in --output_dir and re-run '
                         f'the same command; earlier checkpoints are intact') from None
+
+
+def plain_lr(opt_state):
+    """An optimizer state whose lr entries are numbers (a captured step keeps them in device tensors)."""
+    for g in opt_state['param_groups']:
+        if isinstance(g.get('lr'), torch.Tensor):
+            g['lr'] = float(g['lr'])
+    return opt_state
 
 
 def restore_rank_state(ckpt, rank, world):

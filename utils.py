@@ -153,7 +153,8 @@ class SmoothedValue:
 
     @property
     def median(self):
-        return torch.tensor(list(self.deque)).median().item() if self.deque else 0.0
+        # the lower middle value, as torch.median gives (no tensor: no host read to count)
+        return sorted(self.deque)[(len(self.deque) - 1) // 2] if self.deque else 0.0
 
     @property
     def avg(self):
@@ -177,35 +178,74 @@ class SmoothedValue:
 
 
 class MetricLogger:
+    """Named SmoothedValues; tensor updates stay on their device until the next read.
+
+    update(loss=t) with a tensor only keeps t (no host read, so the GPU's launch queue
+    never runs dry in the step loop); the pending values of every meter are read in one
+    transfer when the logger is next read (printed, averaged, saved, synchronised) or
+    flush()ed.  `watch` holds extra device tensors read in that same transfer, and
+    on_flush(values) receives them: the engine checks divergence and, across ranks, the
+    stop flag there.  Plain numbers are taken at once, as before.
+    """
+
     def __init__(self, delimiter='  '):
         self.meters = defaultdict(SmoothedValue)
         self.delimiter = delimiter
+        self._pending = []  # (name, 0-d tensor) in update order
+        self.watch = None  # callable -> list of 0-d tensors read with the pending values
+        self.on_flush = None  # callable(list of floats) for those
 
     def update(self, **kwargs):
         for k, v in kwargs.items():
             if v is None:
                 continue
             if isinstance(v, torch.Tensor):
-                v = v.item()
+                self._pending.append((k, v.detach().reshape(())))
+                continue
             self.meters[k].update(float(v))
+
+    def flush(self):
+        """Read every pending tensor (and the watched ones) in one device-to-host transfer."""
+        watched = list(self.watch()) if self.watch is not None else []
+        tensors = [t for _, t in self._pending] + watched
+        if tensors:
+            device = tensors[0].device
+            values = torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors]).tolist()
+        else:
+            values = []
+        pending, self._pending = self._pending, []
+        for (k, _), v in zip(pending, values):
+            self.meters[k].update(v)
+        if self.on_flush is not None:
+            self.on_flush(values[len(pending):])
 
     def add_meter(self, name, meter):
         self.meters[name] = meter
 
     def __getattr__(self, attr):
         if attr in self.__dict__.get('meters', {}):
+            if self.__dict__.get('_pending'):
+                self.flush()
             return self.meters[attr]
         raise AttributeError(attr)
 
     def __str__(self):
+        self.flush()
         return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
 
     def synchronize_between_processes(self, device):
+        self.flush()
         for meter in self.meters.values():
             meter.synchronize_between_processes(device)
 
+    def averages(self):
+        """{name: global average}, after reading what is pending."""
+        self.flush()
+        return {k: m.global_avg for k, m in self.meters.items()}
+
     def state_dict(self):
         """Totals and counts: enough to continue an epoch's averages after a mid-epoch resume."""
+        self.flush()
         return {k: [m.total, m.count] for k, m in self.meters.items()}
 
     def load_state_dict(self, state):
@@ -282,6 +322,34 @@ class LossScaler:
         # A shrinking scale means GradScaler skipped this step for inf/nan gradients.
         self.last_step_skipped = self.enabled and self._scaler.get_scale() < scale_before
         return norm
+
+    # The engine's step (engine.TrainStep) drives the scaler piece by piece, without host reads.
+    def scale(self, loss):
+        return self._scaler.scale(loss)
+
+    def unscale_(self, optimizer):
+        if self.enabled:
+            self._scaler.unscale_(optimizer)
+
+    def found_inf(self, optimizer):
+        """GradScaler's overflow flag of this iteration (a device tensor; after unscale_)."""
+        # GradScaler keeps it per optimizer and device in _per_optimizer_states (torch.amp internals)
+        found = self._scaler._per_optimizer_states[id(optimizer)]['found_inf_per_device']
+        return sum(v.to(next(iter(found.values())).device) for v in found.values())
+
+    def step(self, optimizer):
+        """GradScaler's own skip (reads its overflow flag on the host)."""
+        self._scaler.step(optimizer)
+
+    def update(self):
+        if self.enabled:
+            self._scaler.update()
+
+    def reset_iteration(self):
+        """Forget this iteration's unscale record (a CUDA graph capture that failed half-way)."""
+        from collections import defaultdict as _dd
+        from torch.amp.grad_scaler import _refresh_per_optimizer_state
+        self._scaler._per_optimizer_states = _dd(_refresh_per_optimizer_state)
 
     def state_dict(self):
         return self._scaler.state_dict()

@@ -171,8 +171,9 @@ def compare(ref_dir, test_dir):
     logs = []
     for d in (ref_dir, test_dir):
         with open(os.path.join(d, 'log.txt')) as f:
-            # wall-clock times differ between any two runs
-            logs.append([{k: v for k, v in json.loads(line).items() if not k.endswith('_time_s')} for line in f])
+            # wall-clock times and throughputs differ between any two runs
+            logs.append([{k: v for k, v in json.loads(line).items() if not k.endswith(('_time_s', '_img_s'))}
+                         for line in f])
     if logs[0] != logs[1]:
         ea = [r.get('epoch') for r in logs[0]]
         eb = [r.get('epoch') for r in logs[1]]
