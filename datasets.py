@@ -8,8 +8,11 @@ persistent workers. Augmentation randomness is seeded from (seed, epoch, index),
 so a sample's augmentation does not depend on the worker that draws it or on an
 interruption: resuming needs only the epoch and the number of batches done.
 """
+import atexit
 import contextlib
+import functools
 import multiprocessing
+import multiprocessing.util  # noqa: F401  (registers its exit handler before ours: see _LEAVING)
 import os
 import random
 import re
@@ -251,6 +254,9 @@ def eval_transform(size, crop_pct=None):
 
 
 class TransformedDataset(Dataset):
+    """(transform(image), label); an unreadable image fails naming its file (evaluation skips nothing:
+    every image counts in the accuracy)."""
+
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
 
@@ -258,8 +264,13 @@ class TransformedDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
-        img, target = self.base[i]
-        return self.transform(img), target
+        try:
+            img, target = self.base[i]
+            return self.transform(img), target
+        except _DECODE_ERRORS as e:
+            raise BadImageError(f'{_sample_path(self.base, i)} is not a readable image ({type(e).__name__}: '
+                                f'{str(e)[:120]}): remove or replace it (evaluation counts every image, '
+                                f'so --skip_bad_images does not apply)') from None
 
 
 # ---------------------------------------------------------------------------
@@ -267,7 +278,24 @@ class TransformedDataset(Dataset):
 # ---------------------------------------------------------------------------
 
 class BadImageError(UserError):
-    pass
+    """An unreadable image: one line naming the file and the fix.
+
+    Raised in a DataLoader worker, it reaches the training process re-created by torch's
+    ExceptionWrapper.reraise as BadImageError("Caught BadImageError in DataLoader worker
+    process N.\nOriginal Traceback ...\n<module>.BadImageError: <our line>"); the
+    traceback's last line is Python's standard "Type: message", so our line is what
+    follows the last "BadImageError: ".
+    """
+
+    def __init__(self, message):
+        if '\n' in message and 'BadImageError: ' in message:
+            message = message.rsplit('BadImageError: ', 1)[1].strip().splitlines()[0]
+        super().__init__(message)
+
+
+def _sample_path(base, index):
+    samples = getattr(base, 'samples', None)
+    return samples[index][0] if samples is not None else f'sample {index}'
 
 
 # Decoding failures of broken, truncated or non-image files. Transform bugs (ValueError,
@@ -332,8 +360,7 @@ class StageTransformDataset(Dataset):
         return len(self.base)
 
     def _path(self, index):
-        samples = getattr(self.base, 'samples', None)
-        return samples[index][0] if samples is not None else f'sample {index}'
+        return _sample_path(self.base, index)
 
     def __getitem__(self, key):
         with caller_rng_kept():
@@ -389,10 +416,41 @@ class StageBatchSampler(Sampler):
         return len(self.sampler) // self.stage.loader_batch - self.skip
 
 
-def _worker_init(worker_id):
+# Set once the training process is leaving (any exit path: finished, error, SIGTERM
+# recovery). Loader workers ignore SIGTERM until then, and end on it from then on.
+# multiprocessing's exit handler (multiprocessing.util._exit_function, registered when
+# multiprocessing.util is imported, above) terminates daemonic children with SIGTERM and
+# then joins them: a worker ignoring SIGTERM at that point hangs the exit forever (it
+# happened after a data error in a worker). atexit runs handlers last-registered first,
+# so this one sets the flag before that handler terminates the workers.
+_LEAVING = multiprocessing.get_context().Event()
+atexit.register(_LEAVING.set)
+
+
+def release_workers():
+    """The training process is leaving: its loader workers now end on SIGTERM."""
+    _LEAVING.set()
+
+
+def hold_workers():
+    """A run starts (again, in this process): its workers ignore SIGTERM until release_workers()."""
+    _LEAVING.clear()
+
+
+def _worker_sigterm(leaving, signum, frame):
+    if leaving.is_set():
+        os._exit(0)  # nothing of the worker's is worth keeping; no cleanup that could block
+
+
+def _worker_init(worker_id, leaving=None):
     # Schedulers send SIGTERM to every process of a job. The main process saves a recovery
     # checkpoint and shuts the loader down itself; a worker dying first would crash it instead.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Once the main process is leaving (release_workers), SIGTERM ends the worker.
+    # Ctrl-C sends SIGINT to every process of the terminal's foreground group: the main
+    # process stops and saves (utils.StopRequest); workers leave that to it.
+    leaving = _LEAVING if leaving is None else leaving
+    signal.signal(signal.SIGTERM, functools.partial(_worker_sigterm, leaving))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardSampler(Sampler):
@@ -448,7 +506,8 @@ def build_train_loader(args, train_base, plan, rank, world):
     batch_sampler = StageBatchSampler(sampler, plan)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=args.num_workers, pin_memory=args.pin_mem,
-        persistent_workers=args.num_workers > 0, worker_init_fn=_worker_init, collate_fn=collate,
+        persistent_workers=args.num_workers > 0, collate_fn=collate,
+        worker_init_fn=functools.partial(_worker_init, leaving=_LEAVING),
         # its own generator: creating the loader's iterator must not draw from the global RNG,
         # whose stream (dropout, mixup) a resumed run has to continue exactly
         generator=torch.Generator().manual_seed(args.seed))
@@ -463,4 +522,5 @@ def build_eval_loader(args, val_base, size, rank, world):
         sampler = torch.utils.data.SequentialSampler(dataset)
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=int(1.5 * args.batch_size),
                                        num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False,
+                                       worker_init_fn=functools.partial(_worker_init, leaving=_LEAVING),
                                        generator=torch.Generator().manual_seed(args.seed))

@@ -7,10 +7,13 @@ embeddings and tokens (1-D tensors, '.bias' and the model's no_weight_decay()).
 """
 import re
 
+import torch
 from timm.models.convnext import ConvNeXt
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2, param_groups_layer_decay
+
+from models.cswin import CSWinTransformer
 
 
 def _convnext_layers(model):
@@ -76,11 +79,37 @@ def _swin_layer_id_fn(model):
     return layer_id
 
 
+# CSWin: the EfficientTrain++ authors' fine-tuning of their IN-22K models with --layer_decay
+# (LeapLabTHU/EfficientTrain optim_factory.py, get_num_layer_for_cswin, after BEiT): 20
+# layers of two consecutive blocks; stem 0, stage s block j at a per-stage base + j // 2,
+# merge1/merge2 with the start of the next stage, merge3 and stage 4 at the top (20), the
+# final norm and head above everything (21).
+_CSWIN_STAGE_BASE = {1: 1, 2: 2, 3: 4, 4: 20}
+_CSWIN_MERGE = {1: 2, 2: 4, 3: 20}
+
+
+def _cswin_layers(model):
+    return 20
+
+
+def _cswin_layer_id(name, num_layers):
+    if name.startswith('stage1_conv_embed'):
+        return 0
+    m = re.match(r'merge(\d+)\.', name)
+    if m:
+        return _CSWIN_MERGE[int(m.group(1))]
+    m = re.match(r'stage(\d+)\.(\d+)\.', name)
+    if m:
+        return min(_CSWIN_STAGE_BASE[int(m.group(1))] + int(m.group(2)) // 2, num_layers)
+    return num_layers + 1
+
+
 # model class -> (number of layers, layer_id(name, num_layers))
 LAYER_ID_TABLE = {
     ConvNeXt: lambda m: (_convnext_layers(m), _convnext_layer_id),
     VisionTransformer: lambda m: (_vit_layers(m), _vit_layer_id),
     SwinTransformer: lambda m: (_swin_layers(m), _swin_layer_id_fn(m)),
+    CSWinTransformer: lambda m: (_cswin_layers(m), _cswin_layer_id),
 }
 
 
@@ -126,13 +155,31 @@ def create_optimizer(args, model):
     if args.opt_betas is not None:
         kwargs['betas'] = tuple(args.opt_betas)
     # timm's factory knows adamw, sgd, lamb, lion, ...; per-group weight_decay is kept.
-    return create_optimizer_v2(groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                               momentum=args.momentum, **kwargs)
+    # torch's fused kernels (CPU and CUDA) take found_inf: the engine skips an update on
+    # the device, the way GradScaler does, without reading a flag on the host; they also
+    # take a tensor lr, which a captured CUDA graph needs.  Copies of the group dicts:
+    # torch fills its defaults into the dicts it is given.
+    opt = create_optimizer_v2([dict(g) for g in groups], opt=args.opt, lr=args.lr,
+                              weight_decay=args.weight_decay, momentum=args.momentum, **kwargs)
+    if type(opt) in FUSED_CLASSES:
+        opt = create_optimizer_v2([dict(g) for g in groups], opt=args.opt, lr=args.lr,
+                                  weight_decay=args.weight_decay, momentum=args.momentum, fused=True, **kwargs)
+    return opt
+
+
+# torch optimizers whose fused kernel honours found_inf/grad_scale (GradScaler's
+# "_step_supports_amp_scaling" protocol); timm maps adamw/adam/sgd/momentum/nesterov to them.
+FUSED_CLASSES = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 
 
 def apply_hparams(optimizer, lr, weight_decay):
     for g in optimizer.param_groups:
-        g['lr'] = lr * g.get('lr_scale', 1.0)
+        value = lr * g.get('lr_scale', 1.0)
+        if isinstance(g['lr'], torch.Tensor):
+            # a captured step reads lr from this tensor: fill it in place (no host sync)
+            g['lr'].fill_(value)
+        else:
+            g['lr'] = value
         g['weight_decay'] = weight_decay * g.get('wd_scale', 1.0)
 
 

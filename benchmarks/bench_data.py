@@ -49,7 +49,9 @@ class DecodeOnly:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
-                                epilog='other arguments: main.py training arguments (--model, --curriculum, ...)')
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog='Other arguments are main.py\'s training flags (--model, --curriculum, '
+                                       '...): see python main.py --help.')
     p.add_argument('--data_path', default=DEFAULT_DATA, help='an ImageFolder tree (class folders of images)')
     p.add_argument('--rounds', type=int, default=3, help='measurement rounds, one data epoch each (averaged)')
     p.add_argument('--batch', type=int, default=32, help='loader batch (collation) in the measurement')

@@ -9,6 +9,9 @@ the next stage's B' x B' input (METHOD.md, "Models across stages"):
   table is resized bilinearly.
 - CSWin (models.cswin.CSWinTransformer): split sizes follow B through its own
   `set_input_size`; no parameter changes shape.
+- PVT v1 (models.pvt.PyramidVisionTransformer): each stage's position embedding is
+  resized bilinearly to that stage's grid (B/4, B/8, B/16, B/32; the last stage's class
+  token entry kept), as for DeiT.
 - ResNet, ConvNeXt, CAFormer and any other class: resolution-agnostic, nothing to do.
 
 Replaced parameters are swapped into the optimizer at the same position and their
@@ -163,25 +166,56 @@ class _Rule:
     min_size: int = 1  # besides size >= k
 
 
+def _pvt_multiple(m: nn.Module) -> Tuple[int, str]:
+    return 32, "a multiple of 32 (PVT stages have strides 4, 8, 16, 32, each with its own position embedding)"
+
+
+def _adapt_pvt(m: nn.Module, size: int) -> Dict[str, Resampler]:
+    # models.pvt's set_input_size resamples the embeddings itself (same bilinear call);
+    # the resamplers returned here are what the optimizer moments get, and they also
+    # rewrite the parameters from the values before the call, exactly as for DeiT.
+    old = m.pos_embed_grids()
+    m.set_input_size(img_size=(size, size))
+    new = m.pos_embed_grids()
+    last = len(old) - 1
+    return {f"pos_embed{i + 1}": _bind(_resample_pos_embed, old_grid=old[i], new_grid=new[i],
+                                       num_prefix=m.num_prefix_tokens if i == last else 0)
+            for i in range(len(old)) if old[i] != new[i]}
+
+
 _RULES: Dict[type, _Rule] = {
     VisionTransformer: _Rule(_vit_multiple, _adapt_vit),
     SwinTransformer: _Rule(_swin_multiple, _adapt_swin),
 }
 _AGNOSTIC = _Rule(_any_multiple, None, _MIN_AGNOSTIC_SIZE)
 _CSWIN_RULE = _Rule(_cswin_multiple, _adapt_cswin)
+_PVT_RULE = _Rule(_pvt_multiple, _adapt_pvt)
+
+# Project model classes (models/), by (module, class name).  They may not be importable in
+# every environment; an instance's class can only exist if its module is loaded, so looking
+# it up in sys.modules (never importing it here) is enough for the isinstance dispatch.
+_PROJECT_RULES: Dict[Tuple[str, str], _Rule] = {
+    ("models.cswin", "CSWinTransformer"): _CSWIN_RULE,
+    ("models.pvt", "PyramidVisionTransformer"): _PVT_RULE,
+}
+
+
+def _project_classes() -> Dict[type, _Rule]:
+    out = {}
+    for (module, name), rule in _PROJECT_RULES.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            out[cls] = rule
+    return out
 
 
 def _rule_for(model: nn.Module) -> _Rule:
-    # CSWin is project code that may not be importable in every environment.  An
-    # instance's class can only exist if its module is loaded, so looking it up in
-    # sys.modules (never importing it here) is enough for the isinstance dispatch.
-    cswin_mod = sys.modules.get("models.cswin")
-    cswin_cls = getattr(cswin_mod, "CSWinTransformer", None) if cswin_mod is not None else None
+    project = _project_classes()
     for cls in type(model).__mro__:
         if cls in _RULES:
             return _RULES[cls]
-        if cswin_cls is not None and cls is cswin_cls:
-            return _CSWIN_RULE
+        if cls in project:
+            return project[cls]
     return _AGNOSTIC
 
 
@@ -317,7 +351,7 @@ def adapt_model(model: nn.Module, size: int, optimizer: Optional[torch.optim.Opt
 
 
 def size_multiple(model: nn.Module) -> int:
-    """The grid valid input sizes lie on (patch size for ViT, 32 for Swin/CSWin, else 16).
+    """The grid valid input sizes lie on (patch size for ViT, 32 for Swin/CSWin/PVT, else 16).
 
     Plans scale published bandwidths to another base size on this grid.
     """

@@ -1,7 +1,8 @@
-"""Models: timm's registry plus what timm lacks (CSWin) and the recipe names.
+"""Models: timm's registry plus what timm lacks (CSWin, PVT v1) and the recipe names.
 
 zoo.py              recipe names -> timm names and constructor arguments
 cswin.py            CSWin Transformer, registered with timm
+pvt.py              PVT v1 (Pyramid Vision Transformer), registered with timm
 checkpoint_compat.py  released checkpoints (official parameter names) -> timm modules
 """
 

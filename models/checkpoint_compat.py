@@ -12,6 +12,8 @@ Swin           microsoft/Swin-Transformer (downsample at   timm swin filter
 DeiT           timm 0.4 VisionTransformer                  timm vision_transformer filter
 CAFormer       sail-sg/metaformer                          timm metaformer filter
 CSWin          microsoft/CSWin-Transformer                 identity (models.cswin uses those names)
+PVT (v1)       whai362/PVT                                 models.pvt filter (names identical;
+                                                           position embeddings resized)
 ResNet-50      torchvision                                 identity (timm resnet uses those names)
 =============  ==========================================  ==========================
 
@@ -40,6 +42,10 @@ filter takes ``(state_dict, model)`` and returns a new dict with timm names:
   stages.i.blocks.j, norm -> head.norm, head -> head.fc, and reshapes any tensor whose
   numel equals the model's (official Linear -> timm 1x1 conv weights); it indexes
   ``model.state_dict()[new_key]`` (KeyError on a foreign checkpoint).
+
+Names are not all: the official CAFormer head normalises with eps 1e-5 where timm's uses
+1e-6, so a CAFormer reproduces the official logits only when built by
+``models.create_model`` (models/zoo.py sets the official eps; tests/test_norm_eps.py).
 
 A filter that raises on a foreign checkpoint is caught: the keys are then passed on
 unconverted and ``load_into`` reports the mismatch with one readable line.
@@ -260,3 +266,12 @@ def load_into(model: nn.Module, state_dict: Mapping, strict_arch: bool = True) -
         dropped_head=dropped_head,
         mismatched=mismatched,
     )
+
+
+# PVT v1: models.pvt uses the official names; its filter only resamples position embeddings
+# saved for another input size (a 224 checkpoint into a 384 fine-tune or a B=96 stage).
+# The reverse direction (timm names -> official) is models/official_names.py.
+from .pvt import PyramidVisionTransformer, checkpoint_filter_fn as _pvt_filter  # noqa: E402
+
+_CONVERTERS[PyramidVisionTransformer] = ('pvt', _pvt_filter)
+_FAMILY_MARKERS.append(('pvt', ('patch_embed1.proj.weight', 'pos_embed1')))

@@ -412,6 +412,7 @@ default_cfgs = generate_default_cfgs({
     'CSWin_64_12211_tiny_224': _cfg(),
     'CSWin_64_24322_small_224': _cfg(),
     'CSWin_96_24322_base_224': _cfg(),
+    'CSWin_144_24322_large_224': _cfg(),
 })
 
 
@@ -439,3 +440,12 @@ def CSWin_64_24322_small_224(pretrained: bool = False, **kwargs) -> CSWinTransfo
 def CSWin_96_24322_base_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
     args = dict(embed_dim=96, depths=(2, 4, 32, 2), num_heads=(4, 8, 16, 32), mlp_ratio=4.)
     return _create_cswin('CSWin_96_24322_base_224', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def CSWin_144_24322_large_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
+    # microsoft/CSWin-Transformer models/cswin.py: embed 144, depths [2,4,32,2], heads
+    # [6,12,24,24] (the last stage keeps 24 heads), split [1,2,7,7] at 224 (173M parameters);
+    # its IN-22K weights are released as cswin_large_22k_224.pth, fine-tuned as cswin_large_224/384.
+    args = dict(embed_dim=144, depths=(2, 4, 32, 2), num_heads=(6, 12, 24, 24), mlp_ratio=4.)
+    return _create_cswin('CSWin_144_24322_large_224', pretrained, **dict(args, **kwargs))

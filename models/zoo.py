@@ -10,8 +10,10 @@ from typing import Any, Dict, List, Tuple
 
 import timm
 import torch.nn as nn
+from timm.models import metaformer
 
 from . import cswin  # noqa: F401  (registers the CSWin_* names with timm)
+from . import pvt  # noqa: F401  (registers pvt_tiny/small/medium/large with timm)
 
 __all__ = ['RECIPE_MODELS', 'create_model', 'suggest_names']
 
@@ -27,6 +29,7 @@ RECIPE_MODELS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     'convnext_tiny': ('convnext_tiny', {}),
     'convnext_small': ('convnext_small', {}),
     'convnext_base': ('convnext_base', {}),
+    'convnext_large': ('convnext_large', {}),  # ImageNet-22K pre-training (EfficientTrain++ Table 12)
     'deit_tiny_patch16_224': ('deit_tiny_patch16_224', {}),
     'deit_small_patch16_224': ('deit_small_patch16_224', {}),
     'swin_tiny': ('swin_tiny_patch4_window7_224', {}),
@@ -35,6 +38,12 @@ RECIPE_MODELS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     'CSWin_64_12211_tiny_224': ('CSWin_64_12211_tiny_224', {}),
     'CSWin_64_24322_small_224': ('CSWin_64_24322_small_224', {}),
     'CSWin_96_24322_base_224': ('CSWin_96_24322_base_224', {}),
+    'CSWin_144_24322_large_224': ('CSWin_144_24322_large_224', {}),  # ImageNet-22K pre-training
+    # PVT v1 (models/pvt.py); img_size sets its position-embedding grids
+    'pvt_tiny': ('pvt_tiny', {}),
+    'pvt_small': ('pvt_small', {}),
+    'pvt_medium': ('pvt_medium', {}),
+    'pvt_large': ('pvt_large', {}),
     'caformer_s18': ('caformer_s18', {}),
     'caformer_s36': ('caformer_s36', {}),
     'caformer_m36': ('caformer_m36', {}),
@@ -46,10 +55,42 @@ RECIPE_MODELS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 # window at 7 and only clamp it to the feature size.  DeiT (position embedding) and CSWin
 # (split sizes) take img_size as it is.
 _IMG_SIZE_AGNOSTIC = frozenset({
-    'resnet50', 'convnext_tiny', 'convnext_small', 'convnext_base',
+    'resnet50', 'convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large',
     'caformer_s18', 'caformer_s36', 'caformer_m36',
 })
 _IMG_SIZE_SETS_WINDOW = frozenset({'swin_tiny', 'swin_small', 'swin_base'})
+
+
+def _metaformer_official_head_eps(model: nn.Module) -> None:
+    # sail-sg/metaformer (metaformer_baselines.py): MlpHead normalises its hidden features
+    # with nn.LayerNorm(hidden_features), i.e. torch's default eps 1e-5; timm's MlpHead uses
+    # timm.layers.LayerNorm, whose default is 1e-6 (the cause of logits up to 7.7e-4 away
+    # from the official model, issue 11). Every other MetaFormer norm is 1e-6 in both codes.
+    # timm's MetaFormer builds the MlpHead itself and takes no argument for its norm, so the
+    # module is adjusted after creation; MetaFormer.reset_classifier would build timm's head
+    # (eps 1e-6) again, and nothing here calls it. Models without an MLP head (PoolFormer)
+    # are left alone.
+    fc = getattr(getattr(model, 'head', None), 'fc', None)
+    if isinstance(fc, metaformer.MlpHead):
+        fc.norm.eps = 1e-5
+
+
+# Per family (by model class, looked up along the MRO): what makes timm's module compute
+# what the family's official code computes. Every family's norm eps against the official
+# code is recorded in tests/test_norm_eps.py; only MetaFormer differs.
+_OFFICIAL_FIXES = {
+    metaformer.MetaFormer: _metaformer_official_head_eps,
+}
+
+
+def official_fixes(model: nn.Module) -> nn.Module:
+    """Apply the family's fixes of _OFFICIAL_FIXES to a freshly created model (in place)."""
+    for cls in type(model).__mro__:
+        fix = _OFFICIAL_FIXES.get(cls)
+        if fix is not None:
+            fix(model)
+            break
+    return model
 
 
 def suggest_names(name: str, n: int = 5) -> List[str]:
@@ -94,4 +135,5 @@ def create_model(name: str, **kwargs) -> nn.Module:
         close = suggest_names(name)
         hint = f"; did you mean: {', '.join(close)}?" if close else '; see models.zoo.RECIPE_MODELS'
         raise ValueError(f'unknown model {name!r}{hint}')
-    return timm.create_model(timm_name, pretrained=False, **kwargs)
+    return official_fixes(timm.create_model(timm_name, pretrained=False, **kwargs))
+

@@ -63,6 +63,9 @@ class Recipe:
 _METAFORMER = ('sail-sg/metaformer training scripts (METHOD.md gives no CAFormer recipe); '
                'their head dropout has no main.py flag')
 
+_PVT = ('whai362/PVT classification code and configs (lr 5e-4 x batch/512, wd 0.05, drop path, clipping); '
+        'EfficientTrain++ schedule not published: Swin-S/B\'s stands in (TRAINING.md)')
+
 RECIPES: Dict[str, Recipe] = {
     'resnet50': Recipe('resnet', 0.0, 512, 1, replay=True),
     'convnext_tiny': Recipe('convnext', 0.1, 128, 4, EMA),
@@ -82,6 +85,17 @@ RECIPES: Dict[str, Recipe] = {
     'caformer_s18': Recipe('caformer', 0.15, 128, 4, (('--opt', 'lamb'),), lr=8e-3, source=_METAFORMER),
     'caformer_s36': Recipe('caformer', 0.3, 128, 4, (('--opt', 'lamb'),), lr=8e-3, source=_METAFORMER),
     'caformer_m36': Recipe('caformer', 0.4, 128, 4, (('--opt', 'lamb'),), lr=8e-3, source=_METAFORMER),
+    # PVT v1 (EfficientTrain++ Table 7): the PVT authors' recipe (whai362/PVT classification):
+    # AdamW, lr 5e-4 x global batch / 512 (= 4e-3 at 4096), weight decay 0.05, drop path
+    # 0.1/0.1/0.3/0.3 and gradient clipping none/none/1.0/1.0 (configs/pvt/pvt_*.py),
+    # mixed precision (its main.py always builds the AMP loss scaler), 128 images per GPU.
+    # Kept from the EfficientTrain++ recipes instead of PVT's: 20 warmup epochs (PVT: 5 at
+    # batch 1024), min lr 1e-6 (PVT: 1e-5), no repeated augmentation (PVT: on).
+    # Its EfficientTrain++ schedule is a stand-in: curriculum/presets.py PVT_ETPP.
+    'pvt_tiny': Recipe('pvt', 0.1, 128, 4, AMP, source=_PVT),
+    'pvt_small': Recipe('pvt', 0.1, 128, 4, AMP, source=_PVT),
+    'pvt_medium': Recipe('pvt', 0.3, 128, 4, AMP + (('--clip_grad', '1.0'),), source=_PVT),
+    'pvt_large': Recipe('pvt', 0.3, 128, 4, AMP + (('--clip_grad', '1.0'),), source=_PVT),
 }
 
 # variant -> (--curriculum, default budget): EfficientTrain++ counts equivalent epochs
@@ -94,6 +108,78 @@ class LaunchError(ValueError):
     pass
 
 
+# ------------------------------------------------------------- ImageNet-22K, then IN-1K fine-tuning
+# EfficientTrain++ Table 12: pre-train on IN-22K at the baseline's budget or with ET / ET++ at
+# 2/3, 1/2 and 1/3 of it, then fine-tune on IN-1K at 224 and at 384 (two separate runs).
+
+@dataclass(frozen=True)
+class Pretrain22k:
+    family: str
+    drop_path: float        # of the baseline; ET++ scales it by E / (2/3 x epochs), as E/200 at 300 on IN-1K
+    batch: int              # per-GPU batch x update_freq at 224 on 8 GPUs (global 4096)
+    update_freq: int
+    flags: Flags = ()
+    lr: float = DEFAULT_LR
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
+    epochs: int = 90        # the baseline's epochs
+    warmup: int = 5
+    source: str = ''
+
+
+@dataclass(frozen=True)
+class Finetune22k:
+    drop_path: float
+    batch: int              # per-GPU batch x update_freq on 8 GPUs at the fine-tuning size
+    update_freq: int
+    flags: Flags = ()
+    lr: float = 5e-5
+    weight_decay: float = 1e-8
+    epochs: int = 30
+    global_batch: int = 512
+    source: str = ''
+
+
+_CONVNEXT_22K = ('facebookresearch/ConvNeXt TRAINING.md, "ImageNet-22K Pre-training" (90 epochs, 5 warmup, '
+                 'global batch 4096, lr 4e-3, drop path 0.1 for B and L, no EMA, --disable_eval true)')
+_CSWIN_22K = ('a stand-in, no recipe is published (microsoft/CSWin-Transformer releases only the 22K '
+              'weights): ConvNeXt\'s IN-22K protocol (90 epochs, 5 warmup, drop path 0.1) with the CSWin-B '
+              'EfficientTrain++ optimizer (LAMB, lr 8e-3, wd 0.1, EMA 0.9998, AMP)')
+_CSWIN_22K_FLAGS: Flags = AMP + EMA + (('--model_ema_decay', '0.9998'), ('--opt', 'lamb'), ('--opt_eps', '1e-6'))
+IN22K_PRETRAIN: Dict[str, Pretrain22k] = {
+    'convnext_base': Pretrain22k('convnext', 0.1, 32, 16, source=_CONVNEXT_22K),
+    'convnext_large': Pretrain22k('convnext', 0.1, 32, 16, source=_CONVNEXT_22K),
+    'CSWin_96_24322_base_224': Pretrain22k('cswin', 0.1, 64, 8, _CSWIN_22K_FLAGS, lr=8e-3, weight_decay=0.1,
+                                           source=_CSWIN_22K),
+    'CSWin_144_24322_large_224': Pretrain22k('cswin', 0.1, 32, 16, _CSWIN_22K_FLAGS, lr=8e-3, weight_decay=0.1,
+                                             source=_CSWIN_22K),
+}
+# ET++ budgets of Table 12: 2/3, 1/2 and 1/3 of the 90-epoch baseline (1.5x, 2x, 3x less compute)
+IN22K_FRACTIONS = ((2, 3), (1, 2), (1, 3))
+
+_FT = (('--warmup_epochs', '0'), ('--layer_decay', '0.8'), ('--head_init_scale', '0.001'),
+       ('--cutmix', '0'), ('--mixup', '0'))
+_CONVNEXT_FT = 'facebookresearch/ConvNeXt TRAINING.md, "Fine-tune from ImageNet-22K pre-training" (B/L: no EMA)'
+# CSWin: the EfficientTrain++ authors' command (LeapLabTHU/EfficientTrain EVAL.md, "Fine-tuning
+# ImageNet-22K pre-trained models", CSWin-B at 224; "for other models change --model, --finetune
+# and --input_size"): 8 GPUs x 64, lr 5e-5, wd 1e-8, 30 epochs, no warmup, no mixup/cutmix, layer
+# decay 0.9, drop path 0.2, AMP, EMA 0.9998 evaluated.  At 384 the global batch is kept (32 x 2).
+_CSWIN_FT: Flags = AMP + EMA + (('--model_ema_decay', '0.9998'), ('--warmup_epochs', '0'), ('--layer_decay', '0.9'),
+                                ('--cutmix', '0'), ('--mixup', '0'))
+_CSWIN_FT_SRC = ('LeapLabTHU/EfficientTrain EVAL.md (CSWin-B 22K -> 1K at 224; the same for CSWin-L and at 384, '
+                 'per its notes)')
+IN22K_FINETUNE: Dict[Tuple[str, int], Finetune22k] = {
+    ('convnext_base', 224): Finetune22k(0.2, 32, 2, _FT, source=_CONVNEXT_FT),
+    ('convnext_base', 384): Finetune22k(0.2, 16, 4, _FT, source=_CONVNEXT_FT),
+    ('convnext_large', 224): Finetune22k(0.3, 32, 2, _FT, source=_CONVNEXT_FT),
+    ('convnext_large', 384): Finetune22k(0.3, 16, 4, _FT, source=_CONVNEXT_FT),
+    ('CSWin_96_24322_base_224', 224): Finetune22k(0.2, 64, 1, _CSWIN_FT, source=_CSWIN_FT_SRC),
+    ('CSWin_96_24322_base_224', 384): Finetune22k(0.2, 32, 2, _CSWIN_FT, source=_CSWIN_FT_SRC),
+    ('CSWin_144_24322_large_224', 224): Finetune22k(0.2, 64, 1, _CSWIN_FT, source=_CSWIN_FT_SRC),
+    ('CSWin_144_24322_large_224', 384): Finetune22k(0.2, 32, 2, _CSWIN_FT, source=_CSWIN_FT_SRC),
+}
+TASKS = ('in1k', 'in22k', 'ft224', 'ft384')
+
+
 def drop_path(recipe: Recipe, variant: str, budget: int) -> float:
     """EfficientTrain++ scales the base rate by E/200; the other variants keep it."""
     if variant == 'etpp':
@@ -101,7 +187,8 @@ def drop_path(recipe: Recipe, variant: str, budget: int) -> float:
     return recipe.drop_path
 
 
-def split_batch(recipe: Recipe, world: int, batch: Optional[int] = None) -> Tuple[int, int]:
+def split_batch(recipe: Recipe, world: int, batch: Optional[int] = None,
+                global_batch: int = GLOBAL_BATCH) -> Tuple[int, int]:
     """(per-GPU batch, update_freq) at B=224 that keep the global batch at GLOBAL_BATCH.
 
     The published per-GPU batch is the most that fits a GPU at 224, so it is kept and
@@ -110,14 +197,14 @@ def split_batch(recipe: Recipe, world: int, batch: Optional[int] = None) -> Tupl
     """
     if world < 1:
         raise LaunchError(f'the number of GPUs must be >= 1, got {world}')
-    if GLOBAL_BATCH % world:
-        raise LaunchError(f'the global batch {GLOBAL_BATCH} is not divisible by {world} GPUs: use a power of '
+    if global_batch % world:
+        raise LaunchError(f'the global batch {global_batch} is not divisible by {world} GPUs: use a power of '
                           f'two, or pass --batch_size and --update_freq after the recipe flags yourself')
-    per_gpu = GLOBAL_BATCH // world
+    per_gpu = global_batch // world
     b = batch if batch else min(recipe.batch, per_gpu)
     if b < 1 or per_gpu % b:
         raise LaunchError(f'--batch_size {b} does not divide the per-GPU share {per_gpu} of the global batch '
-                          f'{GLOBAL_BATCH} on {world} GPUs: choose a divisor of {per_gpu}')
+                          f'{global_batch} on {world} GPUs: choose a divisor of {per_gpu}')
     return b, per_gpu // b
 
 
@@ -161,14 +248,78 @@ def main_args(model: str, variant: str = 'etpp', budget: Optional[int] = None, w
     return args + list(extra)
 
 
+def in22k_drop_path(r: Pretrain22k, variant: str, budget: int) -> float:
+    """ET++ scales the base rate by E over the budget at 2/3 of the baseline (200 of 300 on IN-1K)."""
+    if variant == 'etpp':
+        return round(r.drop_path * budget / (r.epochs * 2 / 3), 6)
+    return r.drop_path
+
+
+def in22k_default_budget(model: str, variant: str) -> int:
+    r = IN22K_PRETRAIN[model]
+    return r.epochs * 2 // 3 if variant == 'etpp' else r.epochs
+
+
+def in22k_args(model: str, variant: str = 'etpp', budget: Optional[int] = None, world: int = PUBLISHED_GPUS,
+               data_path: Optional[str] = None, output_dir: Optional[str] = None, batch: Optional[int] = None,
+               extra: Sequence[str] = ()) -> List[str]:
+    """main.py's arguments for IN-22K pre-training (an image folder of its classes, no evaluation)."""
+    if model not in IN22K_PRETRAIN:
+        raise LaunchError(f'no IN-22K recipe for {model!r}: one of {", ".join(IN22K_PRETRAIN)}')
+    if variant not in VARIANTS:
+        raise LaunchError(f'unknown variant {variant!r}: one of {", ".join(VARIANTS)}')
+    r = IN22K_PRETRAIN[model]
+    budget = in22k_default_budget(model, variant) if budget is None else budget
+    if budget < 1:
+        raise LaunchError(f'--budget must be >= 1, got {budget}')
+    b, uf = split_batch(r, world, batch)
+    args = ['--model', model, '--curriculum', VARIANTS[variant][0], '--epochs', str(budget),
+            '--baseline_epochs', str(r.epochs), '--batch_size', str(b), '--update_freq', str(uf),
+            '--lr', _fmt(r.lr), '--weight_decay', _fmt(r.weight_decay), '--warmup_epochs', str(r.warmup),
+            '--drop_path', _fmt(in22k_drop_path(r, variant, budget)), '--disable_eval', 'true']
+    for flag, value in r.flags:
+        args += [flag, value]
+    if data_path:
+        args += ['--data_path', data_path]
+    if output_dir:
+        args += ['--output_dir', output_dir]
+    return args + list(extra)
+
+
+def finetune_args(model: str, size: int, checkpoint: str, world: int = PUBLISHED_GPUS,
+                  data_path: Optional[str] = None, output_dir: Optional[str] = None, batch: Optional[int] = None,
+                  extra: Sequence[str] = ()) -> List[str]:
+    """main.py's arguments to fine-tune an IN-22K checkpoint on IN-1K at ``size`` (no curriculum)."""
+    r = IN22K_FINETUNE.get((model, size))
+    if r is None:
+        have = ', '.join(f'{m} at {s}' for m, s in IN22K_FINETUNE)
+        raise LaunchError(f'no IN-1K fine-tuning recipe for {model} at {size}: one of {have}')
+    if not checkpoint:
+        raise LaunchError('fine-tuning needs the IN-22K checkpoint: pass --finetune FILE')
+    b, uf = split_batch(r, world, batch, r.global_batch)
+    args = ['--model', model, '--finetune', checkpoint, '--input_size', str(size), '--curriculum', 'none',
+            '--epochs', str(r.epochs), '--batch_size', str(b), '--update_freq', str(uf), '--lr', _fmt(r.lr),
+            '--weight_decay', _fmt(r.weight_decay), '--drop_path', _fmt(r.drop_path)]
+    for flag, value in r.flags:
+        args += [flag, value]
+    if data_path:
+        args += ['--data_path', data_path]
+    if output_dir:
+        args += ['--output_dir', output_dir]
+    return args + list(extra)
+
+
 def eval_args(model: str, checkpoint: str, data_path: Optional[str] = None, ema: bool = False,
-              input_size: int = 224, batch: int = 128, extra: Sequence[str] = ()) -> List[str]:
-    """main.py's arguments to evaluate a checkpoint (fp32, exact sharded evaluation)."""
-    if model not in RECIPES:
+              input_size: Optional[int] = None, batch: int = 128, extra: Sequence[str] = ()) -> List[str]:
+    """main.py's arguments to evaluate a checkpoint (fp32, exact sharded evaluation).
+
+    Without input_size main.py evaluates at the size the checkpoint records, else 224."""
+    if model not in RECIPES and model not in IN22K_PRETRAIN:
         from_timm = 'any timm model name also works with main.py directly'
         raise LaunchError(f'no published recipe for {model!r}: one of {", ".join(RECIPES)} ({from_timm})')
-    args = ['--model', model, '--eval', 'true', '--resume', checkpoint,
-            '--input_size', str(input_size), '--batch_size', str(batch)]
+    args = ['--model', model, '--eval', 'true', '--resume', checkpoint, '--batch_size', str(batch)]
+    if input_size:
+        args += ['--input_size', str(input_size)]
     if ema:
         args += ['--model_ema', 'true', '--model_ema_eval', 'true']
     if data_path:
@@ -286,18 +437,32 @@ def _add_launch_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument('--data_path', default=None, help='ImageNet root with train/ and val/ [$DATA_PATH]')
 
 
+def _train_models() -> List[str]:
+    return _unique(list(RECIPES) + list(IN22K_PRETRAIN) + [m for m, _ in IN22K_FINETUNE])
+
+
+def _unique(xs):
+    return list(dict.fromkeys(xs))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='recipes.py', allow_abbrev=False,
                                 description='Published EfficientTrain(++) recipes; unknown flags go to main.py.')
     sub = p.add_subparsers(dest='cmd', required=True)
     sub.add_parser('list', help='print the recipe table')
     t = sub.add_parser('train', allow_abbrev=False, help='train a model with its published recipe')
-    t.add_argument('model', choices=list(RECIPES), metavar='MODEL', help=f'one of {", ".join(RECIPES)}')
+    t.add_argument('model', choices=_train_models(), metavar='MODEL',
+                   help=f'one of {", ".join(_train_models())} (--task in22k/ft224/ft384: see TRAINING.md)')
+    t.add_argument('--task', default='in1k', choices=list(TASKS),
+                   help='in1k: ImageNet-1K training (default); in22k: ImageNet-22K pre-training; ft224 / ft384: '
+                        'fine-tuning an IN-22K checkpoint (--finetune) on ImageNet-1K at 224 / 384')
+    t.add_argument('--finetune', default=None, help='with --task ft224/ft384: the IN-22K checkpoint')
     t.add_argument('--variant', default='etpp', choices=list(VARIANTS),
                    help='etpp: EfficientTrain++ (default); et: EfficientTrain (ICCV); baseline: no curriculum')
     t.add_argument('--budget', '-E', type=int, default=None,
-                   help='etpp: equivalent epochs E (default 200; published 100/150/200/300); '
-                        'et/baseline: epochs (default 300) [$BUDGET]')
+                   help='etpp: equivalent epochs E (default 200; published 100/150/200/300; in22k: default 60, '
+                        'published 60/45/30 = 2/3, 1/2, 1/3 of 90); et/baseline: epochs (default 300; in22k 90) '
+                        '[$BUDGET]')
     t.add_argument('--replay', action='store_true', help='the published replay-buffer settings (etpp)')
     t.add_argument('--batch_size', type=int, default=None,
                    help='per-GPU batch at 224 (default: the published one); update_freq keeps 4096 global')
@@ -305,10 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='[$OUTPUT_DIR, else $OUTPUT_ROOT/<model>_<variant>_E<budget>, OUTPUT_ROOT=output]')
     _add_launch_flags(t)
     e = sub.add_parser('eval', allow_abbrev=False, help='evaluate a checkpoint (released or own)')
-    e.add_argument('model', choices=list(RECIPES), metavar='MODEL', help='a recipe name, as for train')
+    e.add_argument('model', choices=_train_models(), metavar='MODEL', help='a recipe name, as for train')
     e.add_argument('checkpoint')
     e.add_argument('--ema', action='store_true', help="evaluate the checkpoint's 'model_ema' entry")
-    e.add_argument('--input_size', type=int, default=224)
+    e.add_argument('--input_size', type=int, default=None,
+                   help="evaluation size (default: the size the checkpoint records, else 224)")
     e.add_argument('--batch_size', type=int, default=128, help='per-GPU batch (x1.5 for evaluation)')
     _add_launch_flags(e)
     sub.add_parser('wrappers', help='(re)write scripts/train_<model>.sh')
@@ -349,6 +515,20 @@ def recipe_table() -> str:
     lines.append(f'batch x update_freq on {PUBLISHED_GPUS} GPUs (global {GLOBAL_BATCH}); baseline and et use the '
                  f'E=200 drop path column.')
     lines += [f'{n}: from {r.source}' for n, r in RECIPES.items() if r.source != 'METHOD.md']
+    lines += ['', 'ImageNet-22K pre-training (--task in22k; --data_path: train/ and val/ of the 22K classes)']
+    for name, r in IN22K_PRETRAIN.items():
+        budgets = '/'.join(str(r.epochs * a // b) for a, b in IN22K_FRACTIONS)
+        dps = '/'.join(_fmt(in22k_drop_path(r, 'etpp', r.epochs * a // b)) for a, b in IN22K_FRACTIONS)
+        flags = ' '.join(f'{k} {v}' for k, v in r.flags)
+        lines.append(f'{name:<26} baseline/et {r.epochs} ep, etpp E={budgets} (drop path {dps}); lr {_fmt(r.lr)} '
+                     f'wd {_fmt(r.weight_decay)} warmup {r.warmup} batch {r.batch} x {r.update_freq}  {flags}')
+    lines += [f'{n}: from {r.source}' for n, r in IN22K_PRETRAIN.items()]
+    lines += ['', 'ImageNet-1K fine-tuning of an IN-22K checkpoint (--task ft224 / ft384 --finetune FILE)']
+    for (name, size), r in IN22K_FINETUNE.items():
+        flags = ' '.join(f'{k} {v}' for k, v in r.flags)
+        lines.append(f'{name:<26} {size}: {r.epochs} ep, lr {_fmt(r.lr)} wd {_fmt(r.weight_decay)} drop path '
+                     f'{_fmt(r.drop_path)} batch {r.batch} x {r.update_freq} (global {r.global_batch})  {flags}')
+    lines += [f'{n} at {sz}: from {r.source}' for (n, sz), r in IN22K_FINETUNE.items()]
     return '\n'.join(lines)
 
 
@@ -370,13 +550,36 @@ def build_command(argv: Sequence[str]) -> Tuple[List[str], bool]:
         raise LaunchError('no data: pass --data_path DIR (or set $DATA_PATH), or a --data_set of main.py')
     dry = ns.dry_run or _truthy(os.environ.get('DRY_RUN'))
     if ns.cmd == 'train':
+        if ns.task.startswith('ft') and ns.budget is not None:
+            raise LaunchError(f'--budget does not apply to --task {ns.task} (the fine-tuning recipe runs 30 epochs): '
+                              f'drop it, or add main.py\'s --epochs N after the recipe flags')
         if ns.budget is None and os.environ.get('BUDGET'):
             ns.budget = _env_int('BUDGET')
-        budget = VARIANTS[ns.variant][1] if ns.budget is None else ns.budget
+        if ns.task != 'in1k' and ns.replay:
+            raise LaunchError('--replay has published settings only for ImageNet-1K training (--task in1k)')
+        if ns.finetune and not ns.task.startswith('ft'):
+            raise LaunchError('--finetune belongs to --task ft224 or ft384 (fine-tuning an IN-22K checkpoint)')
+        if ns.task == 'in1k':
+            budget = VARIANTS[ns.variant][1] if ns.budget is None else ns.budget
+            name = f'{ns.model}_{ns.variant}_E{budget}'
+        elif ns.task == 'in22k':
+            if ns.model not in IN22K_PRETRAIN:
+                raise LaunchError(f'no IN-22K recipe for {ns.model!r}: one of {", ".join(IN22K_PRETRAIN)}')
+            budget = in22k_default_budget(ns.model, ns.variant) if ns.budget is None else ns.budget
+            name = f'{ns.model}_in22k_{ns.variant}_E{budget}'
+        else:
+            name = f'{ns.model}_{ns.task}'
         out = ns.output_dir or os.environ.get('OUTPUT_DIR') or os.path.join(
-            os.environ.get('OUTPUT_ROOT') or 'output', f'{ns.model}_{ns.variant}_E{budget}')
-        args = main_args(ns.model, ns.variant, budget, launch.world, data_path, out, ns.replay, ns.batch_size, extra)
-        rdzv = f'{ns.model}_{ns.variant}_E{budget}'
+            os.environ.get('OUTPUT_ROOT') or 'output', name)
+        if ns.task == 'in1k':
+            args = main_args(ns.model, ns.variant, budget, launch.world, data_path, out, ns.replay, ns.batch_size,
+                             extra)
+        elif ns.task == 'in22k':
+            args = in22k_args(ns.model, ns.variant, budget, launch.world, data_path, out, ns.batch_size, extra)
+        else:
+            args = finetune_args(ns.model, int(ns.task[2:]), ns.finetune, launch.world, data_path, out,
+                                 ns.batch_size, extra)
+        rdzv = name
     else:
         args = eval_args(ns.model, ns.checkpoint, data_path, ns.ema, ns.input_size, ns.batch_size, extra)
         rdzv = f'eval_{ns.model}'

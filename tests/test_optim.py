@@ -60,23 +60,25 @@ def test_other_families_fall_back_to_timm_group_matcher():
     assert all(g['wd_scale'] in (0.0, 1.0) for g in groups)
 
 
-def test_cswin_layer_decay_by_depth_through_timm_group_matcher():
+def test_cswin_layer_ids_follow_the_efficienttrain_finetuning():
+    """LeapLabTHU/EfficientTrain optim_factory.py get_num_layer_for_cswin (the CSWin 22K -> 1K
+    fine-tuning with --layer_decay 0.9): 20 layers of two blocks, merge3 and stage 4 at 20,
+    scale layer_decay ** (21 - id); norm and head at 21 (scale 1)."""
     import models
-    m = models.create_model('CSWin_64_12211_tiny_224', num_classes=10)
-    depths = [len(blocks) for _, blocks in m._stages()]
-    scale = {}
-    for g in param_groups(m, 0.05, 0.8):
-        for p in g['params']:
-            scale[p] = (g['lr_scale'], g['wd_scale'])
-    by_name = {n: scale[p] for n, p in m.named_parameters()}
-    # stem, one layer per block (merges and the final norm join the adjacent block), head
-    assert len({v[0] for v in by_name.values()}) == sum(depths) + 2
-    assert by_name['head.weight'][0] == pytest.approx(1.0)
-    assert by_name['stage1_conv_embed.0.weight'][0] == pytest.approx(0.8 ** (sum(depths) + 1))
-    stage3 = [by_name[f'stage3.{i}.qkv.weight'][0] for i in range(depths[2])]
-    assert stage3 == sorted(stage3) and len(set(stage3)) == depths[2]
-    assert by_name['stage2.0.qkv.weight'][0] < by_name['stage3.0.qkv.weight'][0] < by_name['stage4.0.qkv.weight'][0]
-    assert by_name['stage1.0.norm1.weight'][1] == 0 and by_name['stage1.0.qkv.weight'][1] == 1
+    with torch.device('meta'):
+        m = models.create_model('CSWin_96_24322_base_224', num_classes=10)  # depths 2, 4, 32, 2
+    s = scales_by_name(m, 0.9)
+    expected = {'stage1_conv_embed.0.weight': 0, 'stage1_conv_embed.2.weight': 0, 'stage1.1.qkv.weight': 1,
+                'merge1.conv.weight': 2, 'stage2.0.qkv.weight': 2, 'stage2.3.mlp.fc1.weight': 3,
+                'merge2.norm.weight': 4, 'stage3.0.qkv.weight': 4, 'stage3.1.attns.0.get_v.weight': 4,
+                'stage3.2.qkv.weight': 5, 'stage3.31.proj.weight': 19, 'merge3.conv.weight': 20,
+                'stage4.1.qkv.weight': 20, 'norm.weight': 21, 'head.weight': 21}
+    assert {n: s[n][2] for n in expected} == expected
+    assert s['stage1_conv_embed.0.weight'][0] == pytest.approx(0.9 ** 21)
+    assert s['stage3.2.qkv.weight'][0] == pytest.approx(0.9 ** 16)
+    assert s['norm.weight'][0] == s['head.weight'][0] == pytest.approx(1.0)
+    assert s['stage1.0.norm1.weight'][1] == 0 and s['stage1.0.qkv.weight'][1] == 1
+    assert s['head.bias'][1] == 0
 
 
 def test_apply_hparams_scales_lr_and_wd_per_group():

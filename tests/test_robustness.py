@@ -87,17 +87,44 @@ def test_sigterm_saves_recovery_checkpoint_and_exits_cleanly(tmp_path):
     assert ckpt['epoch'] == 0 and ckpt['step'] >= 1 and len(ckpt['meters']) == 1 and len(ckpt['rng']) == 1
 
 
+def test_sigint_saves_recovery_checkpoint_and_exits_130(tmp_path):
+    # Ctrl-C: the same stop as SIGTERM (every rank at the same step, a recovery checkpoint,
+    # one line), exit 128 + SIGINT
+    out = str(tmp_path / 'run')
+    log = io.StringIO()
+    rc, _ = fault_inject.run_once(fault_inject.command(RUN, out, 1), kill_after=1, sig=signal.SIGINT, log=log,
+                                  timeout=RUN_TIMEOUT)
+    text = log.getvalue()
+    assert rc == 130, text[-2000:]
+    assert 'stopped by SIGINT' in text and 'Traceback' not in text and 'KeyboardInterrupt' not in text
+    ckpt = utils.load_checkpoint_file(os.path.join(out, utils.RECOVERY_NAME))
+    assert ckpt['epoch'] == 0 and ckpt['step'] >= 1 and len(ckpt['meters']) == 1
+
+
+def test_second_ctrl_c_aborts_at_once():
+    stop = utils.StopRequest()
+    stop._handle(signal.SIGINT, None)
+    assert stop.requested() and stop.name == 'SIGINT'
+    stop._handle(signal.SIGTERM, None)  # a scheduler's SIGTERM after a Ctrl-C still waits for the save
+    stop._handle(signal.SIGINT, None)  # the same Ctrl-C delivered twice (torchrun forwards it) too
+    assert stop.name == 'SIGINT'
+    stop.first -= 2 * stop.REPEAT_S
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+
 def test_in_process_training_gives_the_sigterm_handler_back(tmp_path, capsys):
     def mine(signum, frame):
         pass
 
     previous = signal.signal(signal.SIGTERM, mine)
+    previous_int = signal.getsignal(signal.SIGINT)
     try:
         main_mod.main(main_mod.get_args_parser().parse_args(TINY + ['--output_dir', str(tmp_path / 'ok')]))
-        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is previous_int
         cli_error(TINY + ['--output_dir', str(tmp_path / 'div'), '--lr', '1e30', '--warmup_epochs', '0'], capsys,
                   code=3)
-        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is previous_int
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -137,8 +164,8 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     log_before = open(os.path.join(out, 'log.txt')).read()
     capsys.readouterr()
     # resume the finished 2-epoch run into a longer one with an absurd learning rate
-    err = cli_error(TINY + ['--epochs', '4', '--output_dir', out, '--lr', '1e30', '--warmup_epochs', '0'],
-                    capsys, code=3)
+    err = cli_error(TINY + ['--epochs', '4', '--output_dir', out, '--lr', '1e30', '--warmup_epochs', '0',
+                            '--resume_override', 'epochs,lr,warmup_epochs'], capsys, code=3)
     assert 'diverged' in err and 'epoch 2' in err and 'step' in err and 'stage 0' in err
     assert digest(good) == before
     assert not os.path.exists(os.path.join(out, 'checkpoint-2.pth'))
@@ -197,7 +224,7 @@ def test_full_disk_is_a_clear_error_and_keeps_checkpoints(tmp_path, capsys, monk
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(torch, 'save', full_disk)
     capsys.readouterr()
-    err = cli_error(TINY + ['--output_dir', out, '--epochs', '2'], capsys)
+    err = cli_error(TINY + ['--output_dir', out, '--epochs', '2', '--resume_override', 'epochs'], capsys)
     assert 'No space left on device' in err and 'intact' in err
     assert digest(os.path.join(out, 'checkpoint-0.pth')) == before
     assert not [n for n in os.listdir(out) if n.startswith('.tmp')]
@@ -363,3 +390,119 @@ def test_bad_flag_values(capsys):
     assert 'save_ckpt_steps' in err
     err = cli_error(TINY + ['--batch_size', '0'], capsys)
     assert 'batch_size' in err
+
+
+# ---------------------------------------------------------------------------
+# resume continues the same run (issue 11)
+# ---------------------------------------------------------------------------
+
+# etpp on a tiny SYNTH set: 2 equivalent epochs, stages at B = 32, 48, 64
+ETPP = ['--data_set', 'SYNTH', '--synth_classes', '4', '--synth_per_class', '8', '--synth_val_per_class', '2',
+        '--synth_image_size', '72', '--model', 'test_convnext', '--curriculum', 'etpp', '--base_input_size', '64',
+        '--batch_size', '8', '--device', 'cpu', '--num_workers', '0', '--print_freq', '100', '--epochs', '2']
+
+
+def snapshot(out):
+    return {n: digest(os.path.join(out, n)) for n in os.listdir(out) if os.path.isfile(os.path.join(out, n))}
+
+
+@pytest.fixture(scope='module')
+def etpp_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('etpp'))
+    main_mod.cli(ETPP + ['--output_dir', out])
+    return out
+
+
+def test_resume_with_another_plan_is_refused_and_writes_nothing(etpp_run, capsys):
+    before = snapshot(etpp_run)
+    capsys.readouterr()
+    for change, needle in ((['--epochs', '4'], '--epochs 4 differs'), (['--curriculum', 'et'], '--curriculum et'),
+                           (['--base_input_size', '96', '--synth_image_size', '108'], '--base_input_size 96'),
+                           (['--lr', '0.01'], '--lr 0.01'), (['--model_ema', 'true'], '--model_ema True')):
+        argv = ETPP + ['--output_dir', etpp_run] + change
+        err = cli_error(argv, capsys)
+        assert needle in err and etpp_run in err and '--resume_override' in err, err
+        assert snapshot(etpp_run) == before  # nothing written: no config-N.json, no log line, no checkpoint
+    # a flag that does not change what is computed may differ
+    main_mod.cli(ETPP + ['--output_dir', etpp_run, '--print_freq', '5', '--num_workers', '1'])
+    assert 'continuing at epoch' in capsys.readouterr().out
+
+
+def test_resume_override_changes_deliberately_and_keeps_configs(etpp_run, tmp_path, capsys):
+    import shutil
+    out = str(tmp_path / 'longer')
+    shutil.copytree(etpp_run, out)
+    first = open(os.path.join(out, 'config.json')).read()
+    assert json.loads(first)['resumed'] is None
+    cli_error(ETPP + ['--output_dir', out, '--epochs', '3', '--resume_override', 'nosuchflag'], capsys)
+    capsys.readouterr()
+    main_mod.cli(ETPP + ['--output_dir', out, '--epochs', '3', '--resume_override', 'epochs'])
+    text = capsys.readouterr().out
+    assert 'WARNING: resuming' in text and '--epochs 3 (was 2)' in text
+    assert open(os.path.join(out, 'config.json')).read() == first  # the first run's record is kept
+    second = json.loads(open(os.path.join(out, 'config-1.json')).read())
+    assert second['args']['epochs'] == 3 and second['resumed'].endswith('.pth') and second['start_epoch'] > 0
+
+
+def test_plan_difference_and_gpu_count(etpp_run):
+    path, ckpt = utils.find_resume_checkpoint(etpp_run)
+    args = main_mod.get_args_parser().parse_args(ETPP + ['--output_dir', etpp_run])
+    main_mod.check_args(args)
+    args.nb_classes = 4
+    model, _ = main_mod.build_model(args, 4)
+    plan = main_mod.checked_plan(args, model)
+    main_mod.check_same_run(args, ckpt, path, plan, world=1)  # the same run
+    # a plan that changed although no flag did (an edited --curriculum_file, another preset)
+    ckpt['plan']['stages'][1]['size'] += 16
+    with pytest.raises(utils.UserError, match='plan differs.*stage 1 size'):
+        main_mod.check_same_run(args, ckpt, path, plan, world=1)
+    args.resume_override = 'plan'
+    main_mod.check_same_run(args, ckpt, path, plan, world=1)
+    args.resume_override = ''
+    ckpt['plan']['stages'][1]['size'] -= 16
+    # another GPU count: --global_batch_size gives other per-stage update_freq/batches; allowed
+    ckpt['plan']['stages'][0]['update_freq'] += 1
+    with pytest.raises(utils.UserError, match='update_freq'):
+        main_mod.check_same_run(args, ckpt, path, plan, world=1)
+    ckpt['rng'] = ckpt['rng'] * 2
+    main_mod.check_same_run(args, ckpt, path, plan, world=1)
+
+
+# ---------------------------------------------------------------------------
+# nothing poisoned is saved or chosen (issue 11)
+# ---------------------------------------------------------------------------
+
+def test_nan_evaluation_is_divergence_and_saves_nothing(tmp_path, capsys):
+    # one optimizer update per epoch with a huge lr: epoch 1's update leaves finite weights whose
+    # evaluation is NaN while the training loss was finite (the issue's recipe)
+    out = str(tmp_path / 'nan')
+    err = cli_error(TINY + ['--batch_size', '32', '--epochs', '3', '--lr', '1e4', '--warmup_epochs', '0',
+                            '--output_dir', out], capsys, code=3)
+    assert 'evaluation loss (nan) not finite' in err and 'after epoch 1' in err and 'diverged' in err
+    names = os.listdir(out)
+    assert 'checkpoint-0.pth' in names and 'checkpoint-1.pth' not in names
+    assert utils.load_checkpoint_file(os.path.join(out, 'checkpoint-best.pth'))['epoch'] == 0
+    assert [json.loads(line)['epoch'] for line in open(os.path.join(out, 'log.txt'))] == [0]
+    # a re-run resumes from the last good checkpoint (and diverges again with the same lr)
+    with pytest.raises(SystemExit) as e:
+        main_mod.cli(TINY + ['--batch_size', '32', '--epochs', '3', '--lr', '1e4', '--warmup_epochs', '0',
+                             '--output_dir', out])
+    assert e.value.code == 3
+    assert f'Resumed from {os.path.join(out, "checkpoint-0.pth")}; continuing at epoch 1' in capsys.readouterr().out
+
+
+def test_non_finite_weights_buffers_or_ema_are_divergence():
+    from timm.utils import ModelEmaV3
+    from engine import TrainingDiverged
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ema = ModelEmaV3(model, decay=0.9)
+    main_mod.check_finite(model, ema, 'here')
+    model[1].running_var[2] = float('inf')  # a BatchNorm statistic, not a parameter
+    with pytest.raises(TrainingDiverged, match='weights or buffers not finite here'):
+        main_mod.check_finite(model, ema, 'here')
+    model[1].running_var.fill_(1.0)
+    ema.module[0].weight.data[0, 0, 0, 0] = float('nan')
+    with pytest.raises(TrainingDiverged, match='^EMA weights not finite'):
+        main_mod.check_finite(model, ema, 'here')
+    assert utils.all_finite([torch.full((4,), 3e38), torch.arange(3)])  # large but finite; ints skipped
+    assert not utils.all_finite([torch.ones(2, dtype=torch.bfloat16), torch.tensor([float('-inf')])])

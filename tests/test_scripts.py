@@ -27,10 +27,12 @@ MODELS = list(recipes.RECIPES)
 PUBLISHED = ['resnet50', 'convnext_tiny', 'convnext_small', 'convnext_base', 'deit_tiny_patch16_224',
              'deit_small_patch16_224', 'swin_tiny', 'swin_small', 'swin_base', 'CSWin_64_12211_tiny_224',
              'CSWin_64_24322_small_224', 'CSWin_96_24322_base_224', 'caformer_s18', 'caformer_s36',
-             'caformer_m36']
+             'caformer_m36', 'pvt_tiny', 'pvt_small', 'pvt_medium', 'pvt_large']
 
 # METHOD.md, transcribed independently of scripts/recipes.py.
 BASE_DROP_PATH = {
+    # PVT: whai362/PVT classification/configs/pvt/pvt_*.py
+    'pvt_tiny': 0.1, 'pvt_small': 0.1, 'pvt_medium': 0.3, 'pvt_large': 0.3,
     'resnet50': 0.0, 'convnext_tiny': 0.1, 'convnext_small': 0.4, 'convnext_base': 0.5,
     'deit_tiny_patch16_224': 0.1, 'deit_small_patch16_224': 0.1,
     'swin_tiny': 0.2, 'swin_small': 0.3, 'swin_base': 0.5,
@@ -133,8 +135,10 @@ def check_family_flags(model, a):
     fam = recipes.RECIPES[model].family
     ema = fam in ('convnext', 'cswin')
     assert a.model_ema is ema and a.model_ema_eval is ema
-    assert a.use_amp is (fam in ('deit', 'swin', 'cswin'))
-    assert a.clip_grad == (5.0 if fam in ('deit', 'swin') else None)
+    assert a.use_amp is (fam in ('deit', 'swin', 'cswin', 'pvt'))
+    # PVT: whai362/PVT configs clip at 1.0 for Medium and Large only
+    clip = {'deit': 5.0, 'swin': 5.0}.get(fam, 1.0 if model in ('pvt_medium', 'pvt_large') else None)
+    assert a.clip_grad == clip
     assert a.warmup_epochs == 20 and a.min_lr == 1e-6
     if model == 'CSWin_96_24322_base_224':
         assert (a.opt, a.opt_eps, a.lr, a.weight_decay, a.model_ema_decay) == ('lamb', 1e-6, 8e-3, 0.1, 0.9998)

@@ -10,6 +10,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 from models.cswin import CSWinTransformer
+from models.pvt import PyramidVisionTransformer
 from models.zoo import RECIPE_MODELS, create_model
 
 EXPECTED = {
@@ -28,6 +29,13 @@ EXPECTED = {
     'caformer_s18': ('caformer_s18', MetaFormer),
     'caformer_s36': ('caformer_s36', MetaFormer),
     'caformer_m36': ('caformer_m36', MetaFormer),
+    # issue 14: the IN-22K Large models and PVT v1
+    'convnext_large': ('convnext_large', ConvNeXt),
+    'CSWin_144_24322_large_224': ('CSWin_144_24322_large_224', CSWinTransformer),
+    'pvt_tiny': ('pvt_tiny', PyramidVisionTransformer),
+    'pvt_small': ('pvt_small', PyramidVisionTransformer),
+    'pvt_medium': ('pvt_medium', PyramidVisionTransformer),
+    'pvt_large': ('pvt_large', PyramidVisionTransformer),
 }
 
 
@@ -57,6 +65,9 @@ def test_img_size_handling():
         # resolution-agnostic models take (and ignore) img_size
         assert isinstance(create_model('resnet50', img_size=96), ResNet)
         assert isinstance(create_model('convnext_tiny', img_size=96), ConvNeXt)
+        assert isinstance(create_model('convnext_large', img_size=96), ConvNeXt)
+        assert create_model('pvt_tiny', img_size=96).pos_embed4.shape[1] == 1 + 3 * 3
+        assert create_model('CSWin_144_24322_large_224', img_size=384).split_size == [1, 2, 12, 12]
         assert isinstance(create_model('caformer_s18', img_size=96), MetaFormer)
     with pytest.raises(ValueError, match='multiple of 32'):
         create_model('swin_tiny', img_size=100)

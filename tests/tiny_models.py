@@ -25,3 +25,13 @@ def tiny_swin_p4(pretrained=False, **kwargs):
     kwargs.setdefault('window_size', 4)
     args = dict(patch_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
     return build_model_with_cfg(SwinTransformer, 'tiny_swin_p4', pretrained, **dict(args, **kwargs))
+
+
+@_registered
+def tiny_pvt(pretrained=False, **kwargs):
+    """PVT v1 layout (four stages, SR attention, per-stage position embeddings) at toy width."""
+    from models.pvt import PyramidVisionTransformer
+    kwargs.setdefault('img_size', 64)
+    args = dict(embed_dims=(8, 16, 40, 64), num_heads=(1, 2, 5, 8), mlp_ratios=(2, 2, 2, 2),
+                depths=(1, 1, 1, 1), sr_ratios=(8, 4, 2, 1))
+    return build_model_with_cfg(PyramidVisionTransformer, 'tiny_pvt', pretrained, **dict(args, **kwargs))
