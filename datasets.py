@@ -217,6 +217,13 @@ def train_transform(args, size, magnitude, lowfreq):
               auto_augment=None if aa in (None, '', 'none') else aa, interpolation=args.train_interpolation,
               re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
               mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    if getattr(args, 'data_pipeline', 'published') == 'gpu':
+        # the worker draws the same crop, flip and augmentation parameters and reads the
+        # file's bytes; decoding and every pixel operation run on the device (curriculum/gpudata.py)
+        from curriculum.gpudata import gpu_train_transform
+        return gpu_train_transform(size, size if lowfreq == 'none' else args.base_input_size, lowfreq, kw,
+                                   aa=None if aa in (None, '', 'none') else aa, re_prob=args.reprob,
+                                   re_count=args.recount)
     if getattr(args, 'data_pipeline', 'published') == 'fast':
         # same crop, flip and augmentation, done at the output size; uint8 out, and the
         # normalisation and random erasing happen on the device (curriculum/fastpath.py)
@@ -439,8 +446,11 @@ def _worker_init(worker_id, leaving=None):
     # Schedulers send SIGTERM to every process of a job. The main process saves a recovery
     # checkpoint and shuts the loader down itself; a worker dying first would crash it instead.
     # Once the main process is leaving (release_workers), SIGTERM ends the worker.
+    # Ctrl-C sends SIGINT to every process of the terminal's foreground group: the main
+    # process stops and saves (utils.StopRequest); workers leave that to it.
     leaving = _LEAVING if leaving is None else leaving
     signal.signal(signal.SIGTERM, functools.partial(_worker_sigterm, leaving))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardSampler(Sampler):
@@ -458,15 +468,26 @@ class ShardSampler(Sampler):
 
 def build_train_loader(args, train_base, plan, rank, world):
     transforms_per_stage = [train_transform(args, s.size, s.magnitude, plan.lowfreq) for s in plan.stages]
-    fast = getattr(args, 'data_pipeline', 'published') == 'fast'
+    pipeline = getattr(args, 'data_pipeline', 'published')
+    fast = pipeline in ('fast', 'gpu')
     store_root = getattr(args, 'image_store', None)
     if store_root and not (fast and isinstance(train_base, tv_datasets.ImageFolder)):
         raise UserError('--image_store is read by the fast data path from an image folder: add --data_pipeline fast '
                         'and use --data_set IMNET or image_folder, or drop --image_store')
+    if pipeline == 'gpu' and not isinstance(train_base, tv_datasets.ImageFolder):
+        raise UserError('--data_pipeline gpu reads image files: use --data_set IMNET or image_folder, '
+                        'or --data_pipeline fast')
+    collate = None
     if fast and isinstance(train_base, tv_datasets.ImageFolder):
-        # the fast path picks the crop and the JPEG decoding scale before decoding
+        # the fast path picks the crop and the JPEG decoding scale before decoding; the gpu
+        # path picks every parameter and reads the file's bytes (decoded on the device)
         from curriculum.fastpath import LazyImageFolder
-        train_base = LazyImageFolder(train_base)
+        if pipeline == 'gpu':
+            from curriculum.gpudata import EncodedCollate, EncodedImageFolder
+            train_base = EncodedImageFolder(train_base)
+            collate = EncodedCollate(train_base.cpu_decoded)
+        else:
+            train_base = LazyImageFolder(train_base)
         if store_root:
             from curriculum.store import ImageStore, StoreError
             try:
@@ -485,7 +506,7 @@ def build_train_loader(args, train_base, plan, rank, world):
     batch_sampler = StageBatchSampler(sampler, plan)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=args.num_workers, pin_memory=args.pin_mem,
-        persistent_workers=args.num_workers > 0,
+        persistent_workers=args.num_workers > 0, collate_fn=collate,
         worker_init_fn=functools.partial(_worker_init, leaving=_LEAVING),
         # its own generator: creating the loader's iterator must not draw from the global RNG,
         # whose stream (dropout, mixup) a resumed run has to continue exactly

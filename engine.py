@@ -1,6 +1,7 @@
 """One training epoch and one evaluation pass, with explicit arguments."""
 import contextlib
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -13,31 +14,361 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def _autocast(device, amp_dtype):
-    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+def _autocast(device, amp_dtype, cache_enabled=True):
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=cache_enabled)
 
 
-def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler, *,
-                    hparams_at, update_freq=1, max_norm=None, model_ema=None, mixup_fn=None,
-                    amp_dtype=None, lowfreq=None, replay=None, log_writer=None, global_step=0,
-                    print_freq=10, header=None, stage_desc='', device_transform=None,
-                    start_step=0, meter_state=None, stop_requested=None, on_update=None):
-    """Train over one pass of data_loader.
+def _is_ddp(model):
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
-    hparams_at(frac) -> (lr, weight_decay) at fraction frac of this epoch; it is
-    asked before every optimizer update. device_transform finishes the batch on the
-    device (the fast data path's uint8 -> normalised float and random erasing), first.
-    lowfreq crops the normalised batch on the
-    device (EfficientTrain's Fourier path); replay mixes in buffered chunks; both run
-    before mixup, as published. Returns the epoch's averaged metrics.
 
-    Resuming mid-epoch: data_loader yields only the batches after start_step and
-    meter_state continues the epoch's averages. Every micro-step the ranks agree on two
-    flags, a non-finite loss anywhere (all stop with TrainingDiverged) and
-    stop_requested() anywhere (all stop at the next update, after on_update).
-    on_update(batches_done, metric_logger, stop) runs after every optimizer update.
+def graph_blocker(model, optimizer, device, *, weight_decay_varies=False, compiled=False):
+    """Why this step cannot be captured in a CUDA graph here, or None."""
+    if device.type != 'cuda':
+        return f'{device.type} device: CUDA graphs need a CUDA device'
+    if compiled:
+        return '--compile true: the compiled model is not captured by hand (use one or the other)'
+    if _is_ddp(model):
+        return ('DistributedDataParallel: its gradient buckets are built and all-reduced from the host, '
+                'not captured here')
+    if not getattr(optimizer, '_step_supports_amp_scaling', False):
+        return (f'{type(optimizer).__name__} has no fused kernel taking a device-side lr and skip flag '
+                f'(timm\'s Lamb, for one, keeps its step count and bias corrections on the host)')
+    if weight_decay_varies:
+        return '--weight_decay_end: a weight decay that changes every step would be frozen into the graph'
+    return None
+
+
+class TrainStep:
+    """One stage's training step: the objects a step needs, built once per stage.
+
+    prepare() finishes a loaded batch on the device, eagerly, in the published order:
+    device transform (the fast path's normalise + erasing; called as
+    ``device_transform(samples, epoch, it)`` after ``samples.to(device)``), Fourier crop,
+    replay, mixup (drawn on the host).  run() is the model step: forward and backward
+    under autocast with loss scaling, and on the last micro-step of an update: unscale,
+    clip, the optimizer step and the EMA.
+
+    Nothing here reads a tensor on the host.  A non-finite loss (or gradient norm) skips
+    the update on the device: fused torch optimizers take GradScaler's found_inf flag;
+    others get their gradients zeroed and their parameters restored from a copy taken
+    before the step (an fp16 GradScaler with such an optimizer keeps GradScaler's own
+    skip, which reads its flag once per update).  The first step whose loss was
+    non-finite is remembered on the device (bad_step) for the next read to report.
+
+    With cuda_graph=True (CUDA only) the model step is captured per input shape after
+    `graph_warmup` eager updates and replayed; lr lives in device tensors of the param
+    groups (apply_hparams fills them).  The same _micro/_update code runs eagerly and
+    inside the graph, so its logic is tested on the CPU.
     """
-    model.train(True)
+
+    def __init__(self, model, criterion, optimizer, loss_scaler, device, *, update_freq=1, max_norm=None,
+                 model_ema=None, mixup_fn=None, amp_dtype=None, lowfreq=None, replay=None,
+                 device_transform=None, stage_desc='', cuda_graph=False, graph_warmup=3,
+                 weight_decay_varies=False, compiled=False):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.loss_scaler, self.device = loss_scaler, torch.device(device)
+        self.update_freq, self.max_norm, self.model_ema = update_freq, max_norm, model_ema
+        self.mixup_fn, self.amp_dtype, self.lowfreq, self.replay = mixup_fn, amp_dtype, lowfreq, replay
+        self.device_transform, self.stage_desc = device_transform, stage_desc
+        self.params = [p for g in optimizer.param_groups for p in g['params'] if p.requires_grad]
+        self.fused_skip = bool(getattr(optimizer, '_step_supports_amp_scaling', False))
+        self.scaler_skip = loss_scaler.enabled and not self.fused_skip
+        self._snapshot = None
+        self.ema_on_device = model_ema is not None and next(model_ema.module.parameters()).device == self.device
+        self.graph_note = None
+        self.cuda_graph = False
+        if cuda_graph:
+            why = graph_blocker(model, optimizer, self.device, weight_decay_varies=weight_decay_varies,
+                                compiled=compiled)
+            if why:
+                self.graph_note = f'--cuda_graph: not captured ({why}); training goes on eagerly'
+            else:
+                self.cuda_graph = True
+                if model_ema is not None and not self.ema_on_device:
+                    self.graph_note = '--cuda_graph: the EMA is kept on the CPU and updated eagerly after each replay'
+        self.graph_warmup = graph_warmup
+        self._graphs = {}  # (shape, update) -> (graph, static inputs, static outputs)
+        self._updates_seen = {}
+        self._pool = None
+        self._loss_ok = None  # this update's micro-steps all had a finite loss (device bool)
+        self._with_grad = self.params
+        self.begin_epoch(0)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def begin_epoch(self, epoch):
+        """Reset the device-side divergence record for a new epoch."""
+        self.epoch = epoch
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+
+    def _track(self, loss, it, norm=None):
+        """Remember (on the device) the first step of the epoch whose loss is not finite.
+
+        Without fp16 loss scaling a non-finite gradient norm is divergence too (with it,
+        an overflow the scaler skips and backs off from, as GradScaler always did).
+        """
+        bad = ~torch.isfinite(loss)
+        if norm is not None and not self.loss_scaler.enabled:
+            bad = bad | ~torch.isfinite(norm)
+        first = (self.bad_step < 0) & bad
+        self.bad_step = torch.where(first, torch.full_like(self.bad_step, it), self.bad_step)
+        self.bad_loss = torch.where(first, loss.float(), self.bad_loss)
+
+    def diverged_error(self, bad_step, bad_loss, num_steps, elsewhere=False):
+        what = 'loss is'
+        if elsewhere:
+            where = 'non-finite on another rank'
+        elif math.isfinite(bad_loss):
+            what, where = 'gradient norm is', f'non-finite (loss {bad_loss:.4g})'
+        else:
+            where = bad_loss
+        stage = f' ({self.stage_desc})' if self.stage_desc else ''
+        return TrainingDiverged(f'{what} {where} at epoch {self.epoch}, step {int(bad_step)}/{num_steps}{stage}: '
+                                f'training diverged; lower --lr, enable --clip_grad, or use --amp_dtype bfloat16')
+
+    # ------------------------------------------------------------------ the step
+    def prepare(self, samples, targets, epoch, it):
+        """The batch as the model sees it: (samples, targets, hard targets or None for accuracy)."""
+        samples = samples.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.device_transform is not None:
+            samples = self.device_transform(samples, epoch, it)
+        if self.lowfreq is not None:
+            samples = self.lowfreq(samples)
+        if self.replay is not None:
+            samples, targets = self.replay.step(samples, targets)
+        hard = targets if self.mixup_fn is None else None
+        if self.mixup_fn is not None:
+            samples, targets = self.mixup_fn(samples, targets)
+        return samples, targets, hard
+
+    def _micro(self, samples, targets, hard, update, cache_enabled=True):
+        """Forward and backward of one micro-batch; (loss, accuracy or None), on the device."""
+        sync = self.model.no_sync() if (not update and hasattr(self.model, 'no_sync')) else contextlib.nullcontext()
+        with sync:
+            with _autocast(self.device, self.amp_dtype, cache_enabled):
+                output = self.model(samples)
+                loss = self.criterion(output, targets)
+            self.loss_scaler.scale(loss / self.update_freq).backward()
+        loss = loss.detach().float()
+        finite = torch.isfinite(loss)
+        self._loss_ok = finite if self._loss_ok is None else self._loss_ok & finite
+        acc = None if hard is None else (output.detach().argmax(-1) == hard).float().mean()
+        return loss, acc
+
+    def _update(self, set_to_none=True, ema=True):
+        """Unscale, clip, the guarded optimizer step, scaler update, EMA; returns the gradient norm."""
+        self.loss_scaler.unscale_(self.optimizer)
+        params = [p for p in self.params if p.grad is not None]
+        self._with_grad = params  # what a capture gives persistent gradients (unused ones stay None)
+        if self.max_norm:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        else:
+            norm = utils.grad_norm(params)
+        ok = self._loss_ok & torch.isfinite(norm)
+        self._loss_ok = None
+        if self.fused_skip:
+            # GradScaler's protocol for fused optimizers: the kernel skips when found_inf != 0
+            # (torch.optim.Adam/AdamW/SGD read these attributes in step()).
+            # (the kernels skip only on exactly 1.0)
+            skip = ~ok
+            if self.loss_scaler.enabled:
+                skip = skip | (self.loss_scaler.found_inf(self.optimizer) > 0)
+            found_inf = skip.float()
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, found_inf
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        elif self.scaler_skip:
+            self.loss_scaler.step(self.optimizer)  # GradScaler's skip: one host read of its flag
+        else:
+            with torch.no_grad():
+                for p in params:
+                    p.grad.copy_(torch.where(ok, p.grad, torch.zeros_like(p.grad)))
+                if self._snapshot is None or len(self._snapshot) != len(params):
+                    self._snapshot = [torch.empty_like(p) for p in params]
+                torch._foreach_copy_(self._snapshot, [p.detach() for p in params])
+            self.optimizer.step()
+            with torch.no_grad():
+                for p, saved in zip(params, self._snapshot):
+                    p.copy_(torch.where(ok, p, saved))
+        self.loss_scaler.update()
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        if ema and self.model_ema is not None:
+            self.model_ema.update(self._unwrapped())
+        return norm
+
+    def warm_up(self, shape, num_classes, channels_last=False):
+        """Run this stage's shapes once (forward and backward on zeros) without changing training.
+
+        cuDNN autotuning (cudnn.benchmark) and the allocator's first blocks for a new B then
+        happen here, while the loader fills its first batches of the stage, instead of in the
+        first steps.  Nothing training sees changes: the batch-norm statistics and every
+        buffer are restored, the random streams forked, the gradients dropped, the optimizer,
+        scaler and EMA untouched; the unwrapped module runs (no DDP communication).
+        """
+        module = self._unwrapped()
+        buffers = [b.detach().clone() for b in module.buffers()]
+        x = torch.zeros(shape, device=self.device)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.mixup_fn is not None:
+            y = torch.full((shape[0], num_classes), 1.0 / num_classes, device=self.device)
+        else:
+            y = torch.zeros(shape[0], dtype=torch.long, device=self.device)
+        devices = [self.device] if self.device.type == 'cuda' else []
+        with torch.random.fork_rng(devices=devices):
+            with _autocast(self.device, self.amp_dtype):
+                loss = self.criterion(module(x), y)
+            loss.backward()
+        with torch.no_grad():
+            for b, saved in zip(module.buffers(), buffers):
+                b.copy_(saved)
+        self.zero_grad()
+
+    def zero_grad(self):
+        """Drop the gradients; in place once graphs are captured (they hold the gradients' memory)."""
+        self.optimizer.zero_grad(set_to_none=not self._graphs)
+
+    def _unwrapped(self):
+        m = self.model
+        m = getattr(m, '_orig_mod', m)
+        return getattr(m, 'module', m)
+
+    def run(self, samples, targets, hard, update, it):
+        """One micro-step (an update when `update`); {'loss', 'class_acc', 'grad_norm'} as device tensors."""
+        if self.cuda_graph:
+            out = self._run_graphed(samples, targets, hard, update, it)
+            if out is not None:
+                return out
+        loss, acc = self._micro(samples, targets, hard, update)
+        norm = self._update() if update else None
+        self._track(loss, it, norm)
+        return {'loss': loss, 'class_acc': acc, 'grad_norm': norm}
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _run_graphed(self, samples, targets, hard, update, it):
+        key = (tuple(samples.shape), samples.dtype, tuple(targets.shape), hard is None, update)
+        entry = self._graphs.get(key)
+        if entry is None:
+            # eager warm-up updates first (cuDNN autotuning, optimizer state, the AMP scale)
+            # on a side stream, as torch.cuda.graph requires
+            seen = self._updates_seen.get(key[:-1], 0)
+            if seen < self.graph_warmup:
+                if update:
+                    self._updates_seen[key[:-1]] = seen + 1
+                return self._side_stream_eager(samples, targets, hard, update, it)
+            try:
+                entry = self._capture(key, samples, targets, hard, update)
+            except Exception as e:  # noqa: BLE001 - any capture failure: train on eagerly
+                self._abandon_graphs(f'{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}')
+                return None
+        graph, static_in, static_out = entry
+        for dst, src in zip(static_in, (samples, targets, hard)):
+            if dst is not None:
+                dst.copy_(src, non_blocking=True)
+        graph.replay()
+        loss = static_out['loss'].clone()
+        out = {'loss': loss, 'class_acc': None if static_out['class_acc'] is None else static_out['class_acc'].clone(),
+               'grad_norm': None if static_out['grad_norm'] is None else static_out['grad_norm'].clone()}
+        if update and self.model_ema is not None and not self.ema_on_device:
+            self.model_ema.update(self._unwrapped())
+        self._track(loss, it, out['grad_norm'])
+        return out
+
+    def _side_stream_eager(self, samples, targets, hard, update, it):
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            loss, acc = self._micro(samples, targets, hard, update)
+            norm = self._update() if update else None
+            self._track(loss, it, norm)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return {'loss': loss, 'class_acc': acc, 'grad_norm': norm}
+
+    def _capture(self, key, samples, targets, hard, update):
+        torch.cuda.synchronize(self.device)
+        for g in self.optimizer.param_groups:
+            if not isinstance(g['lr'], torch.Tensor):
+                g['lr'] = torch.tensor(float(g['lr']), device=self.device)
+        # persistent zero gradients: the captured backward accumulates into them and the
+        # update graph zeroes them again, so micro-step and update graphs compose
+        for p in self._with_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        static_in = (samples.clone(), targets.clone(), None if hard is None else hard.clone())
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        self._loss_ok = None
+        with torch.cuda.graph(graph, pool=self._pool):
+            loss, acc = self._micro(*static_in, update, cache_enabled=False)
+            norm = self._update(set_to_none=False, ema=self.ema_on_device) if update else None
+        self._loss_ok = None
+        self._graphs[key] = (graph, static_in, {'loss': loss, 'class_acc': acc, 'grad_norm': norm})
+        print(f'CUDA graph captured: input {tuple(samples.shape)}, {"update" if update else "accumulation"} step'
+              f'{" (" + self.stage_desc + ")" if self.stage_desc else ""}', flush=True)
+        return self._graphs[key]
+
+    def _abandon_graphs(self, why):
+        print(f'--cuda_graph: capture failed ({why}); training goes on eagerly', flush=True)
+        self.cuda_graph = False
+        self._graphs.clear()
+        self._loss_ok = None
+        self.loss_scaler.reset_iteration()
+        for g in self.optimizer.param_groups:
+            if isinstance(g['lr'], torch.Tensor):
+                g['lr'] = float(g['lr'])
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+# Reads of the device, in step-loop terms: the step loop reads the logger's pending values
+# at print steps (log_every prints them) and, under DDP, every STOP_CHECK_STEPS micro-steps
+# at most, where the ranks agree on a SIGTERM (so all stop at the same step within a few
+# seconds) and on divergence.
+STOP_CHECK_STEPS = 25
+
+
+class _Started:
+    """A loader whose iterator is created at once (its workers start prefetching), iterated later."""
+
+    def __init__(self, loader):
+        self.length = len(loader)
+        self.iterator = iter(loader)
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        return self.iterator
+
+
+def train_one_epoch(step, data_loader, epoch, *, hparams_at, log_writer=None, global_step=0, print_freq=10,
+                    header=None, start_step=0, meter_state=None, stop_requested=None, on_update=None,
+                    warm_shape=None):
+    """Train `step` (a TrainStep) over one pass of data_loader; returns the epoch's averages.
+
+    hparams_at(frac) -> (lr, weight_decay) at fraction frac of this epoch; it is asked
+    before every optimizer update.  Resuming mid-epoch: data_loader yields only the
+    batches after start_step and meter_state continues the epoch's averages.
+
+    No tensor is read on the host inside the loop except when the metric logger is read:
+    at print steps, every STOP_CHECK_STEPS micro-steps under DDP, when on_update saves
+    (its meters.state_dict()), and at the end.  Each read checks the device-side
+    divergence record: a non-finite loss raises TrainingDiverged naming its step (its
+    update was already skipped on the device, so it reached neither weights nor EMA).
+    Under DDP every read also all-reduces (diverged, stop requested), so all ranks raise
+    together and stop at the same update.  on_update(batches_done, metric_logger, stop)
+    runs after every optimizer update; stop=True there means: save and stop.
+    warm_shape: (input shape, classes, channels_last) to run once through step.warm_up while
+    the loader starts (a new stage's shapes on a GPU), or None.
+    Returns the averaged metrics plus 'steady_img_s' and 'warm_time_s' (see _Timing; log.txt
+    gets them as train_steady_img_s and train_warm_time_s).
+    """
+    step.model.train(True)
+    step.begin_epoch(epoch)
     metric_logger = utils.MetricLogger(delimiter='  ')
     metric_logger.load_state_dict(meter_state)
     header = header or f'Epoch: [{epoch}]'
@@ -45,68 +376,102 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
     if num_steps == 0:
         raise utils.UserError('the training loader yields no batch: lower --batch_size')
     distributed = utils.is_dist_avail_and_initialized()
-    optimizer.zero_grad(set_to_none=True)
+    update_freq = step.update_freq
+    # an update every STOP_CHECK_STEPS micro-steps or fewer, the same on every rank
+    check_every = update_freq * max(1, STOP_CHECK_STEPS // update_freq)
+    state = {'stop': False}
+    timing = _Timing()
+
+    def local_stop():
+        return stop_requested is not None and stop_requested()
+
+    def watched():
+        return [step.bad_step, step.bad_loss]
+
+    def on_flush(values):
+        bad_step, bad_loss = values
+        flags = [1.0 if bad_step >= 0 else 0.0, 1.0 if local_stop() else 0.0]
+        if distributed:
+            # one rank alone raising would leave the others waiting in DDP's all-reduce
+            flags = utils.all_reduce_sum(flags, step.device)
+        state['stop'] = state['stop'] or flags[1] > 0
+        if flags[0] > 0:
+            raise step.diverged_error(bad_step, bad_loss, num_steps, elsewhere=bad_step < 0)
+        timing.read(state['it'], state.get('images', 0))
+
+    metric_logger.watch, metric_logger.on_flush = watched, on_flush
+    step.zero_grad()
     lr = wd = 0.0
-    stop = False
-    batches = metric_logger.log_every(data_loader, print_freq, header, start_index=start_step)
+    state.update(it=start_step, images=0)
+    loader = _Started(data_loader)  # the workers start loading now
+    if warm_shape is not None:
+        step.warm_up(*warm_shape)
+    batches = metric_logger.log_every(loader, print_freq, header, start_index=start_step)
     for it, (samples, targets) in enumerate(batches, start=start_step):
+        state['it'] = it
         if it % update_freq == 0:
             lr, wd = hparams_at(it / num_steps)
-            apply_hparams(optimizer, lr, wd)
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if device_transform is not None:
-            samples = device_transform(samples, epoch, it)
-        if lowfreq is not None:
-            samples = lowfreq(samples)
-        if replay is not None:
-            samples, targets = replay.step(samples, targets)
-        hard_targets = targets
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
-
+            apply_hparams(step.optimizer, lr, wd)
+        samples, targets, hard = step.prepare(samples, targets, epoch, it)
         update = (it + 1) % update_freq == 0
-        sync = model.no_sync() if (not update and hasattr(model, 'no_sync')) else contextlib.nullcontext()
-        with sync:
-            with _autocast(device, amp_dtype):
-                output = model(samples)
-                loss = criterion(output, targets)
-            loss_value = loss.item()
-            flags = [0.0 if math.isfinite(loss_value) else 1.0,
-                     1.0 if (stop_requested is not None and stop_requested()) else 0.0]
-            if distributed:
-                # one rank alone raising would leave the others waiting in DDP's all-reduce
-                flags = utils.all_reduce_sum(flags, device)
-            stop = stop or flags[1] > 0
-            if flags[0] > 0:
-                where = loss_value if not math.isfinite(loss_value) else 'non-finite on another rank'
-                raise TrainingDiverged(f'loss is {where} at epoch {epoch}, step {it}/{num_steps}'
-                                       f'{" (" + stage_desc + ")" if stage_desc else ""}: training diverged; '
-                                       f'lower --lr, enable --clip_grad, or use --amp_dtype bfloat16')
-            norm = loss_scaler(loss / update_freq, optimizer, clip_grad=max_norm,
-                               parameters=model.parameters(), update_grad=update)
+        out = step.run(samples, targets, hard, update, it)
+        state['images'] += samples.shape[0]
+        metric_logger.update(loss=out['loss'], class_acc=out['class_acc'], grad_norm=out['grad_norm'], lr=lr, wd=wd)
+        if log_writer is not None and update and it % print_freq == 0:
+            # TensorBoard gets the loss at print steps only: each value costs a host read
+            log_writer.add_scalars(global_step + it, 'train', loss=float(out['loss']), lr=lr, weight_decay=wd)
         if update:
-            optimizer.zero_grad(set_to_none=True)
-            if model_ema is not None:
-                model_ema.update(model)
-        if mixup_fn is None:
-            acc = (output.argmax(-1) == hard_targets).float().mean().item()
-            metric_logger.update(class_acc=acc)
-        metric_logger.update(loss=loss_value, lr=lr, wd=wd)
-        if norm is not None:
-            metric_logger.update(grad_norm=float(norm))
-        if log_writer is not None and update:
-            log_writer.add_scalars(global_step + it, 'train', loss=loss_value, lr=lr, weight_decay=wd)
-        if update and on_update is not None:
-            on_update(it + 1, metric_logger, stop)
-    optimizer.zero_grad(set_to_none=True)
-    metric_logger.synchronize_between_processes(device)
+            if not distributed and local_stop():
+                state['stop'] = True  # a Python flag: no device read needed on one process
+            elif distributed and (it + 1) % check_every == 0:
+                metric_logger.flush()
+            if on_update is not None:
+                on_update(it + 1, metric_logger, state['stop'])
+    step.zero_grad()
+    metric_logger.synchronize_between_processes(step.device)
+    metric_logger.watch = metric_logger.on_flush = None  # checked and timed: the epoch is over
     print('Averaged stats:', metric_logger, flush=True)
-    return {k: m.global_avg for k, m in metric_logger.meters.items()}
+    stats = metric_logger.averages()
+    stats.update(timing.summary(step.device))
+    return stats
+
+
+class _Timing:
+    """Steady-state throughput of an epoch from the times of its reads (the device is idle after each).
+
+    warm_time_s: from the epoch's start to the first read at or after WARM_STEPS steps (start-up:
+    the loader's first batches, cuDNN autotuning or graph capture of new shapes);
+    steady_img_s: images per second between that read and the last one;
+    excess_time_s: the epoch's time less its images at the steady rate (start-up cost).
+    """
+    WARM_STEPS = 5
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.first = None  # (time, images) at the first read past the warm-up
+        self.last = None
+
+    def read(self, it, images):
+        now = time.perf_counter()
+        if self.first is None:
+            if images and it + 1 >= self.WARM_STEPS:
+                self.first = (now, images)
+        else:
+            self.last = (now, images)
+
+    def summary(self, device):
+        out = {'warm_time_s': round(self.first[0] - self.t0, 4) if self.first else None, 'steady_img_s': None,
+               'excess_time_s': None}
+        if self.first and self.last and self.last[1] > self.first[1] and self.last[0] > self.first[0]:
+            rate = (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+            out['steady_img_s'] = round(rate, 2)
+            # what the epoch's start cost beyond steady state (a stage switch: new shapes)
+            out['excess_time_s'] = round((self.last[0] - self.t0) - self.last[1] / rate, 4)
+        return out
 
 
 @torch.no_grad()
-def evaluate(data_loader, model, device, amp_dtype=None, reduce=False, print_freq=50, header='Test:'):
+def evaluate(data_loader, model, device, amp_dtype=None, reduce=False, print_freq=50, header='Test:', size=None):
     """Top-1, top-5 and mean cross-entropy over the loader (summed over ranks if reduce)."""
     model.eval()
     loss_sum = top1 = top5 = count = 0.0
@@ -129,5 +494,8 @@ def evaluate(data_loader, model, device, amp_dtype=None, reduce=False, print_fre
     count = max(count, 1.0)
     stats = {'acc1': 100.0 * top1 / count, 'acc5': 100.0 * top5 / count, 'loss': loss_sum / count,
              'num_images': int(count)}
-    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}', flush=True)
+    # `size` (the evaluated resolution) goes after the three numbers, so parsers of
+    # '* Acc@1 <x> Acc@5 <y> loss <z>' keep working
+    at = f' at {size}x{size}' if size else ''
+    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}{at}', flush=True)
     return stats

@@ -31,135 +31,272 @@ from curriculum.lowfreq import FourierCrop
 from curriculum.replay import ReplayBuffer, history
 import datasets
 from datasets import build_base_datasets, build_eval_loader, build_train_loader
-from engine import TrainingDiverged, evaluate, train_one_epoch
+from engine import TrainingDiverged, TrainStep, evaluate, train_one_epoch
 from models import create_model
 from models.checkpoint_compat import load_into
 from optim_factory import create_optimizer
 from utils import UserError, str2bool
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser('EfficientTrain(++) training and evaluation', add_help=True)
-    b = str2bool
-    # model
-    p.add_argument('--model', default='convnext_tiny', type=str, help='recipe name or any timm model name')
-    p.add_argument('--input_size', default=224, type=int, help='image size for training without a curriculum '
-                                                              'and for evaluation')
-    p.add_argument('--drop_path', default=0.0, type=float)
-    p.add_argument('--layer_scale_init_value', default=None, type=float,
-                   help='layer-scale init of ConvNeXt/ViT-style models (model default if unset)')
-    p.add_argument('--nb_classes', default=None, type=int, help='number of classes (default: from the data)')
-    # optimisation
-    p.add_argument('--batch_size', default=64, type=int, help='per-GPU batch (at the base size)')
-    p.add_argument('--update_freq', default=1, type=int, help='gradient accumulation steps (at the base size)')
-    p.add_argument('--global_batch_size', default=None, type=int,
-                   help='total batch per optimizer step; sets --update_freq from --batch_size and the GPU count')
-    p.add_argument('--epochs', default=300, type=int,
-                   help='data epochs; equivalent epochs at --base_input_size with --curriculum etpp')
-    p.add_argument('--warmup_epochs', default=20, type=float)
-    p.add_argument('--warmup_steps', default=-1, type=int, help='overrides --warmup_epochs when > 0')
-    p.add_argument('--lr', default=4e-3, type=float)
-    p.add_argument('--min_lr', default=1e-6, type=float)
-    p.add_argument('--weight_decay', default=0.05, type=float)
-    p.add_argument('--weight_decay_end', default=None, type=float, help='final weight decay (cosine); '
-                                                                        'default: constant')
-    p.add_argument('--opt', default='adamw', type=str, help="any optimizer timm's factory knows")
-    p.add_argument('--opt_eps', default=1e-8, type=float)
-    p.add_argument('--opt_betas', default=None, type=float, nargs='+')
-    p.add_argument('--momentum', default=0.9, type=float)
-    p.add_argument('--clip_grad', default=None, type=float)
-    p.add_argument('--layer_decay', default=1.0, type=float)
-    # EMA
-    p.add_argument('--model_ema', default=False, type=b)
-    p.add_argument('--model_ema_decay', default=0.9999, type=float)
-    p.add_argument('--model_ema_force_cpu', default=False, type=b)
-    p.add_argument('--model_ema_eval', default=False, type=b)
-    # augmentation
-    p.add_argument('--color_jitter', default=0.4, type=float)
-    p.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str)
-    p.add_argument('--smoothing', default=0.1, type=float)
-    p.add_argument('--train_interpolation', default='bicubic', type=str)
-    p.add_argument('--crop_pct', default=None, type=float)
-    p.add_argument('--reprob', default=0.25, type=float)
-    p.add_argument('--remode', default='pixel', type=str)
-    p.add_argument('--recount', default=1, type=int)
-    p.add_argument('--resplit', default=False, type=b,
-                   help='per-split random erasing; only has an effect with augmentation splits, which this '
-                        'codebase does not use (kept for command-line compatibility)')
-    p.add_argument('--mixup', default=0.8, type=float)
-    p.add_argument('--cutmix', default=1.0, type=float)
-    p.add_argument('--cutmix_minmax', default=None, type=float, nargs='+')
-    p.add_argument('--mixup_prob', default=1.0, type=float)
-    p.add_argument('--mixup_switch_prob', default=0.5, type=float)
-    p.add_argument('--mixup_mode', default='batch', type=str)
-    # curriculum
-    p.add_argument('--curriculum', default='none', choices=['none', 'et', 'etpp'])
-    p.add_argument('--curriculum_file', default=None, type=str, help='custom stages (JSON); see TRAINING.md')
-    p.add_argument('--base_input_size', default=224, type=int, help='final bandwidth of a curriculum')
-    p.add_argument('--lowfreq', default='auto', choices=['auto', 'fourier', 'lanczos'],
-                   help='auto: fourier for et, lanczos for etpp')
-    p.add_argument('--replay_times', default=1, type=int, help='replay factor for stages below the base size')
-    p.add_argument('--replay_buffer_size', default=0, type=int)
-    p.add_argument('--replay_preset', default=False, type=b, help="the recipe's published replay settings")
-    p.add_argument('--baseline_epochs', default=None, type=int,
-                   help='baseline the printed speedup is against (default: as published: 300 epochs for '
-                        'etpp, the same --epochs for et and custom files)')
-    # data and runs
-    p.add_argument('--data_set', default='IMNET', choices=['IMNET', 'image_folder', 'CIFAR', 'SYNTH'])
-    p.add_argument('--data_path', default=None, type=str)
-    p.add_argument('--eval_data_path', default=None, type=str)
-    p.add_argument('--synth_classes', default=10, type=int)
-    p.add_argument('--synth_per_class', default=100, type=int)
-    p.add_argument('--synth_val_per_class', default=20, type=int)
-    p.add_argument('--synth_image_size', default=80, type=int)
-    p.add_argument('--synth_seed', default=0, type=int)
-    p.add_argument('--output_dir', default='', type=str)
-    p.add_argument('--log_dir', default=None, type=str,
-                   help='TensorBoard directory (default <output_dir>/tensorboard; "none" disables)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str)
-    p.add_argument('--seed', default=0, type=int)
-    p.add_argument('--resume', default='', type=str)
-    p.add_argument('--auto_resume', default=True, type=b)
-    p.add_argument('--save_ckpt', default=True, type=b)
-    p.add_argument('--save_ckpt_freq', default=1, type=int)
-    p.add_argument('--save_ckpt_num', default=3, type=int)
-    p.add_argument('--save_ckpt_steps', default=0, type=int,
-                   help='also write checkpoint-recovery.pth every N optimizer steps inside an epoch')
-    p.add_argument('--deterministic', default=False, type=b,
-                   help='deterministic kernels (torch.use_deterministic_algorithms), for bit-exact resume')
-    p.add_argument('--cudnn_benchmark', default=True, type=b,
-                   help='let cuDNN time its convolution algorithms once per input shape (as the ConvNeXt/DeiT '
-                        'code does; once per stage here); off with --deterministic true')
-    p.add_argument('--skip_bad_images', default=False, type=b,
-                   help='skip and count unreadable training images instead of failing on the first')
-    p.add_argument('--start_epoch', default=0, type=int)
-    p.add_argument('--eval', default=False, type=b)
-    p.add_argument('--dist_eval', default=True, type=b)
-    p.add_argument('--disable_eval', default=False, type=b)
-    p.add_argument('--num_workers', default=min(10, os.cpu_count() or 1), type=int)
-    p.add_argument('--pin_mem', default=True, type=b)
-    p.add_argument('--data_pipeline', default='published', choices=['published', 'fast'],
-                   help='published: the papers\' CPU order (crop/augment at the base size, then resize to B); '
-                        'fast: crop and augment at B, reduced-size JPEG decoding, uint8 batches normalised '
-                        'and random-erased on the device (curriculum/fastpath.py)')
-    p.add_argument('--image_store', default=None,
-                   help='with --data_pipeline fast: a store of reduced-size copies of the training images, built '
-                        'by scripts/build_image_store.py, read instead of the originals when the crop allows '
-                        '(curriculum/store.py)')
-    p.add_argument('--channels_last', default=False, type=b, help='model (and fast-path batches) in NHWC layout')
-    p.add_argument('--compile', default=False, type=b,
-                   help='torch.compile the training model with static shapes: one compilation per stage size')
-    p.add_argument('--use_amp', default=False, type=b)
-    p.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'])
-    p.add_argument('--finetune', default='', type=str)
-    p.add_argument('--head_init_scale', default=1.0, type=float)
-    p.add_argument('--model_key', default='model|module', type=str)
-    p.add_argument('--model_prefix', default='', type=str)
-    p.add_argument('--print_freq', default=10, type=int)
-    # --- added for issue 11 ---
-    p.add_argument('--resume_override', default='', type=str,
-                   help='NAME[,NAME]: flags (without --) a resume may change deliberately, or "plan"; without it '
-                        'a resume with other computation-changing flags or another plan is refused (TRAINING.md)')
+class _InputSizeDefault(int):
+    """--input_size's default (224), a distinct type so that a value the user typed can be told
+    apart from it: --eval then evaluates at the checkpoint's recorded size unless one was given.
+    utils.plain_args stores it as a plain int."""
+
+
+INPUT_SIZE_DEFAULT = _InputSizeDefault(224)
+
+
+def input_size_given(args):
+    """Whether --input_size was given (its value is not the parser's default object)."""
+    return type(args.input_size) is not _InputSizeDefault
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' unless the help already says its default; None reads 'unset'."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if 'default' in text or action.default is argparse.SUPPRESS or not action.option_strings \
+                or action.nargs == 0 or action.required:
+            return text
+        d = action.default
+        shown = 'unset' if d is None or d == '' else str(d).lower() if isinstance(d, bool) else str(d)
+        return text + f' (default: {shown})'.replace('%', '%%')
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without abbreviations (`--epoch 1` is an error, not --epochs), errors on one line."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault('allow_abbrev', False)
+        kw.setdefault('formatter_class', HelpFormatter)
+        super().__init__(*a, **kw)
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
+# true/false flags: shown as {true,false} in --help
+BOOL = dict(type=str2bool, metavar='{true,false}')
+
+
+def get_args_parser(add_help=True, prog=None):
+    # Flags live in argument groups, one local variable per group (model, optim, schedule,
+    # curriculum, augment, data, run, dist, perf), shown in this order by --help. A new flag
+    # goes into its group: `<group>.add_argument('--x', default=..., help='...')`, with
+    # **BOOL for a true/false flag; --help appends the default unless the help says it.
+    # tests/test_cli.py checks every action (help text, default shown, a group, bool metavar).
+    p = ArgumentParser(prog=prog, usage='%(prog)s [--flag value ...]', add_help=add_help,
+                       description='EfficientTrain(++) training and evaluation of timm backbones. Single '
+                                   'process: python main.py ...; several: torchrun --nproc_per_node=N main.py ...')
+    model = p.add_argument_group('model')
+    optim = p.add_argument_group('optimisation')
+    schedule = p.add_argument_group('schedule (learning rate, weight decay, EMA)')
+    curriculum = p.add_argument_group('curriculum (EfficientTrain / EfficientTrain++)')
+    augment = p.add_argument_group('augmentation and regularisation')
+    data = p.add_argument_group('data')
+    run = p.add_argument_group('run and checkpoints')
+    dist = p.add_argument_group('distributed', 'torchrun (or srun with SLURM_NTASKS > 1) starts the processes '
+                                'and sets RANK, WORLD_SIZE and LOCAL_RANK; --batch_size is per process')
+    perf = p.add_argument_group('performance')
+
+    model.add_argument('--model', default='convnext_tiny', type=str,
+                       help='a recipe name (scripts/recipes.py list) or any timm model name')
+    model.add_argument('--input_size', default=INPUT_SIZE_DEFAULT, type=int,
+                       help='image size for training without a curriculum, and for --eval (default: 224; '
+                            "with --eval, the size the --resume checkpoint records, when it records one)")
+    model.add_argument('--drop_path', default=0.0, type=float, help='stochastic depth rate')
+    model.add_argument('--layer_scale_init_value', default=None, type=float,
+                       help='layer-scale init of ConvNeXt/ViT-style models (default: the model\'s own)')
+    model.add_argument('--nb_classes', default=None, type=int, help='number of classes (default: from the data)')
+    model.add_argument('--finetune', default='', type=str,
+                       help='initialise from these weights (a released or own checkpoint); a classifier of '
+                            'another shape is dropped and trained anew')
+    model.add_argument('--head_init_scale', default=1.0, type=float,
+                       help='with --finetune: scale the classifier weights by this')
+    model.add_argument('--model_key', default='model|module', type=str,
+                       help='the checkpoint entries that may hold the weights, tried in order ("|"-separated)')
+    model.add_argument('--model_prefix', default='', type=str,
+                       help='with --finetune: keep only weights whose names start with this, prefix removed')
+
+    optim.add_argument('--batch_size', default=64, type=int,
+                       help='batch per process (per GPU) at the base size; curricula scale it at lower B')
+    optim.add_argument('--update_freq', default=1, type=int,
+                       help='gradient accumulation steps per optimizer step (at the base size)')
+    optim.add_argument('--global_batch_size', default=None, type=int,
+                       help='total batch per optimizer step; sets --update_freq from --batch_size and the '
+                            'number of processes')
+    optim.add_argument('--opt', default='adamw', type=str, help="optimizer: any name timm's factory knows")
+    optim.add_argument('--opt_eps', default=1e-8, type=float, help='optimizer epsilon')
+    optim.add_argument('--opt_betas', default=None, type=float, nargs='+',
+                       help="optimizer betas (default: the optimizer's own)")
+    optim.add_argument('--momentum', default=0.9, type=float, help='SGD momentum')
+    optim.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm to this (default: off)')
+    optim.add_argument('--layer_decay', default=1.0, type=float,
+                       help='layer-wise learning-rate decay (1.0: off), as in fine-tuning recipes')
+
+    schedule.add_argument('--epochs', default=300, type=int,
+                          help='data epochs; with --curriculum etpp, the budget in equivalent epochs at '
+                               '--base_input_size')
+    schedule.add_argument('--lr', default=4e-3, type=float, help='peak learning rate (after warmup)')
+    schedule.add_argument('--min_lr', default=1e-6, type=float, help='final learning rate of the cosine schedule')
+    schedule.add_argument('--warmup_epochs', default=20, type=float,
+                          help='linear warmup length in epochs (clipped to the run when longer)')
+    schedule.add_argument('--warmup_steps', default=-1, type=int,
+                          help='warmup length in optimizer steps; overrides --warmup_epochs when > 0')
+    schedule.add_argument('--weight_decay', default=0.05, type=float, help='weight decay (AdamW: decoupled)')
+    schedule.add_argument('--weight_decay_end', default=None, type=float,
+                          help='final weight decay of a cosine schedule (default: unset, constant)')
+    schedule.add_argument('--model_ema', default=False, **BOOL, help='keep an exponential moving average of '
+                                                                     'the weights (saved as model_ema)')
+    schedule.add_argument('--model_ema_decay', default=0.9999, type=float, help='EMA decay per optimizer step')
+    schedule.add_argument('--model_ema_force_cpu', default=False, **BOOL,
+                          help='keep the EMA (and its evaluation) on the CPU')
+    schedule.add_argument('--model_ema_eval', default=False, **BOOL,
+                          help='evaluate the EMA too after each epoch; with --eval, evaluate the EMA weights')
+
+    curriculum.add_argument('--curriculum', default='none', choices=['none', 'et', 'etpp'],
+                            help='none: plain training at --input_size; et: EfficientTrain (ICCV 2023); '
+                                 'etpp: EfficientTrain++ (TPAMI 2024)')
+    curriculum.add_argument('--curriculum_file', default=None, type=str,
+                            help='custom stages (JSON) instead of --curriculum; see TRAINING.md')
+    curriculum.add_argument('--base_input_size', default=224, type=int,
+                            help='the final bandwidth B of a curriculum (the size it ends at)')
+    curriculum.add_argument('--lowfreq', default='auto', choices=['auto', 'fourier', 'lanczos'],
+                            help='how images are reduced to bandwidth B; auto: fourier for et, lanczos for etpp')
+    curriculum.add_argument('--replay_times', default=1, type=int,
+                            help='replay factor for stages below the base size (1: no replay buffer)')
+    curriculum.add_argument('--replay_buffer_size', default=0, type=int,
+                            help='replay buffer length in loader batches')
+    curriculum.add_argument('--replay_preset', default=False, **BOOL,
+                            help="the recipe's published replay settings")
+    curriculum.add_argument('--baseline_epochs', default=None, type=int,
+                            help='also compare the plan with a baseline of this many epochs at the base size '
+                                 '(default: unset; etpp compares with the published 300-epoch baseline when '
+                                 '--epochs is a published budget)')
+
+    augment.add_argument('--color_jitter', default=0.4, type=float,
+                         help='colour jitter strength (used only without RandAugment)')
+    augment.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str,
+                         help="timm auto-augment policy; 'none' disables (curricula set the magnitude m per stage)")
+    augment.add_argument('--smoothing', default=0.1, type=float, help='label smoothing')
+    augment.add_argument('--train_interpolation', default='bicubic', type=str,
+                         help='interpolation of the random resized crop')
+    augment.add_argument('--crop_pct', default=None, type=float,
+                         help='evaluation centre-crop fraction (default: unset, 0.875 below 384, none above)')
+    augment.add_argument('--reprob', default=0.25, type=float, help='random erasing probability')
+    augment.add_argument('--remode', default='pixel', type=str, help="random erasing fill ('pixel', 'rand', 'const')")
+    augment.add_argument('--recount', default=1, type=int, help='random erasing count')
+    augment.add_argument('--resplit', default=False, **BOOL,
+                         help='per-split random erasing; only has an effect with augmentation splits, which this '
+                              'codebase does not use (kept for command-line compatibility)')
+    augment.add_argument('--mixup', default=0.8, type=float, help='mixup alpha (0: off)')
+    augment.add_argument('--cutmix', default=1.0, type=float, help='cutmix alpha (0: off)')
+    augment.add_argument('--cutmix_minmax', default=None, type=float, nargs='+',
+                         help='cutmix box ratio range, overrides --cutmix (default: unset)')
+    augment.add_argument('--mixup_prob', default=1.0, type=float, help='probability of mixup or cutmix per batch')
+    augment.add_argument('--mixup_switch_prob', default=0.5, type=float,
+                         help='probability of cutmix instead of mixup when both are on')
+    augment.add_argument('--mixup_mode', default='batch', type=str, help="how mixup is applied: batch, pair or elem")
+
+    data.add_argument('--data_set', default='IMNET', choices=['IMNET', 'image_folder', 'CIFAR', 'SYNTH'],
+                      help='IMNET: --data_path/train and /val; image_folder: class folders; CIFAR: CIFAR-100; '
+                           'SYNTH: generated images, no download')
+    data.add_argument('--data_path', default=None, type=str, help='dataset root (default: unset; needed but for SYNTH)')
+    data.add_argument('--eval_data_path', default=None, type=str,
+                      help='evaluation folder for image_folder (default: unset)')
+    data.add_argument('--synth_classes', default=10, type=int, help='SYNTH: number of classes')
+    data.add_argument('--synth_per_class', default=100, type=int, help='SYNTH: training images per class')
+    data.add_argument('--synth_val_per_class', default=20, type=int, help='SYNTH: test images per class')
+    data.add_argument('--synth_image_size', default=80, type=int, help='SYNTH: image side in pixels')
+    data.add_argument('--synth_seed', default=0, type=int, help='SYNTH: seed of the generated images')
+    data.add_argument('--data_pipeline', default='published', choices=['published', 'fast', 'gpu'],
+                      help='published: the papers\' CPU order (crop/augment at the base size, then resize to B); '
+                           'fast: crop and augment at B, reduced-size JPEG decoding, uint8 batches normalised '
+                           'and random-erased on the device (curriculum/fastpath.py); gpu: workers only read '
+                           'the JPEG bytes and draw the augmentation, the device decodes, crops, augments and '
+                           'erases (curriculum/gpudata.py; image folders, RandAugment policies)')
+    data.add_argument('--image_store', default=None,
+                      help='with --data_pipeline fast or gpu: a store of reduced-size copies of the training images, '
+                           'built by scripts/build_image_store.py, read instead of the originals when the crop '
+                           'allows (curriculum/store.py)')
+    data.add_argument('--num_workers', default=min(10, os.cpu_count() or 1), type=int,
+                      help='data loader processes per training process (default: min(10, CPU count))')
+    data.add_argument('--pin_mem', default=True, **BOOL, help='page-locked loader batches (CUDA only)')
+    data.add_argument('--skip_bad_images', default=False, **BOOL,
+                      help='skip and count unreadable training images instead of failing on the first')
+
+    run.add_argument('--output_dir', default='', type=str,
+                     help="checkpoints, log.txt, config.json, TensorBoard logs ('': save nothing)")
+    run.add_argument('--log_dir', default=None, type=str,
+                     help='TensorBoard directory (default: <output_dir>/tensorboard; "none" disables)')
+    run.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
+                     help='cpu, cuda or cuda:N (torchrun: each process uses its LOCAL_RANK) '
+                          '(default: cuda when available, else cpu)')
+    run.add_argument('--seed', default=0, type=int, help='random seed (each process adds its rank)')
+    run.add_argument('--resume', default='', type=str,
+                     help='checkpoint to continue from, or to evaluate with --eval')
+    run.add_argument('--auto_resume', default=True, **BOOL,
+                     help='continue from the furthest checkpoint in --output_dir when there is one')
+    run.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
+    run.add_argument('--eval', default=False, **BOOL, help='only evaluate --resume on the test set')
+    run.add_argument('--disable_eval', default=False, **BOOL, help='no evaluation after each epoch')
+    run.add_argument('--save_ckpt', default=True, **BOOL, help='write checkpoint-N.pth and checkpoint-best.pth')
+    run.add_argument('--save_ckpt_freq', default=1, type=int, help='write checkpoint-N.pth every N epochs')
+    run.add_argument('--save_ckpt_num', default=3, type=int, help='keep the newest N checkpoint-N.pth files')
+    run.add_argument('--save_ckpt_steps', default=0, type=int,
+                     help='also write checkpoint-recovery.pth every N optimizer steps inside an epoch (0: off)')
+    run.add_argument('--deterministic', default=False, **BOOL,
+                     help='deterministic kernels (torch.use_deterministic_algorithms), for bit-exact resume')
+    run.add_argument('--print_freq', default=10, type=int, help='print training progress every N steps')
+    run.add_argument('--resume_override', default='', type=str,
+                     help='NAME[,NAME]: flags (without --) a resume may change deliberately, or "plan"; without it '
+                          'a resume with other computation-changing flags or another plan is refused (TRAINING.md)')
+
+    dist.add_argument('--dist_eval', default=True, **BOOL,
+                      help='split evaluation among the processes (else every process evaluates everything)')
+
+    perf.add_argument('--use_amp', default=False, **BOOL, help='mixed precision (autocast)')
+    perf.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'],
+                      help='autocast dtype with --use_amp (float16 uses a loss scaler)')
+    perf.add_argument('--channels_last', default=False, **BOOL, help='model (and fast-path batches) in NHWC layout')
+    perf.add_argument('--compile', default=False, **BOOL,
+                      help='torch.compile the training model with static shapes: one compilation per stage size')
+    perf.add_argument('--cudnn_benchmark', default=True, **BOOL,
+                      help='let cuDNN time its convolution algorithms once per input shape (as the ConvNeXt/DeiT '
+                           'code does; once per stage here); off with --deterministic true')
+    perf.add_argument('--cuda_graph', default=False, **BOOL,
+                      help='capture the whole training step (forward, backward, clipping, fused optimizer step, '
+                           'loss scaling, EMA on the GPU) in a CUDA graph once per stage shape and replay it; '
+                           'where a setting cannot be captured one line says why and training goes on eagerly')
+    curriculum.add_argument('--stage_batch', default='published', choices=['published', 'auto'],
+                            help="per-GPU micro-batch of stages below the base size: published: the recipe's (the "
+                                 "base micro-batch x the published ratio); auto: grown with (base/B)^2 (about the "
+                                 "memory of the base stage), up to --max_micro_batch, with update_freq shrunk so "
+                                 "that the global batch and the recipe stay as published")
+    curriculum.add_argument('--max_micro_batch', default=0, type=int,
+                            help='with --stage_batch auto: largest per-GPU micro-batch (0: no cap; update_freq '
+                                 'still bounds the growth)')
+    perf.add_argument('--gpu_prefetch', default='auto', choices=['auto', 'true', 'false'],
+                      help='with --data_pipeline gpu: finish the next batch on the device (decode, augment; its '
+                           'own CUDA stream and thread) while the current one trains; auto: on CUDA devices')
+    return p
+
+
+def script_parser(prog, description, epilog=None):
+    """A helper script's parser: main.py's flags are accepted but left out of its --help,
+    which lists the script's own options (add them to the returned parser) and points to
+    main.py --help for the rest."""
+    p = get_args_parser(prog=prog)
+    for action in p._actions:  # argparse has no public way to hide inherited options
+        if action.option_strings and action.dest != 'help':
+            action.help = argparse.SUPPRESS
+    for group in p._action_groups:
+        group.description = None  # main.py's group notes, above no visible option
+    p.description = description
+    p.epilog = ((epilog + ' ') if epilog else '') + \
+        'Every flag of main.py is accepted too: see python main.py --help.'
     return p
 
 
@@ -174,15 +311,53 @@ def check_args(args):
         raise UserError('--curriculum_file replaces --curriculum: drop --curriculum')
     if args.save_ckpt_steps < 0:
         raise UserError('--save_ckpt_steps must be >= 0 (0: no mid-epoch recovery checkpoints)')
-    if args.image_store and not args.eval and (args.data_pipeline != 'fast'
+    if args.image_store and not args.eval and (args.data_pipeline not in ('fast', 'gpu')
                                                or args.data_set not in ('IMNET', 'image_folder')):
-        raise UserError('--image_store is read by the fast data path from an image folder: add --data_pipeline fast '
-                        'and use --data_set IMNET or image_folder, or drop --image_store')
+        raise UserError('--image_store is read by the fast and gpu data paths from an image folder: add '
+                        '--data_pipeline fast (or gpu) and use --data_set IMNET or image_folder, or drop --image_store')
+    if args.data_pipeline == 'gpu' and not args.eval:
+        check_gpu_pipeline_args(args)
     parse_overrides(getattr(args, 'resume_override', None))
     if args.log_dir is None and args.output_dir:
         args.log_dir = os.path.join(args.output_dir, 'tensorboard')
     if args.log_dir in ('none', ''):
         args.log_dir = None
+
+
+def check_gpu_pipeline_args(args):
+    """What --data_pipeline gpu cannot do, refused before anything is loaded."""
+    if args.data_set not in ('IMNET', 'image_folder'):
+        raise UserError(f'--data_pipeline gpu decodes image files: --data_set {args.data_set} has none; use '
+                        f'--data_set IMNET or image_folder, or --data_pipeline fast')
+    aa = args.aa or 'none'
+    if aa != 'none' and not aa.startswith('rand'):
+        raise UserError(f'--data_pipeline gpu runs RandAugment policies (rand-...), not --aa {aa}: use e.g. '
+                        f'--aa rand-m9-mstd0.5-inc1, or --data_pipeline fast')
+    if aa == 'none' and args.color_jitter > 0:
+        raise UserError('--data_pipeline gpu has no colour jitter (timm applies it only without RandAugment): '
+                        'pass --color_jitter 0 or a RandAugment --aa, or use --data_pipeline fast')
+    if args.train_interpolation not in ('bilinear', 'bicubic', 'lanczos', 'random'):
+        raise UserError(f'--data_pipeline gpu resizes with bilinear, bicubic or lanczos filters, not '
+                        f'--train_interpolation {args.train_interpolation}: pick one of those or random')
+    if (args.remode or 'const').lower() not in ('const', 'rand', 'pixel'):
+        raise UserError(f'--remode {args.remode}: use const, rand or pixel')
+
+
+def check_device(name):
+    """--device as torch understands it, on this machine (before anything is initialised on it)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f'--device {name} is not a device: use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError(f'--device {name} but no CUDA device is visible: pass --device cpu')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f'--device {name} but only {torch.cuda.device_count()} CUDA device(s) are visible: '
+                            f'use cuda:0..cuda:{torch.cuda.device_count() - 1}')
+    elif device.type != 'cpu':
+        raise UserError(f'--device {name}: this codebase trains on cpu or cuda only')
+    return device
 
 
 def _model_kwargs(args, nb_classes):
@@ -208,6 +383,23 @@ def baseline_epochs(args):
     if args.baseline_epochs:
         return args.baseline_epochs
     return 300 if args.curriculum == 'etpp' and not args.curriculum_file else args.epochs
+
+
+def compared_baseline_epochs(args):
+    """A baseline the plan table compares with besides the same data epochs at the base size:
+    --baseline_epochs, or the paper's 300-epoch one when the run is a paper setting
+    (EfficientTrain++ at 224, a budget of 100 epochs or more); else None."""
+    if args.baseline_epochs:
+        return args.baseline_epochs
+    paper = (args.curriculum == 'etpp' and not args.curriculum_file and args.base_input_size == 224
+             and args.epochs >= 100)
+    return 300 if paper else None
+
+
+def plan_text(args, plan, device, world):
+    """The plan table as main.py prints it for this run."""
+    return plan.table(compared_baseline_epochs(args), pipeline=args.data_pipeline, world=world,
+                      per='GPU' if device.type == 'cuda' else 'process')
 
 
 def checked_plan(args, model):
@@ -257,22 +449,22 @@ def load_finetune(args, model):
 
 def setup_run(args):
     """Distributed init, flag checks, seeding and determinism; returns (device, rank, world)."""
+    check_device(args.device)
     utils.init_distributed_mode(args)
     check_args(args)
     device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError('--device cuda but no CUDA device is visible: pass --device cpu')
     rank, world = utils.get_rank(), utils.get_world_size()
     if args.global_batch_size:
         per_step = args.batch_size * world
         if args.global_batch_size % per_step:
-            raise UserError(f'--global_batch_size {args.global_batch_size} does not divide among {world} GPU(s) x '
-                            f'--batch_size {args.batch_size}: choose a per-GPU batch such that batch x GPUs '
-                            f'divides it')
+            raise UserError(f'--global_batch_size {args.global_batch_size} does not divide among {world} '
+                            f'process(es) x --batch_size {args.batch_size}: choose a per-process batch such that '
+                            f'batch x processes divides it')
         freq = args.global_batch_size // per_step
         if args.update_freq not in (1, freq):
             raise UserError(f'--update_freq {args.update_freq} contradicts --global_batch_size '
-                            f'{args.global_batch_size} ({world} GPU(s) x {args.batch_size} needs {freq}): drop one')
+                            f'{args.global_batch_size} ({world} process(es) x {args.batch_size} needs {freq}): '
+                            f'drop one')
         args.update_freq = freq
     args.pin_mem = args.pin_mem and device.type == 'cuda'
     utils.seed_everything(args.seed + rank)
@@ -342,7 +534,7 @@ RESUME_CHECKED = (
     'color_jitter', 'aa', 'smoothing', 'train_interpolation', 'crop_pct', 'reprob', 'remode', 'recount',
     'mixup', 'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode',
     'curriculum', 'curriculum_file', 'base_input_size', 'input_size', 'lowfreq', 'replay_times',
-    'replay_buffer_size', 'replay_preset',
+    'replay_buffer_size', 'replay_preset', 'stage_batch', 'max_micro_batch',
     'data_set', 'synth_classes', 'synth_per_class', 'synth_val_per_class', 'synth_image_size', 'synth_seed',
     'seed', 'data_pipeline', 'use_amp', 'amp_dtype',
 )
@@ -360,6 +552,7 @@ PLAN_FLAGS = {
     'batch_size': _BATCH_KEYS, 'update_freq': _BATCH_KEYS, 'global_batch_size': _BATCH_KEYS,
     'replay_times': _BATCH_KEYS | {'replay_times'}, 'replay_buffer_size': _BATCH_KEYS | {'replay_times'},
     'replay_preset': _BATCH_KEYS | {'replay_times'},
+    'stage_batch': _BATCH_KEYS, 'max_micro_batch': _BATCH_KEYS,
 }
 # Flags that have no effect while another is off (in the checkpoint's run and now alike):
 # a difference in them changes nothing, so it is not refused.
@@ -564,16 +757,24 @@ def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, 
     return point
 
 
-def build_device_transform(args, device, rank=0, world=1):
-    """The fast data path's device half (uint8 -> normalised, random erasing), else None.
+def build_device_transform(args, device, rank=0, world=1, dataset=None):
+    """The device half of the fast or gpu data path, else None.
 
-    Its random erasing is seeded per (seed, epoch, batch, rank), like the CPU transforms
-    per sample: a batch is erased the same way whenever it is loaded again (replay
-    buffer refills after a resume).
+    fast: uint8 -> normalised, random erasing seeded per (seed, epoch, batch, rank), like
+    the CPU transforms per sample, so a batch is erased the same way whenever it is loaded
+    again (replay buffer refills after a resume).  gpu: decoding, crop, resize, flip,
+    RandAugment, normalisation and erasing of an EncodedBatch, every draw made per sample
+    by the workers; `dataset` (the training loader's) counts its CPU decodes and names
+    files no decoder can read.
     """
-    if args.data_pipeline != 'fast':
+    if args.data_pipeline not in ('fast', 'gpu'):
         return None
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if args.data_pipeline == 'gpu':
+        from curriculum.gpudata import GpuDataTransform
+        fill = tuple(min(255, round(255 * m)) for m in IMAGENET_DEFAULT_MEAN)  # timm's RandAugment fill
+        return GpuDataTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_mode=args.remode,
+                                channels_last=args.channels_last, fill=fill, dataset=dataset).to(device)
     from curriculum.fastpath import DeviceTransform
     return DeviceTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=args.reprob, re_mode=args.remode,
                            re_count=args.recount, channels_last=args.channels_last, seed=args.seed, rank=rank,
@@ -610,6 +811,8 @@ def refill_replay(replay, stage, epoch, step, steps_in, loader, batch_sampler, d
     store = getattr(loader.dataset.base, 'store', None)
     if store is not None:
         counters.append(store.misses)
+    if hasattr(loader.dataset.base, 'cpu_decoded'):
+        counters.append(loader.dataset.base.cpu_decoded)
     before = [c.value for c in counters]
     replay.refill(appended, batches())
     for c, v in zip(counters, before):
@@ -620,7 +823,7 @@ def main(args):
     # training installs its own SIGTERM handler (utils.StopRequest); callers in the same
     # process (tests, notebooks) get theirs back, or processes they fork later would
     # inherit one that never exits (a multiprocessing.Pool then waits forever to terminate them)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     datasets.hold_workers()
     try:
         return train(args)
@@ -628,13 +831,16 @@ def main(args):
         # on every way out (an error raised in a loader worker included) the workers end on
         # SIGTERM again, so shutting the loaders down cannot wait forever
         datasets.release_workers()
-        # None: a handler not set from Python, which cannot be put back
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for s, handler in previous.items():
+            # None: a handler not set from Python, which cannot be put back
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def train(args):
     device, rank, world = setup_run(args)
     print(' '.join(sys.argv))
+    # before the data is built: a wrong path fails at once, and the model is built at its size
+    eval_ckpt = eval_checkpoint(args) if args.eval else None
     train_base, val_base, nb_classes = build_base_datasets(args)
     args.nb_classes = nb_classes
     model, final_size = build_model(args, nb_classes)
@@ -642,10 +848,10 @@ def train(args):
     print(f'Model {args.model}: {n_parameters / 1e6:.2f}M parameters, {nb_classes} classes')
     amp_dtype = getattr(torch, args.amp_dtype) if args.use_amp else None
     if args.eval:
-        return run_eval_only(args, model, val_base, device, amp_dtype, rank, world)
+        return run_eval_only(args, eval_ckpt, model, val_base, device, amp_dtype, rank, world)
 
     plan = checked_plan(args, model)
-    print(plan.table(None if plan.name == 'baseline' else baseline_epochs(args)))
+    print(plan_text(args, plan, device, world))
     # before anything is loaded or written: the loader checks the batch against the data
     # and the image store against the folder
     train_loader, batch_sampler = build_train_loader(args, train_base, plan, rank, world)
@@ -674,7 +880,12 @@ def train(args):
 
     model_without_ddp = model
     model = wrap_ddp(model_without_ddp, args)
-    device_transform = build_device_transform(args, device, rank, world)
+    device_transform = build_device_transform(args, device, rank, world, dataset=train_loader.dataset)
+    epoch_loader = train_loader
+    if args.data_pipeline == 'gpu' and (args.gpu_prefetch == 'true' or
+                                        (args.gpu_prefetch == 'auto' and device.type == 'cuda')):
+        from curriculum.gpudata import DevicePrefetcher
+        epoch_loader = DevicePrefetcher(train_loader, device_transform, device)
     per_rank = len(batch_sampler.sampler)
     log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None
 
@@ -691,11 +902,13 @@ def train(args):
     stop_request = utils.StopRequest().install()
     eval_loader, eval_size = None, None
     replay, replay_stage = None, None
+    train_step = None
     current_size, max_acc, max_acc_ema = start.size, start.max_acc, start.max_acc_ema
     plan_summary = plan.summary()
     if rank == 0 and args.output_dir and start.epoch < plan.num_epochs:
         write_config(args, plan_summary, world, start)
     print(f'Start training for {plan.num_epochs} data epochs from epoch {start.epoch}')
+    per = 'GPU' if device.type == 'cuda' else 'process'
     start_time = time.time()
     for epoch in range(start.epoch, plan.num_epochs):
         stage = plan.stage_at(epoch)
@@ -715,9 +928,10 @@ def train(args):
         skip = start.step if epoch == start.epoch else 0
         batch_sampler.set_epoch(epoch, skip=skip)
         stage_desc = f'stage {stage.index}, B={stage.size}, m={stage.magnitude}'
-        print(f'Epoch {epoch}: {stage_desc}, batch {stage.batch_size} x {stage.update_freq} per GPU'
+        print(f'Epoch {epoch}: {stage_desc}, batch {stage.batch_size} x {stage.update_freq} per {per}'
               f'{f", replay {stage.replay_times}x (buffer {stage.buffer_size})" if stage.replay_times > 1 else ""}, '
-              f'progress {plan.progress(epoch):.2f}/{plan.total_progress:.2f} {plan.progress_unit}')
+              f'progress {plan.progress(epoch):.2f}/{plan.total_progress:.2f} {plan.progress_unit}'
+              f'{whole_run_eta(plan, start.epoch, epoch, time.time() - start_time)}')
         # the plan goes with every checkpoint: a resume compares it (check_same_run)
         extra = {'input_size': current_size, 'max_accuracy': max_acc, 'max_accuracy_ema': max_acc_ema,
                  'plan': plan_summary}
@@ -730,20 +944,21 @@ def train(args):
             if stop:
                 saved = f'; recovery checkpoint {os.path.join(args.output_dir, utils.RECOVERY_NAME)}' \
                     if args.output_dir else ' (no --output_dir: nothing saved)'
-                raise utils.TrainingInterrupted(f'stopped by SIGTERM at epoch {epoch}, batch {done}{saved}; '
-                                                f'run the same command again to continue')
+                raise utils.TrainingInterrupted(f'stopped by {stop_request.name or "a signal"} at epoch {epoch}, '
+                                                f'batch {done}{saved}; run the same command again to continue',
+                                                stop_request.signum or signal.SIGTERM)
 
         epoch_start = time.time()
+        train_step = stage_step(args, train_step, model, stage, stage_desc, criterion, optimizer, loss_scaler,
+                                device, model_ema, mixup_fn, amp_dtype, lowfreq, replay, device_transform)
         train_stats = train_one_epoch(
-            model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
-            hparams_at=lambda frac, e=epoch: hparams(plan.progress(e, frac)),
-            update_freq=stage.update_freq, max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
-            amp_dtype=amp_dtype, lowfreq=lowfreq, replay=replay, log_writer=log_writer,
-            device_transform=device_transform,
+            train_step, epoch_loader, epoch,
+            hparams_at=lambda frac, e=epoch: hparams(plan.progress(e, frac)), log_writer=log_writer,
             global_step=sum(steps_in(e) for e in range(epoch)), print_freq=args.print_freq,
-            header=f'Epoch: [{epoch}/{plan.num_epochs}] [{stage_desc}]', stage_desc=stage_desc,
+            header=f'Epoch: [{epoch}/{plan.num_epochs}] [{stage_desc}]',
             start_step=skip, meter_state=start.meters if skip else None,
-            stop_requested=stop_request.requested, on_update=on_update)
+            stop_requested=stop_request.requested, on_update=on_update,
+            warm_shape=warm_shape(args, train_step, stage, nb_classes))
         train_time = time.time() - epoch_start
         warn_data_problems(train_loader.dataset)
         check_finite(model_without_ddp, model_ema, f'after epoch {epoch} ({stage_desc})')
@@ -854,6 +1069,58 @@ def check_finite(model, model_ema, where, losses=None):
                                f'--clip_grad, or use --amp_dtype bfloat16')
 
 
+def whole_run_eta(plan, first_epoch, epoch, elapsed):
+    """', ETA <h:mm:ss> for the whole run' at the start of `epoch`, or '' before anything is measured.
+
+    The speed is the compute (equivalent epochs at the base size) done since this process
+    started at `first_epoch`, per second of wall time (evaluation and checkpoints included);
+    the rest of the run is the compute still to do at that speed.  Low-B epochs run below
+    their compute share on real hardware, so the estimate sharpens as the run goes on.
+    """
+    base = plan.base_size
+
+    def compute_before(e):
+        return sum(plan.stage_at(i).epoch_compute(base) for i in range(min(e, plan.num_epochs)))
+
+    done = compute_before(epoch) - compute_before(first_epoch)
+    if epoch <= first_epoch or done <= 0 or elapsed <= 0:
+        return ''
+    left = (plan.total_compute - compute_before(epoch)) * elapsed / done
+    return f', whole-run ETA {datetime.timedelta(seconds=int(round(left)))}'
+
+
+_NOTES_SHOWN = set()
+
+
+def stage_step(args, previous, model, stage, stage_desc, criterion, optimizer, loss_scaler, device, model_ema,
+               mixup_fn, amp_dtype, lowfreq, replay, device_transform):
+    """The stage's engine.TrainStep: kept while the model, B and the micro-batch stay (a captured
+    CUDA graph is reused), else built anew; the per-stage host-side pieces are swapped in."""
+    key = (id(model), stage.size, stage.batch_size, stage.update_freq)
+    if previous is None or previous.key != key:
+        previous = TrainStep(model, criterion, optimizer, loss_scaler, device, update_freq=stage.update_freq,
+                             max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, amp_dtype=amp_dtype,
+                             device_transform=device_transform, cuda_graph=getattr(args, 'cuda_graph', False),
+                             weight_decay_varies=args.weight_decay_end not in (None, args.weight_decay),
+                             compiled=getattr(args, 'compile', False))
+        previous.key, previous.warmed = key, False
+        if previous.graph_note and previous.graph_note not in _NOTES_SHOWN:
+            _NOTES_SHOWN.add(previous.graph_note)  # once per run, not at every stage
+            print(previous.graph_note, flush=True)
+    previous.lowfreq, previous.replay, previous.stage_desc = lowfreq, replay, stage_desc
+    return previous
+
+
+def warm_shape(args, step, stage, nb_classes):
+    """The stage's input for TrainStep.warm_up at its first epoch on a GPU (cuDNN autotuning of
+    the new shapes while the loader starts), else None.  Not with --cuda_graph, whose eager
+    warm-up updates do the same, nor without cudnn.benchmark (nothing to tune)."""
+    if step.device.type != 'cuda' or step.warmed or step.cuda_graph or not torch.backends.cudnn.benchmark:
+        return None
+    step.warmed = True
+    return (stage.batch_size, 3, stage.size, stage.size), nb_classes, args.channels_last
+
+
 def warn_data_problems(dataset):
     """After each epoch: images skipped (--skip_bad_images) and store copies not usable, so far."""
     if dataset.bad_count.value:
@@ -863,6 +1130,10 @@ def warn_data_problems(dataset):
         print(f'WARNING: {store.misses.value} reduced copies missing, unreadable or stale in --image_store '
               f'{store.root} so far; the originals were decoded instead: rebuild the store with '
               f'scripts/build_image_store.py')
+    cpu_decoded = getattr(dataset.base, 'cpu_decoded', None)
+    if cpu_decoded is not None and cpu_decoded.value:
+        print(f'WARNING: {cpu_decoded.value} training images decoded on the CPU so far (not JPEG, CMYK, '
+              f'grayscale, cut short, or rejected by the device decoder; --data_pipeline gpu)')
 
 
 def stage_record(plan, epoch):
@@ -917,7 +1188,7 @@ def save_training_checkpoint(args, name, epoch, model, optimizer, loss_scaler, m
             torch.distributed.all_gather_object(gathered_meters, meters)
     if not utils.is_main_process():
         return
-    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+    state = {'model': model.state_dict(), 'optimizer': plain_lr(optimizer.state_dict()), 'epoch': epoch,
              'scaler': loss_scaler.state_dict(), 'args': utils.plain_args(args), 'rng': rng, **extra}
     if step is not None:
         state['step'] = step
@@ -930,6 +1201,14 @@ def save_training_checkpoint(args, name, epoch, model, optimizer, loss_scaler, m
     except OSError as e:
         raise UserError(f'could not write {path} ({e.strerror or e}): free space in --output_dir and re-run '
                         f'the same command; earlier checkpoints are intact') from None
+
+
+def plain_lr(opt_state):
+    """An optimizer state whose lr entries are numbers (a captured step keeps them in device tensors)."""
+    for g in opt_state['param_groups']:
+        if isinstance(g.get('lr'), torch.Tensor):
+            g['lr'] = float(g['lr'])
+    return opt_state
 
 
 def restore_rank_state(ckpt, rank, world):
@@ -959,10 +1238,30 @@ def make_hparams(args, plan, per_rank_images=None):
     return hparams
 
 
-def run_eval_only(args, model, val_base, device, amp_dtype, rank, world):
+def eval_checkpoint(args):
+    """--resume for --eval; --input_size becomes the checkpoint's recorded size unless given.
+
+    Our checkpoints record the size the model was last trained at ('input_size'); a model
+    trained at 64 and evaluated at the default 224 would score far lower without any sign why.
+    """
     if not args.resume:
         raise UserError('--eval true needs --resume FILE (the checkpoint to evaluate)')
     ckpt = utils.load_checkpoint_file(args.resume)
+    recorded = ckpt.get('input_size')
+    recorded = int(recorded) if isinstance(recorded, (int, float)) and recorded > 0 else None
+    if recorded is None or recorded == args.input_size:
+        return ckpt
+    if input_size_given(args):
+        print(f'NOTE: {args.resume} was trained at {recorded}x{recorded}; evaluating at --input_size '
+              f'{args.input_size} as asked')
+    else:
+        print(f'Evaluating at {recorded}x{recorded}, the size {args.resume} was trained at '
+              f'(not the default {args.input_size}; pass --input_size to choose)')
+        args.input_size = recorded
+    return ckpt
+
+
+def run_eval_only(args, ckpt, model, val_base, device, amp_dtype, rank, world):
     key = 'model_ema' if (args.model_ema_eval and 'model_ema' in ckpt) else args.model_key
     state, used = _state_from(ckpt, key, args.resume)
     if 'input_size' in ckpt and int(ckpt['input_size']) != args.input_size:
@@ -973,9 +1272,10 @@ def run_eval_only(args, model, val_base, device, amp_dtype, rank, world):
     adapt_model(model, args.input_size)
     model.to(device)
     loader = build_eval_loader(args, val_base, args.input_size, rank, world)
-    stats = evaluate(loader, model, device, amp_dtype, reduce=args.dist_eval and world > 1)
-    print(f'Accuracy of the network ({used or "state_dict"}) on {stats["num_images"]} test images: '
-          f'{stats["acc1"]:.1f}%')
+    stats = evaluate(loader, model, device, amp_dtype, reduce=args.dist_eval and world > 1,
+                     size=args.input_size)
+    print(f'Accuracy of the network ({used or "state_dict"}) on {stats["num_images"]} test images at '
+          f'{args.input_size}x{args.input_size}: {stats["acc1"]:.1f}%')
     return stats
 
 
@@ -997,7 +1297,12 @@ def cli(argv=None):
         sys.exit(3)
     except utils.TrainingInterrupted as e:
         print(str(e), file=sys.stderr, flush=True)
-        sys.exit(143)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        # Ctrl-C before training's handler is installed, during evaluation, or a second one
+        print('interrupted (Ctrl-C): stopped without saving; checkpoints already written are intact',
+              file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()

@@ -7,6 +7,7 @@ embeddings and tokens (1-D tensors, '.bias' and the model's no_weight_decay()).
 """
 import re
 
+import torch
 from timm.models.convnext import ConvNeXt
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
@@ -154,13 +155,31 @@ def create_optimizer(args, model):
     if args.opt_betas is not None:
         kwargs['betas'] = tuple(args.opt_betas)
     # timm's factory knows adamw, sgd, lamb, lion, ...; per-group weight_decay is kept.
-    return create_optimizer_v2(groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                               momentum=args.momentum, **kwargs)
+    # torch's fused kernels (CPU and CUDA) take found_inf: the engine skips an update on
+    # the device, the way GradScaler does, without reading a flag on the host; they also
+    # take a tensor lr, which a captured CUDA graph needs.  Copies of the group dicts:
+    # torch fills its defaults into the dicts it is given.
+    opt = create_optimizer_v2([dict(g) for g in groups], opt=args.opt, lr=args.lr,
+                              weight_decay=args.weight_decay, momentum=args.momentum, **kwargs)
+    if type(opt) in FUSED_CLASSES:
+        opt = create_optimizer_v2([dict(g) for g in groups], opt=args.opt, lr=args.lr,
+                                  weight_decay=args.weight_decay, momentum=args.momentum, fused=True, **kwargs)
+    return opt
+
+
+# torch optimizers whose fused kernel honours found_inf/grad_scale (GradScaler's
+# "_step_supports_amp_scaling" protocol); timm maps adamw/adam/sgd/momentum/nesterov to them.
+FUSED_CLASSES = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 
 
 def apply_hparams(optimizer, lr, weight_decay):
     for g in optimizer.param_groups:
-        g['lr'] = lr * g.get('lr_scale', 1.0)
+        value = lr * g.get('lr_scale', 1.0)
+        if isinstance(g['lr'], torch.Tensor):
+            # a captured step reads lr from this tensor: fill it in place (no host sync)
+            g['lr'].fill_(value)
+        else:
+            g['lr'] = value
         g['weight_decay'] = weight_decay * g.get('wd_scale', 1.0)
 
 

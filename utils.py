@@ -153,7 +153,8 @@ class SmoothedValue:
 
     @property
     def median(self):
-        return torch.tensor(list(self.deque)).median().item() if self.deque else 0.0
+        # the lower middle value, as torch.median gives (no tensor: no host read to count)
+        return sorted(self.deque)[(len(self.deque) - 1) // 2] if self.deque else 0.0
 
     @property
     def avg(self):
@@ -177,35 +178,74 @@ class SmoothedValue:
 
 
 class MetricLogger:
+    """Named SmoothedValues; tensor updates stay on their device until the next read.
+
+    update(loss=t) with a tensor only keeps t (no host read, so the GPU's launch queue
+    never runs dry in the step loop); the pending values of every meter are read in one
+    transfer when the logger is next read (printed, averaged, saved, synchronised) or
+    flush()ed.  `watch` holds extra device tensors read in that same transfer, and
+    on_flush(values) receives them: the engine checks divergence and, across ranks, the
+    stop flag there.  Plain numbers are taken at once, as before.
+    """
+
     def __init__(self, delimiter='  '):
         self.meters = defaultdict(SmoothedValue)
         self.delimiter = delimiter
+        self._pending = []  # (name, 0-d tensor) in update order
+        self.watch = None  # callable -> list of 0-d tensors read with the pending values
+        self.on_flush = None  # callable(list of floats) for those
 
     def update(self, **kwargs):
         for k, v in kwargs.items():
             if v is None:
                 continue
             if isinstance(v, torch.Tensor):
-                v = v.item()
+                self._pending.append((k, v.detach().reshape(())))
+                continue
             self.meters[k].update(float(v))
+
+    def flush(self):
+        """Read every pending tensor (and the watched ones) in one device-to-host transfer."""
+        watched = list(self.watch()) if self.watch is not None else []
+        tensors = [t for _, t in self._pending] + watched
+        if tensors:
+            device = tensors[0].device
+            values = torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors]).tolist()
+        else:
+            values = []
+        pending, self._pending = self._pending, []
+        for (k, _), v in zip(pending, values):
+            self.meters[k].update(v)
+        if self.on_flush is not None:
+            self.on_flush(values[len(pending):])
 
     def add_meter(self, name, meter):
         self.meters[name] = meter
 
     def __getattr__(self, attr):
         if attr in self.__dict__.get('meters', {}):
+            if self.__dict__.get('_pending'):
+                self.flush()
             return self.meters[attr]
         raise AttributeError(attr)
 
     def __str__(self):
+        self.flush()
         return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
 
     def synchronize_between_processes(self, device):
+        self.flush()
         for meter in self.meters.values():
             meter.synchronize_between_processes(device)
 
+    def averages(self):
+        """{name: global average}, after reading what is pending."""
+        self.flush()
+        return {k: m.global_avg for k, m in self.meters.items()}
+
     def state_dict(self):
         """Totals and counts: enough to continue an epoch's averages after a mid-epoch resume."""
+        self.flush()
         return {k: [m.total, m.count] for k, m in self.meters.items()}
 
     def load_state_dict(self, state):
@@ -283,6 +323,34 @@ class LossScaler:
         self.last_step_skipped = self.enabled and self._scaler.get_scale() < scale_before
         return norm
 
+    # The engine's step (engine.TrainStep) drives the scaler piece by piece, without host reads.
+    def scale(self, loss):
+        return self._scaler.scale(loss)
+
+    def unscale_(self, optimizer):
+        if self.enabled:
+            self._scaler.unscale_(optimizer)
+
+    def found_inf(self, optimizer):
+        """GradScaler's overflow flag of this iteration (a device tensor; after unscale_)."""
+        # GradScaler keeps it per optimizer and device in _per_optimizer_states (torch.amp internals)
+        found = self._scaler._per_optimizer_states[id(optimizer)]['found_inf_per_device']
+        return sum(v.to(next(iter(found.values())).device) for v in found.values())
+
+    def step(self, optimizer):
+        """GradScaler's own skip (reads its overflow flag on the host)."""
+        self._scaler.step(optimizer)
+
+    def update(self):
+        if self.enabled:
+            self._scaler.update()
+
+    def reset_iteration(self):
+        """Forget this iteration's unscale record (a CUDA graph capture that failed half-way)."""
+        from collections import defaultdict as _dd
+        from torch.amp.grad_scaler import _refresh_per_optimizer_state
+        self._scaler._per_optimizer_states = _dd(_refresh_per_optimizer_state)
+
     def state_dict(self):
         return self._scaler.state_dict()
 
@@ -325,6 +393,26 @@ def _safe_globals():
     return [argparse.Namespace]
 
 
+def _why_unreadable(path, error):
+    """One clause on why torch.load refused path, never torch's own advice (it suggests
+    weights_only=False, which would run any code a file holds)."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(4)
+    except OSError as e:
+        return f'cannot be read ({e.strerror})'
+    if not head:
+        return 'the file is empty'
+    # torch.save writes a zip archive (PK..) since torch 1.6, a pickle (protocol 2: 0x80 0x02) before
+    if not (head.startswith(b'PK') or head[:1] == b'\x80'):
+        return 'it is not a file written by torch.save'
+    msg = str(error)
+    if 'weights_only' in msg or 'Unsupported global' in msg or 'GLOBAL' in msg:
+        return ('it holds Python objects other than tensors and plain values, not loaded because loading '
+                'them could run code')
+    return 'it is damaged or truncated'
+
+
 def load_checkpoint_file(path, map_location='cpu'):
     """torch.load without executing pickled code; one-line UserError on failure."""
     if not os.path.isfile(path):
@@ -333,8 +421,7 @@ def load_checkpoint_file(path, map_location='cpu'):
         with torch.serialization.safe_globals(_safe_globals()):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'{path} is not a readable checkpoint ({first[:200]}): '
+        raise UserError(f'{path} is not a readable checkpoint ({_why_unreadable(path, e)}): '
                         f'point to a .pth file written by torch.save') from None
     if not isinstance(ckpt, dict):
         raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dictionary: '
@@ -347,7 +434,8 @@ def plain_args(args):
     out = argparse.Namespace()
     for k, v in vars(args).items():
         if v is None or isinstance(v, (bool, int, float, str)):
-            setattr(out, k, v)
+            # the exact built-in type: subclasses (main's --input_size default) would not load
+            setattr(out, k, v if v is None else next(t for t in (bool, int, float, str) if isinstance(v, t))(v))
         elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
             setattr(out, k, list(v))
         else:
@@ -355,11 +443,30 @@ def plain_args(args):
     return out
 
 
+def file_mode():
+    """The permissions open() gives a new file under the current umask (0644 under umask 022).
+
+    mkstemp creates its files 0600; a checkpoint renamed from one would be unreadable to
+    colleagues on a shared filesystem while log.txt (plain open) is not.
+    """
+    umask = None
+    try:  # Linux reports it without changing it (os.umask would, briefly, for every thread)
+        with open('/proc/self/status', encoding='ascii') as f:
+            umask = next((int(line.split()[1], 8) for line in f if line.startswith('Umask:')), None)
+    except OSError:
+        pass
+    if umask is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path, write, binary):
     """write(f) into a temporary file in path's directory, fsync, rename over path, fsync the directory."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix='.tmp-' + os.path.basename(path) + '.', dir=directory)
     try:
+        os.fchmod(fd, file_mode())
         with (os.fdopen(fd, 'wb') if binary else os.fdopen(fd, 'w', encoding='utf-8')) as f:
             write(f)
             f.flush()
@@ -492,25 +599,51 @@ def gather_rng_states():
 
 
 class StopRequest:
-    """Remembers a SIGTERM (what schedulers send before killing a job) instead of dying at once."""
+    """Remembers a SIGTERM (what schedulers send before killing a job) or a Ctrl-C (SIGINT)
+    instead of dying at once; training stops at the next optimizer step on every rank.
+
+    A second Ctrl-C raises KeyboardInterrupt at once (for a run that does not reach its
+    next step, e.g. a stalled loader); main.cli turns that into one line and exit 130.
+    Only one that comes later than REPEAT_S: under torchrun a worker can get the same
+    SIGINT twice at once, from the terminal or a kill of the whole job and forwarded by
+    torchrun, and that must still save.
+    """
+    SIGNALS = ('SIGTERM', 'SIGINT')
+    REPEAT_S = 1.0
 
     def __init__(self):
         self.signum = None
+        self.first = None
 
     def install(self):
         import signal
-        signal.signal(signal.SIGTERM, self._handle)
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        import signal
+        now = time.monotonic()
+        if self.signum is not None and signum == signal.SIGINT and now - self.first > self.REPEAT_S:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum, self.first = signum, now
 
     def requested(self):
         return self.signum is not None
 
+    @property
+    def name(self):
+        import signal
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
 
 class TrainingInterrupted(Exception):
-    pass
+    """Training stopped on a signal after saving; exit_code: 128 + the signal (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, message, signum=15):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 def remove_stale_temp_files(output_dir):

@@ -17,6 +17,7 @@ from other processes on a shared machine changes them little.  Ratios are agains
 """
 import argparse
 import atexit
+import json
 import contextlib
 import shutil
 import statistics
@@ -31,7 +32,7 @@ from torchvision import datasets as tv_datasets  # noqa: E402
 import datasets  # noqa: E402
 from scripts import build_image_store  # noqa: E402
 
-PIPELINES = ('published', 'fast', 'fast-store', 'fast-nodraft', 'decode')
+PIPELINES = ('published', 'fast', 'fast-store', 'fast-nodraft', 'decode', 'gpu', 'gpu-store')
 
 
 class DecodeOnly:
@@ -47,8 +48,10 @@ class DecodeOnly:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                epilog='other arguments: main.py training arguments (--model, --curriculum, ...)')
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog='Other arguments are main.py\'s training flags (--model, --curriculum, '
+                                       '...): see python main.py --help.')
     p.add_argument('--data_path', default=DEFAULT_DATA, help='an ImageFolder tree (class folders of images)')
     p.add_argument('--rounds', type=int, default=3, help='measurement rounds, one data epoch each (averaged)')
     p.add_argument('--batch', type=int, default=32, help='loader batch (collation) in the measurement')
@@ -56,10 +59,19 @@ def parse(argv=None):
                    help=f'comma-separated, from {",".join(PIPELINES)}; fast-store: the fast path reading '
                         f'the reduced copies of --image_store (built into a temporary directory when not '
                         f'given); decode: only the fast path\'s file read and reduced-size decode of the '
-                        f'originals, the ceiling of any order without a store')
+                        f'originals, the ceiling of any order without a store; gpu (gpu-store): the worker '
+                        f'half of --data_pipeline gpu (read the bytes, draw the parameters), plus the device '
+                        f'half per batch at each B on --device (CPU tensors when it is cpu, labelled so)')
     p.add_argument('--image_store', default=None,
                    help='the store fast-store reads (scripts/build_image_store.py); default: built for the run')
     p.add_argument('--json', default=None, help='also write the results here')
+    p.add_argument('--device_batch', type=int, default=128,
+                   help='gpu pipelines: images per batch in the device-side measurement')
+    p.add_argument('--device_batches', type=int, default=3,
+                   help='gpu pipelines: batches timed per stage in the device-side measurement (after one warm-up)')
+    p.add_argument('--step_json', default=None,
+                   help='gpu pipelines: a benchmarks/bench_step.py --json result; the device half is then shown '
+                        'as a share of the training step at each B (its images/s, scaled to the same batch)')
     own, rest = p.parse_known_args(argv)
     for name in own.pipelines.split(','):
         if name not in PIPELINES:
@@ -93,8 +105,8 @@ def variant(pipeline):
 
 def training_loader(argv, folder, pipeline, batch, image_store=None):
     """(plan, loader, batch_sampler) exactly as main.py builds them for training, in-process."""
-    data_pipeline = 'published' if pipeline == 'published' else 'fast'
-    if pipeline == 'fast-store':
+    data_pipeline = 'published' if pipeline == 'published' else 'gpu' if pipeline.startswith('gpu') else 'fast'
+    if pipeline in ('fast-store', 'gpu-store'):
         argv = argv + ['--image_store', image_store]
     args = train_args(argv + ['--data_pipeline', data_pipeline, '--num_workers', '0', '--pin_mem', 'false',
                               '--batch_size', str(batch), '--update_freq', '1', '--replay_times', '1',
@@ -116,8 +128,8 @@ def run_once(loader, batch_sampler, epoch):
     batch_sampler.set_epoch(epoch)
     n = 0
     c0, t0 = time.thread_time(), time.perf_counter()
-    for x, _ in loader:
-        n += x.shape[0]
+    for _, y in loader:
+        n += len(y)
     return n / (time.thread_time() - c0), n / (time.perf_counter() - t0)
 
 
@@ -132,7 +144,7 @@ def measure(own, rest):
 
     names = own.pipelines.split(',')
     image_store = own.image_store
-    if 'fast-store' in names and image_store is None:
+    if ('fast-store' in names or 'gpu-store' in names) and image_store is None:
         image_store = tempfile.mkdtemp(prefix='image-store-')
         atexit.register(shutil.rmtree, image_store, True)
         build_image_store.main(['--data_path', own.data_path, '--out', image_store])
@@ -170,13 +182,116 @@ def measure(own, rest):
             row[f'{name}_wall'] = mean_rate(walls[(name, s.index)])
             row[f'{name}_ratio'] = best[(name, s.index)] / ref
         stages.append(row)
+    device_side = None
+    gpu_names = [n for n in names if n.startswith('gpu')]
+    if gpu_names:
+        device_side = measure_device(own, rest, folder, gpu_names[-1], image_store)
+        if own.step_json:
+            with open(own.step_json, encoding='utf-8') as f:
+                step = {r['size']: r['img_s'] for r in json.load(f)['rows']}
+            device_side['step_json'] = own.step_json
+            for r in device_side['stages']:
+                if r['size'] in step:
+                    r['step_ms'] = 1e3 * r['batch'] / step[r['size']]
+                    r['device_pct_of_step'] = 100 * r['ms_per_batch'] / r['step_ms']
     return {
+        'device_side': device_side,
         'host': host_info(), 'data_path': own.data_path, 'images': len(folder) // own.batch * own.batch,
         'rounds': own.rounds, 'argv': rest, 'plan': plan.name, 'base_size': plan.base_size,
         'lowfreq': plan.lowfreq, 'pipelines': names, 'plain224': ref,
         'plain224_median': statistics.median(rates['plain224']), 'plain224_wall': mean_rate(walls['plain224']),
         'stages': stages,
     }
+
+
+def measure_device(own, rest, folder, pipeline, image_store):
+    """The device half of --data_pipeline gpu per batch at each stage's B (ms), and the memory it adds.
+
+    Batches come from the worker half (gpu or gpu-store); each is timed through
+    main.build_device_transform's GpuDataTransform on the training --device (CUDA: with a
+    synchronisation before and after; CPU: CPU tensors, one thread, labelled so), next to
+    its crop+resize alone done as it is (batched resampling matmuls) and as a per-sample
+    loop of torch's anti-aliased interpolate (the alternative considered).
+    """
+    import main as main_mod
+    import torch.nn.functional as F
+    from curriculum.gpudata import G_BH, G_BW, G_LEFT, G_TOP
+    batch = min(own.device_batch, len(folder))
+    plan, loader, bs = training_loader(rest, folder, pipeline, batch, image_store)
+    args = train_args(rest + ['--data_pipeline', 'gpu'])
+    device = torch.device(args.device if (not args.device.startswith('cuda') or torch.cuda.is_available())
+                          else 'cpu')
+    cuda = device.type == 'cuda'
+    dt = main_mod.build_device_transform(args, device, dataset=loader.dataset)
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return out, time.perf_counter() - t
+
+    def per_sample_interpolate(imgs, geom, size):
+        outs = []
+        for img, g in zip(imgs, geom.tolist()):
+            t, l, h, w = (int(round(v)) for v in (g[G_TOP], g[G_LEFT], g[G_BH], g[G_BW]))
+            crop = img[None, :, t:t + max(h, 1), l:l + max(w, 1)].float()
+            outs.append(F.interpolate(crop, size=(size, size), mode='bicubic', antialias=True, align_corners=False))
+        return torch.cat(outs).round_().clamp_(0, 255).to(torch.uint8)
+
+    rows = []
+    for s in plan.stages:
+        bs.set_epoch(s.start_epoch)
+        it = iter(loader)
+        totals, resample, loop, mem = [], [], [], []
+        for k in range(own.device_batches + 1):
+            try:
+                x, _ = next(it)
+            except StopIteration:
+                break
+            if cuda:
+                torch.cuda.synchronize(device)
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            xd = x.to(device, non_blocking=True)
+            _, t_all = timed(lambda: dt(xd))
+            if cuda:
+                mem.append(torch.cuda.max_memory_allocated(device) - base)
+            imgs = dt.decode(xd, list(range(len(x))), device)
+            _, t_res = timed(lambda: dt.crop_resize(imgs, x.geom, x.out_size))
+            _, t_loop = timed(lambda: per_sample_interpolate(imgs, x.geom, x.out_size))
+            if k:  # the first batch warms up the decoder, kernels and allocator
+                totals.append(t_all), resample.append(t_res), loop.append(t_loop)
+        if not totals:
+            continue
+        n = len(x)
+        rows.append({'index': s.index, 'size': s.size, 'batch': n,
+                     'ms_per_batch': 1e3 * statistics.mean(totals),
+                     'images_per_s': n / statistics.mean(totals),
+                     'resample_ms': 1e3 * statistics.mean(resample),
+                     'per_sample_interpolate_ms': 1e3 * statistics.mean(loop),
+                     'memory_added_mib': max(mem) / 2 ** 20 if mem else None})
+    return {'device': str(device), 'gpu': torch.cuda.get_device_name(device) if cuda else None,
+            'threads': torch.get_num_threads(), 'pipeline': pipeline, 'stages': rows}
+
+
+def device_table(d):
+    where = f'{d["device"]} ({d["gpu"]})' if d['gpu'] else f'CPU tensors, {d["threads"]} thread(s) -- not a GPU number'
+    lines = [f'Device half of --data_pipeline gpu ({d["pipeline"]}) on {where}: per batch, after one warm-up',
+             f'{"stage":>5} {"B":>4} {"batch":>5} {"ms/batch":>9} {"img/s":>8} {"crop+resize ms":>15} '
+             f'{"per-sample interpolate ms":>26} {"memory added MiB":>17}']
+    for r in d['stages']:
+        mem = '-' if r['memory_added_mib'] is None else f'{r["memory_added_mib"]:.0f}'
+        step = f'  step {r["step_ms"]:.1f} ms: {r["device_pct_of_step"]:.0f}%' if 'step_ms' in r else ''
+        lines.append(f'{r["index"]:>5} {r["size"]:>4} {r["batch"]:>5} {r["ms_per_batch"]:>9.1f} '
+                     f'{r["images_per_s"]:>8.0f} {r["resample_ms"]:>15.1f} {r["per_sample_interpolate_ms"]:>26.1f} '
+                     f'{mem:>17}{step}')
+    if d.get('step_json'):
+        lines.append(f'step: the training step of {d["step_json"]} for the same number of images (same device '
+                     f'only if that file says so)')
+    return lines
 
 
 def table(res):
@@ -199,6 +314,8 @@ def table(res):
         rows = [r for r in res['stages'] if r['size'] == b]
         cells = ' '.join(f'{n}: {statistics.mean(r[n + "_ratio"] for r in rows):.2f}x' for n in names)
         lines.append(f'mean ratio at B={b}: {cells} (GPU gain {rows[0]["needed"]:.2f}x)')
+    if res.get('device_side'):
+        lines += [''] + device_table(res['device_side'])
     return '\n'.join(lines)
 
 

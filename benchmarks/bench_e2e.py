@@ -15,10 +15,26 @@ mean epoch time after the first (the first carries start-up costs).  Measured sp
 baseline time / curriculum time, next to the theoretical one (baseline epochs /
 equivalent epochs of the plan); per stage, a data epoch's time relative to a baseline
 epoch against the compute ratio (B/base)^2 x replay factor says where the time goes.
+
+Short runs are dominated by start-up: every change of B costs its first batches (cuDNN
+autotuning or graph capture of new shapes, the loader refilling).  So, per stage, the
+steady-state images/s (log.txt's train_steady_img_s: the first batches of each epoch
+left out, engine._Timing) stands next to the switch cost (train_excess_time_s of the
+stage's first epoch: its time beyond its images at the steady rate; later epochs' median
+excess is the normal epoch start, shown apart), and the steady rates project the full
+published run (--project_epochs, default 200, on ImageNet's 1,281,167 images, against the
+baseline's epochs) beside the measured short-run speedup.  Pass --print_freq (default 10
+here) to read the device that often: the steady rate is timed between those reads.
+
+The training processes run in sessions of their own; on every exit path (an error,
+--run_timeout, Ctrl-C, SIGTERM) they are ended with every process below them
+(scripts/fault_inject.signal_run: torchrun starts its workers in sessions of their own).
 """
 import argparse
 import json
 import os
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +44,11 @@ from common import ROOT, host_info, plan_for, report, train_args  # first: puts 
 
 import main as main_mod  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+from fault_inject import signal_run  # noqa: E402
+
+IMAGENET_TRAIN = 1281167
+
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
@@ -36,7 +57,13 @@ def parse(argv=None):
                    help='epochs the baseline actually trains (>= 2), extrapolated to --baseline_epochs')
     p.add_argument('--keep', default=None, help='keep the two runs\' output directories here')
     p.add_argument('--json', default=None, help='also write the results here')
+    p.add_argument('--project_epochs', type=float, default=200,
+                   help='the curriculum budget E of the projected full run (ImageNet-1k, 1.28M images)')
+    p.add_argument('--run_timeout', type=float, default=None,
+                   help='seconds each training process may take; then it is killed with all its processes')
     own, rest = p.parse_known_args(argv)
+    if '--print_freq' not in rest:
+        rest = rest + ['--print_freq', '10']
     if '--curriculum' not in rest and '--curriculum_file' not in rest:
         rest = ['--curriculum', 'etpp'] + rest
     if own.baseline_run_epochs is not None and own.baseline_run_epochs < 2:
@@ -57,19 +84,86 @@ def without_curriculum_file(argv):
     return out
 
 
-def run(argv, out_dir):
-    """Train in a fresh process; returns (its log.txt records, wall seconds of the whole process)."""
+class Interrupted(Exception):
+    pass
+
+
+def _raise_on_sigterm(signum, frame):
+    raise Interrupted(f'signal {signum}')
+
+
+def run(argv, out_dir, timeout=None):
+    """Train in a fresh process; returns (its log.txt records, wall seconds of the whole process).
+
+    The process and everything below it are ended on every way out of this function.
+    """
     cmd = [sys.executable, os.path.join(ROOT, 'main.py'), *argv, '--output_dir', out_dir, '--disable_eval', 'true',
            '--save_ckpt', 'false', '--log_dir', 'none']
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        signal_run(proc, signal.SIGKILL)
+        proc.wait()
+        raise SystemExit(f'training still running after {timeout:.0f} s (--run_timeout): killed; {" ".join(cmd)}')
+    finally:
+        if proc.returncode is None:  # interrupted (Ctrl-C, SIGTERM) or failed here
+            signal_run(proc, signal.SIGKILL)
+            proc.wait()
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        tail = '\n'.join(proc.stdout.splitlines()[-15:])
+        tail = '\n'.join(out.splitlines()[-15:])
         raise SystemExit(f'training failed (exit {proc.returncode}): {" ".join(cmd)}\n{tail}')
     with open(os.path.join(out_dir, 'log.txt'), encoding='utf-8') as f:
         records = [json.loads(line) for line in f]
     return [r for r in records if 'train_time_s' in r], wall
+
+
+def steady_rates(records):
+    """{(B, m, replay): median steady images/s over the epochs that have one} of a run's log."""
+    rates = {}
+    for r in records:
+        if r.get('train_steady_img_s'):
+            rates.setdefault((r['input_size'], r.get('magnitude'), r.get('replay_times', 1)), []).append(
+                r['train_steady_img_s'])
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def _rate_for(rates, size, magnitude, replay):
+    """The measured rate of this stage, else of the same B and replay (another m), else None."""
+    if (size, magnitude, replay) in rates:
+        return rates[(size, magnitude, replay)]
+    same = [v for (b, _, rt), v in rates.items() if b == size and rt == replay]
+    return statistics.median(same) if same else None
+
+
+def project(args, own, rates, base_rate, switch_costs):
+    """Seconds of the full published run on one process at the steady rates, and of its baseline."""
+    full = argparse.Namespace(**vars(args))
+    full.epochs = own.project_epochs
+    if getattr(full, 'curriculum_file', None):
+        return None
+    plan = plan_for(full)
+    total, missing = 0.0, []
+    for s in plan.stages:
+        rate = base_rate if s.size == plan.base_size and s.replay_times == 1 and base_rate else \
+            _rate_for(rates, s.size, s.magnitude, s.replay_times)
+        if not rate:
+            missing.append(s.index)
+            continue
+        total += s.epochs * IMAGENET_TRAIN * s.replay_times / rate
+    switches = sum(1 for a, b in zip(plan.stages, plan.stages[1:]) if a.size != b.size)
+    total += switches * (statistics.median(switch_costs) if switch_costs else 0.0)
+    full.baseline_epochs = None  # the published comparison (300 epochs for etpp), not this run's
+    base_epochs = main_mod.baseline_epochs(full)
+    if missing or not base_rate:
+        return {'epochs': own.project_epochs, 'missing_stages': missing}
+    baseline = base_epochs * IMAGENET_TRAIN / base_rate
+    return {'epochs': own.project_epochs, 'baseline_epochs': base_epochs, 'curriculum_h': total / 3600,
+            'baseline_h': baseline / 3600, 'speedup': baseline / total, 'switches': switches,
+            'theoretical': base_epochs / plan.total_compute}
 
 
 def measure(own, rest):
@@ -81,28 +175,45 @@ def measure(own, rest):
                                                  '--epochs', str(run_epochs)]
     with tempfile.TemporaryDirectory(prefix='bench-e2e-') as tmp:
         root = own.keep or tmp
-        curr_log, curr_wall = run(rest, os.path.join(root, 'curriculum'))
-        base_log, base_wall = run(base_argv, os.path.join(root, 'baseline'))
+        curr_log, curr_wall = run(rest, os.path.join(root, 'curriculum'), own.run_timeout)
+        base_log, base_wall = run(base_argv, os.path.join(root, 'baseline'), own.run_timeout)
     base_times = [r['train_time_s'] for r in base_log]
     per_base_epoch = sum(base_times[1:]) / (len(base_times) - 1) if len(base_times) > 1 else base_times[0]
     base_total = base_times[0] + per_base_epoch * (base_epochs - 1)
     curr_total = sum(r['train_time_s'] for r in curr_log)
-    stages = []
+    rates = steady_rates(curr_log)
+    base_rates = [r['train_steady_img_s'] for r in base_log if r.get('train_steady_img_s')]
+    base_rate = statistics.median(base_rates) if base_rates else None
+    # the normal start of an epoch (same B as the one before), apart from a change of B
+    starts = [r.get('train_excess_time_s') for i, r in enumerate(curr_log)
+              if i and r['input_size'] == curr_log[i - 1]['input_size'] and r.get('train_excess_time_s') is not None]
+    epoch_start = statistics.median(starts) if starts else None
+    stages, switch_costs = [], []
     for s in plan.stages:
-        times = [r['train_time_s'] for r in curr_log if r['stage'] == s.index]
+        recs = [r for r in curr_log if r['stage'] == s.index]
+        times = [r['train_time_s'] for r in recs]
         if not times:
             continue
         per_epoch = sum(times) / len(times)
+        first = curr_log.index(recs[0])
+        switch = recs[0].get('train_excess_time_s') if first and curr_log[first - 1]['input_size'] != s.size \
+            else None
+        if switch is not None:
+            switch_costs.append(switch)
         stages.append({'index': s.index, 'size': s.size, 'magnitude': s.magnitude, 'epochs': len(times),
                        'replay': s.replay_times, 'seconds': sum(times), 'per_epoch': per_epoch,
                        'relative': per_epoch / per_base_epoch,
-                       'compute_ratio': (s.size / plan.base_size) ** 2 * s.replay_times})
+                       'compute_ratio': (s.size / plan.base_size) ** 2 * s.replay_times,
+                       'batch': f'{s.batch_size} x {s.update_freq}',
+                       'steady_img_s': _rate_for(rates, s.size, s.magnitude, s.replay_times),
+                       'switch_s': switch})
     return {'host': host_info(args.device), 'argv': rest, 'plan': plan.name, 'base_size': plan.base_size,
             'equivalent_epochs': plan.total_compute, 'baseline_epochs': base_epochs,
             'baseline_run_epochs': len(base_times), 'theoretical': base_epochs / plan.total_compute,
             'measured': base_total / curr_total, 'curriculum_s': curr_total, 'baseline_s': base_total,
             'baseline_epoch_s': per_base_epoch, 'process_wall_s': {'curriculum': curr_wall, 'baseline': base_wall},
-            'stages': stages}
+            'baseline_steady_img_s': base_rate, 'epoch_start_s': epoch_start, 'switch_costs_s': switch_costs,
+            'projection': project(args, own, rates, base_rate, switch_costs), 'stages': stages}
 
 
 def table(res):
@@ -116,20 +227,43 @@ def table(res):
              f'({res["baseline_epoch_s"]:.2f} s per epoch)',
              f'speedup: measured {res["measured"]:.2f}x, theoretical {res["theoretical"]:.2f}x '
              f'(measured / theoretical = {res["measured"] / res["theoretical"]:.2f})']
-    hdr = f'{"stage":>5} {"B":>4} {"m":>3} {"epochs":>6} {"replay":>6} {"s/epoch":>8} {"vs base epoch":>13} ' \
-          f'{"compute ratio":>13} {"time share":>10}'
+    hdr = f'{"stage":>5} {"B":>4} {"m":>3} {"batch x freq":>12} {"epochs":>6} {"replay":>6} {"s/epoch":>8} ' \
+          f'{"vs base epoch":>13} {"compute ratio":>13} {"time share":>10} {"steady img/s":>12} {"switch s":>8}'
     lines += [hdr, '-' * len(hdr)]
     for r in res['stages']:
         m = '-' if r['magnitude'] is None else str(r['magnitude'])
-        lines.append(f'{r["index"]:>5} {r["size"]:>4} {m:>3} {r["epochs"]:>6} {r["replay"]:>6} '
+        rate = f'{r["steady_img_s"]:.1f}' if r.get('steady_img_s') else '-'
+        switch = f'{r["switch_s"]:.2f}' if r.get('switch_s') is not None else '-'
+        lines.append(f'{r["index"]:>5} {r["size"]:>4} {m:>3} {r["batch"]:>12} {r["epochs"]:>6} {r["replay"]:>6} '
                      f'{r["per_epoch"]:>8.2f} {r["relative"]:>12.3f}x {r["compute_ratio"]:>12.3f}x '
-                     f'{100 * r["seconds"] / res["curriculum_s"]:>9.1f}%')
+                     f'{100 * r["seconds"] / res["curriculum_s"]:>9.1f}% {rate:>12} {switch:>8}')
+    base_rate = f'{res["baseline_steady_img_s"]:.1f} img/s' if res.get('baseline_steady_img_s') else 'not measured'
+    start = f'{res["epoch_start_s"]:.2f} s' if res.get('epoch_start_s') is not None else 'not measured'
+    lines.append(f'baseline at {res["base_size"]}: steady {base_rate}; an epoch start without a change of B costs '
+                 f'{start} (median), a change of B the "switch s" above (its first epoch beyond steady state)')
+    pr = res.get('projection')
+    if pr and 'speedup' in pr:
+        lines.append(f'projected full run from the steady rates (E={pr["epochs"]:g} on {IMAGENET_TRAIN} images, one '
+                     f'process, {pr["switches"]} changes of B): curriculum {pr["curriculum_h"]:.1f} h, '
+                     f'{pr["baseline_epochs"]}-epoch baseline {pr["baseline_h"]:.1f} h: {pr["speedup"]:.2f}x '
+                     f'(theoretical {pr["theoretical"]:.2f}x; measured in this short run {res["measured"]:.2f}x)')
+    elif pr:
+        lines.append(f'projection of the full run: no steady rate for stages {pr.get("missing_stages")} or the '
+                     f'baseline (raise the epochs or lower --print_freq so each epoch has reads past its start)')
     return '\n'.join(lines)
 
 
 def main(argv=None):
     own, rest = parse(argv)
-    return report(measure(own, rest), table, own.json)
+    # SIGTERM (a scheduler, `timeout`) unwinds like Ctrl-C, so run() ends its training processes
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        return report(measure(own, rest), table, own.json)
+    except Interrupted:
+        print('bench_e2e: stopped by SIGTERM; its training processes were ended', file=sys.stderr, flush=True)
+        raise SystemExit(143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == '__main__':

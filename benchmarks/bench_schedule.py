@@ -28,12 +28,14 @@ from models import create_model  # noqa: E402
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                epilog='other arguments: main.py training arguments (--model, --epochs, ...)')
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog='Other arguments are main.py\'s training flags (--model, --curriculum, '
+                                       '...): see python main.py --help.')
     p.add_argument('--data_json', default=None, help='output of bench_data.py --json (else measured now)')
     p.add_argument('--step_json', default=None, help='output of bench_step.py --json (else measured now)')
     p.add_argument('--workers', type=float, nargs='+', default=[10.0], help='loader workers per GPU')
-    p.add_argument('--json', default=None)
+    p.add_argument('--json', default=None, help='also write the results here')
     own, rest = p.parse_known_args(argv)
     if '--model' not in rest:
         rest = ['--model', 'resnet50'] + rest

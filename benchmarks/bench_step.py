@@ -25,6 +25,15 @@ the fast path's DeviceTransform and the exact Fourier crop (curriculum/lowfreq.p
 normalised base-size batch down to B, per batch of the stage.  On a CPU with --threads 1
 the rates are per CPU-second of this thread (robust to other jobs on a shared machine).
 Replay is left out (the micro-batch is the loader batch).
+
+Reference rows (--reference true, the default): the same model's plain step in the same
+run, per size and micro-batch: a fresh timm model, fused AdamW, cross-entropy on hard
+labels, autocast bf16 on CUDA (the project's AMP setting on a CPU), channels_last as
+given, eager; and on CUDA the same step captured whole in one CUDA graph (torch.cuda.graph
+after warm-up on a side stream, as torch's documentation does it).  "vs ref graph" is
+this project's rate over the captured reference's (issue 12's target: >= 0.95 with
+--cuda_graph true).  The reference has no mixup, EMA, clipping or loss scaling: it is the
+floor of what a step of this model costs, not the recipe.
 """
 import argparse
 import contextlib
@@ -44,7 +53,7 @@ import utils  # noqa: E402
 from curriculum.adapt import adapt_model  # noqa: E402
 from curriculum.fastpath import DeviceTransform  # noqa: E402
 from curriculum.lowfreq import FourierCrop, fourier_crop  # noqa: E402
-from engine import train_one_epoch  # noqa: E402
+from engine import TrainStep, train_one_epoch  # noqa: E402
 from models import create_model  # noqa: E402
 from optim_factory import create_optimizer  # noqa: E402
 
@@ -73,6 +82,8 @@ def parse(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     p.add_argument('--cudnn_benchmark', default='false', choices=['true', 'false'],
                    help="cuDNN autotuning (main.py leaves torch's default, off)")
+    p.add_argument('--reference', default='true', choices=['true', 'false'],
+                   help='also time the plain reference step (eager, and captured in a CUDA graph on CUDA)')
     p.add_argument('--json', default=None)
     own, rest = p.parse_known_args(argv)
     if own.threads:
@@ -146,6 +157,61 @@ class RepeatLoader:
         return iter([self.batch] * self.steps)
 
 
+def reference_rate(args, size, n, device, steps, warmup, graph):
+    """Images/s of the plain step (timm model, fused AdamW, eager or captured whole), or None if not possible."""
+    import torch.nn.functional as F
+    if graph and device.type != 'cuda':
+        return None
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=1000)
+    adapt_model(model, size)
+    model.to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-5, device=device), fused=True)
+    dtype = torch.bfloat16 if device.type == 'cuda' else (getattr(torch, args.amp_dtype) if args.use_amp else None)
+    x = torch.randn(n, 3, size, size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (n,), device=device)
+
+    def step(cache=True):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=cache):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    if graph:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(max(warmup, 3)):
+                opt.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(g):
+            step(cache=False)
+        run = g.replay
+    else:
+        def run():
+            opt.zero_grad(set_to_none=True)
+            step()
+        for _ in range(warmup):
+            run()
+    sync(device)
+    clock = time.thread_time if device.type == 'cpu' and torch.get_num_threads() == 1 else time.perf_counter
+    t0 = clock()
+    for _ in range(steps):
+        run()
+    sync(device)
+    rate = steps * n / (clock() - t0)
+    del model, opt
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+    return rate
+
+
 def measure(own, args):
     device = torch.device(args.device)
     utils.seed_everything(args.seed)
@@ -179,7 +245,7 @@ def measure(own, args):
                                            channels_last=args.channels_last).to(device)
     train_model = main_mod.wrap_ddp(model, args)
     current = base
-    rows = []
+    rows, notes = [], set()
     for s in sizes:
         if s.size != current:
             if adapt_model(model, s.size, optimizer, model_ema):
@@ -189,13 +255,18 @@ def measure(own, args):
         n = s.batch_size  # replay off: the micro-batch is the loader batch
         batch = make_batch(args, n, s.size, base, plan.lowfreq, device)
 
+        step = TrainStep(train_model, criterion, optimizer, loss_scaler, device, update_freq=s.update_freq,
+                         max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, amp_dtype=amp_dtype,
+                         lowfreq=lowfreq, device_transform=device_transform, cuda_graph=args.cuda_graph,
+                         compiled=args.compile, weight_decay_varies=False)
+        if step.graph_note and step.graph_note not in notes:
+            notes.add(step.graph_note)
+            print(step.graph_note)
+
         def epoch(steps):
             with contextlib.redirect_stdout(io.StringIO()):
-                train_one_epoch(train_model, criterion, RepeatLoader(batch, steps), optimizer, device, 0,
-                                loss_scaler, hparams_at=lambda frac: (1e-5, args.weight_decay),
-                                update_freq=s.update_freq, max_norm=args.clip_grad, model_ema=model_ema,
-                                mixup_fn=mixup_fn, amp_dtype=amp_dtype, lowfreq=lowfreq,
-                                device_transform=device_transform, print_freq=10 ** 9)
+                train_one_epoch(step, RepeatLoader(batch, steps), 0,
+                                hparams_at=lambda frac: (1e-5, args.weight_decay), print_freq=10 ** 9)
             sync(device)
 
         if device.type == 'cuda':
@@ -228,6 +299,13 @@ def measure(own, args):
         row['h2d_ms'] = time_op(lambda: batch[0].to(device, non_blocking=True), device)
         if s.size < base:
             row['fourier_crop_ms'] = time_op(lambda: fourier_crop(xb, s.size), device)
+        if own.reference == 'true':
+            for name, graph in (('ref_eager_img_s', False), ('ref_graph_img_s', True)):
+                try:
+                    row[name] = reference_rate(args, s.size, n, device, own.bench_steps, own.bench_warmup, graph)
+                except Exception as e:  # noqa: BLE001 - a reference that cannot run is reported, not fatal
+                    print(f'reference step ({name}) at B={s.size} failed: {type(e).__name__}: {e}'.splitlines()[0])
+                    row[name] = None
         rows.append(row)
     base_row = next((r for r in rows if r['size'] == base), None)
     for r in rows:
@@ -238,8 +316,16 @@ def measure(own, args):
     return {'host': host_info(device), 'device': str(device), 'model': args.model, 'plan': plan.name,
             'base_size': base, 'amp': args.use_amp and args.amp_dtype, 'clip_grad': args.clip_grad,
             'channels_last': args.channels_last, 'compile': args.compile, 'data_pipeline': args.data_pipeline,
-            'drop_path': args.drop_path, 'model_ema': args.model_ema,
+            'drop_path': args.drop_path, 'model_ema': args.model_ema, 'cuda_graph': args.cuda_graph,
             'cudnn_benchmark': torch.backends.cudnn.benchmark, 'rows': rows}
+
+
+def _num(v):
+    return f'{v:.1f}' if v else '-'
+
+
+def _ratio(a, b):
+    return f'{a / b:.2f}' if a and b else '-'
 
 
 def table(res):
@@ -247,10 +333,12 @@ def table(res):
     where = h.get('gpu') or f'CPU {h["cpu"]} ({h["cpu_count"]} cores, {h.get("threads", "")} threads)'
     lines = [f'Training step, images/s per device: {res["model"]} ({res["plan"]}) on {where}',
              f'amp {res["amp"] or "off"}, clip {res["clip_grad"]}, channels_last {res["channels_last"]}, '
-             f'compile {res["compile"]}, cudnn.benchmark {res.get("cudnn_benchmark")}, input {res["data_pipeline"]}, '
+             f'compile {res["compile"]}, cuda_graph {res.get("cuda_graph")}, '
+             f'cudnn.benchmark {res.get("cudnn_benchmark")}, input {res["data_pipeline"]}, '
              f'torch {h["torch"]}']
     hdr = (f'{"B":>4} {"batch x freq":>12} {"img/s":>9} {"ratio":>7} {"(base/B)^2":>10} {"ms/step":>8} '
-           f'{"devtf ms":>8} {"h2d ms":>7} {"fourier ms":>10} {"% step":>6} {"recompiles":>10}')
+           f'{"devtf ms":>8} {"h2d ms":>7} {"fourier ms":>10} {"% step":>6} {"recompiles":>10} '
+           f'{"ref eager":>9} {"ref graph":>9} {"vs ref graph":>12}')
     lines += [hdr, '-' * len(hdr)]
     for r in res['rows']:
         ratio = f'{r["ratio"]:.2f}x' if r['ratio'] else '-'
@@ -261,7 +349,9 @@ def table(res):
         bxf = f'{r["batch_size"]} x {r["update_freq"]}'
         lines.append(f'{r["size"]:>4} {bxf:>12} {r["img_s"]:>9.1f} '
                      f'{ratio:>7} {r["theory"]:>9.2f}x {r["ms_per_step"]:>8.1f} {devtf:>8} {r["h2d_ms"]:>7.2f} '
-                     f'{four:>10} {pct:>6} {rec:>10}')
+                     f'{four:>10} {pct:>6} {rec:>10} {_num(r.get("ref_eager_img_s")):>9} '
+                     f'{_num(r.get("ref_graph_img_s")):>9} '
+                     f'{_ratio(r["img_s"], r.get("ref_graph_img_s")):>12}')
     if res['compile']:
         lines.append('compile: ' + ', '.join(f'B={r["size"]}: {r["compiles_in_warmup"]} frame(s) compiled in '
                                              f'{r["warmup_s"]:.0f} s of warm-up' for r in res['rows']))

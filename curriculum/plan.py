@@ -110,16 +110,34 @@ class Plan:
                 break
         return p
 
-    def table(self, baseline_epochs=None):
-        """The whole plan as text: one row per stage, then totals and the speedup."""
+    # What reduces an image to bandwidth B, by --lowfreq and --data_pipeline ('fourier' runs
+    # on the device whatever the pipeline).  A new pipeline adds its entry here.
+    LOWFREQ_OPS = {
+        ('fourier', None): 'B by Fourier crop on the device',
+        ('lanczos', 'published'): 'B by Lanczos resize on the CPU, published pipeline',
+        ('lanczos', 'fast'): 'B by bicubic resize of the crop to B on the CPU, fast pipeline',
+        ('lanczos', 'gpu'): 'B by anti-aliased bicubic resize of the crop to B on the device, gpu pipeline',
+        ('none', None): 'no low-frequency crop',
+    }
+
+    def lowfreq_op(self, pipeline='published'):
+        ops = self.LOWFREQ_OPS
+        return ops.get((self.lowfreq, None)) or ops.get((self.lowfreq, pipeline)) or \
+            f'B by {self.lowfreq}, {pipeline} pipeline'
+
+    def table(self, baseline_epochs=None, pipeline='published', world=1, per='GPU'):
+        """The whole plan as text: one row per stage, then totals, speedups and notes.
+
+        baseline_epochs: also compare with a baseline of that many epochs at the base size
+        (the paper's 300-epoch one when that is the comparison the run makes); world and
+        per: processes and what one is ('GPU' or 'process'), for the batch line.
+        """
         base = self.base_size
         total = self.total_compute
         hdr = (f'{"stage":>5} {"B":>4} {"m":>3} {"epochs":>15} {"equiv ep":>9} {"compute":>8} '
                f'{"batch x freq":>12} {"replay":>12}')
-        mode = {'fourier': 'B by Fourier crop on the device', 'lanczos': 'B by Lanczos resize on the CPU',
-                'none': 'no low-frequency crop'}[self.lowfreq]
-        lines = [f'Training plan: {self.name} ({mode}, base {base}, schedules follow {self.progress_unit})',
-                 hdr, '-' * len(hdr)]
+        lines = [f'Training plan: {self.name} ({self.lowfreq_op(pipeline)}; base {base}, '
+                 f'schedules follow {self.progress_unit})', hdr, '-' * len(hdr)]
         for s in self.stages:
             rep = f'{s.replay_times}x/{s.buffer_size}' if s.replay_times > 1 else '-'
             ep = f'{s.start_epoch}-{s.start_epoch + s.epochs - 1} ({s.epochs})'
@@ -129,9 +147,19 @@ class Plan:
                          f'{f"{s.batch_size} x {s.update_freq}":>12} {rep:>12}')
         lines.append('-' * len(hdr))
         lines.append(f'total: {self.num_epochs} data epochs, {total:.2f} equivalent epochs at {base}')
-        if baseline_epochs:
+        if total > 0 and abs(total - self.num_epochs) > 1e-9:
+            # meaningful for any budget: the same passes over the data, all at the base size
+            lines.append(f'theoretical speedup vs the same {self.num_epochs} data epochs at {base}: '
+                         f'{self.num_epochs / total:.2f}x')
+        if baseline_epochs and total > 0:
             lines.append(f'theoretical speedup vs the {baseline_epochs}-epoch baseline at {base}: '
                          f'{baseline_epochs / total:.2f}x')
+        if self.stages:
+            unit = 'GPU' if per == 'GPU' else 'process'
+            procs = f'{world} {unit}' + ('' if world == 1 else 'es' if unit == 'process' else 's')
+            globals_ = sorted({world * s.batch_size * s.update_freq for s in self.stages})
+            glob = ' or '.join(map(str, globals_)) + (' (by stage)' if len(globals_) > 1 else '')
+            lines.append(f'{procs} ("batch x freq" is per {unit}): global batch {glob} per optimizer step')
         for n in self.notes:
             lines.append(f'note: {n}')
         return '\n'.join(lines)

@@ -87,16 +87,60 @@ def stage_batches(batch_size, update_freq, ratio):
     return batch_size * r, update_freq // r, r
 
 
+def grown_batches(args, b, base, bs, uf):
+    """--stage_batch auto: the stage's micro-batch grown towards (base/B)^2 x the base one.
+
+    Activation memory grows with batch x B^2, so a stage at B fits about (base/B)^2 times
+    the base stage's micro-batch.  The growth is a divisor of the stage's update_freq, so
+    micro-batch x update_freq (the global batch, and with it the recipe) never changes;
+    --max_micro_batch caps it.  Never below the published micro-batch `bs`.
+    """
+    if getattr(args, 'stage_batch', 'published') != 'auto' or b >= base:
+        return bs, uf
+    target = max(int((base / b) ** 2 * args.batch_size) // bs, 1)
+    cap = getattr(args, 'max_micro_batch', 0) or 0
+    if cap:
+        target = min(target, max(cap // bs, 1))
+    grow = max(d for d in range(1, uf + 1) if uf % d == 0 and d <= target)
+    return bs * grow, uf // grow
+
+
+def _check_stage_batch_args(args):
+    mode = getattr(args, 'stage_batch', 'published')
+    cap = getattr(args, 'max_micro_batch', 0) or 0
+    if cap < 0:
+        raise PlanError(f'--max_micro_batch must be >= 0 (0: no limit), got {cap}')
+    if cap and mode != 'auto':
+        raise PlanError('--max_micro_batch applies to --stage_batch auto: add --stage_batch auto or drop it')
+    if mode == 'auto' and getattr(args, 'curriculum_file', None):
+        raise PlanError('--stage_batch auto grows the micro-batch of the published recipes; a --curriculum_file '
+                        'sets each stage\'s batch_size and update_freq itself: drop --stage_batch auto')
+
+
+def _auto_note(args, stages, base):
+    if getattr(args, 'stage_batch', 'published') != 'auto':
+        return []
+    cap = getattr(args, 'max_micro_batch', 0) or 0
+    grown = [s for s in stages if s.size < base]
+    return [f'--stage_batch auto: micro-batch grown towards (base/B)^2 x {args.batch_size}'
+            f'{f" (at most {cap})" if cap else ""} with update_freq shrunk, so the global batch stays '
+            f'{args.batch_size * args.update_freq} images per GPU and update'
+            + ('' if any(s.update_freq < args.update_freq for s in grown) else
+               f'; no growth possible: --update_freq {args.update_freq} leaves nothing to trade')]
+
+
 def build_plan(args, size_multiple=16):
     """The Plan for args.curriculum ('none', 'et', 'etpp' or a --curriculum_file)."""
     base = args.base_input_size if args.curriculum != 'none' else args.input_size
     lowfreq = getattr(args, 'lowfreq', 'auto')
+    _check_stage_batch_args(args)
     if getattr(args, 'curriculum_file', None):
         return load_plan_file(args.curriculum_file, args, size_multiple)
     if args.curriculum == 'none':
         st = Stage(0, args.input_size, None, args.epochs, args.batch_size, args.update_freq)
         plan = Plan('baseline', [st], base, 'epochs', 'none')
-        plan.warmup = plan.progress_after_plain_epochs(args.warmup_epochs)
+        plan.warmup = clip_warmup(plan, plan.progress_after_plain_epochs(args.warmup_epochs),
+                                  f'--warmup_epochs {args.warmup_epochs:g}')
         plan.budget = args.epochs
         return plan
     if args.curriculum == 'et':
@@ -132,19 +176,25 @@ def _build_etpp(args, base, multiple, lowfreq):
             notes.append(f'segment {k}: micro-batch x{r} instead of the published '
                          f'x{recipe.batch_at[b_pub] // last}: --update_freq {args.update_freq} is not a multiple '
                          f'of {recipe.batch_at[b_pub] // last}, and the global batch must stay constant')
+        bs, uf = grown_batches(args, b, base, bs, uf)
         if rt > 1 and bs % rt:
             raise PlanError(f'segment {k}: per-GPU batch {bs} not divisible by replay_times {rt}: '
                             f'choose --batch_size a multiple of {rt}')
         exact = e / ETPP_SEGMENTS * (base / b) ** 2 / rt
         raw.append((b, k, exact, bs, uf, rt, buf))
     epochs = split_rounded([r[2] for r in raw])
-    stages = []
+    stages, skipped = [], []
     for (b, k, _, bs, uf, rt, buf), n in zip(raw, epochs):
         if n <= 0:
-            notes.append(f'segment {k} (B={b}, m={k}) rounds to 0 epochs and is skipped: raise --epochs')
+            skipped.append(f'{k} (B={b})')
             continue
         stages.append(Stage(0, b, k, n, bs, uf, rt, buf))
+    if skipped:
+        notes.append(f'segment{"s" if len(skipped) > 1 else ""} {", ".join(skipped)} of {ETPP_SEGMENTS} '
+                     f'round{"" if len(skipped) > 1 else "s"} to 0 data epochs and '
+                     f'{"are" if len(skipped) > 1 else "is"} skipped: a larger --epochs trains every segment')
     _check_replay_update_freq(stages)
+    notes += _auto_note(args, stages, base)
     plan = Plan(f'EfficientTrain++ (E={args.epochs:g})', stages, base, 'compute', lowfreq, notes=notes)
     plan.budget = e
     plan.warmup = _warmup(args, recipe.warmup, plan)
@@ -153,28 +203,50 @@ def _build_etpp(args, base, multiple, lowfreq):
 
 def _build_et(args, base, multiple, lowfreq):
     epochs = split_rounded([args.epochs / ET_SEGMENTS] * ET_SEGMENTS)
-    stages, notes = [], []
+    stages, notes, undoubled = [], [], []
     for k, (b_pub, m, n) in enumerate(zip(ET_SIZES, ET_MAGNITUDES, epochs)):
         b = scaled_size(b_pub, base, multiple)
         bs, uf, r = stage_batches(args.batch_size, args.update_freq, 2 if b < base else 1)
         if b < base and r == 1:
-            notes.append(f'segment {k}: batch not doubled (--update_freq {args.update_freq} is odd); '
-                         f'the global batch stays constant')
+            undoubled.append(str(k))
+        bs, uf = grown_batches(args, b, base, bs, uf)
         rt, buf = _replay_for(args, _ET_RECIPE, b_pub, b, base)
         if n > 0:
             stages.append(Stage(0, b, m, n, bs, uf, rt, buf))
+    if undoubled:
+        notes.append(f'segment{"s" if len(undoubled) > 1 else ""} {", ".join(undoubled)}: batch not doubled '
+                     f'(--update_freq {args.update_freq} is odd); the global batch stays constant')
     _check_replay_update_freq(stages)
+    notes += _auto_note(args, stages, base)
     plan = Plan(f'EfficientTrain (ICCV, {args.epochs} epochs)', stages, base, 'epochs', lowfreq, notes=notes)
     plan.budget = args.epochs
     plan.warmup = _warmup(args, ('epochs', args.warmup_epochs), plan)
     return plan
 
 
+# A warmup as long as the run would leave no run after it (the lr only rises): it is cut to
+# this fraction of the run instead, the published rule of the DeiT recipes.
+CLIPPED_WARMUP_FRACTION = 0.2
+
+
 def _warmup(args, rule, plan):
     kind, value = rule
     if kind == 'compute':
         return value * plan.total_progress
-    return plan.progress_after_plain_epochs(args.warmup_epochs)
+    return clip_warmup(plan, plan.progress_after_plain_epochs(args.warmup_epochs),
+                       f'--warmup_epochs {args.warmup_epochs:g}')
+
+
+def clip_warmup(plan, warmup, what):
+    """warmup (progress), or a fifth of the run with a note when it would take the whole run."""
+    total = plan.total_progress
+    if total <= 0 or warmup < total:
+        return warmup
+    clipped = CLIPPED_WARMUP_FRACTION * total
+    unit = 'equivalent epochs' if plan.progress_unit == 'compute' else 'epochs'
+    plan.notes.append(f'{what} covers the whole run ({total:.2f} {unit}): warmup clipped to its first '
+                      f'{100 * CLIPPED_WARMUP_FRACTION:.0f}% ({clipped:.2f} {unit}); lower --warmup_epochs to choose')
+    return clipped
 
 
 # The replay buffer splits every loaded batch into this many chunks (METHOD.md).
@@ -307,5 +379,5 @@ def load_plan_file(path, args, size_multiple=16):
         we = spec.get('warmup_epochs', args.warmup_epochs)
         if isinstance(we, bool) or not isinstance(we, (int, float)) or we < 0:
             raise _field_error(path, 'warmup_epochs', f'must be a number >= 0, got {we!r}')
-        plan.warmup = plan.progress_after_plain_epochs(we)
+        plan.warmup = clip_warmup(plan, plan.progress_after_plain_epochs(we), f'warmup_epochs {we:g}')
     return plan

@@ -30,6 +30,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from PIL import Image
 
+from utils import file_mode
+
 __all__ = ['StoreError', 'FORMAT', 'VERSION', 'MANIFEST', 'DEFAULT_LEVELS', 'DEFAULT_QUALITY', 'SUBSAMPLING', 'reduced_size',
            'file_list_digest', 'reduce_image', 'ImageStore', 'StoredCopies']
 
@@ -216,6 +218,7 @@ def write_copies(src: str, relpath: str, out_root: str, levels: Sequence[int], q
         # one folder for every temporary file, so a killed build leaves nothing among the copies
         fd, tmp = tempfile.mkstemp(suffix='.jpg', dir=os.path.join(out_root, TMP_DIR))
         try:
+            os.fchmod(fd, file_mode())  # mkstemp's 0600 would hide the store from other users
             with os.fdopen(fd, 'wb') as f:
                 reduce_image(rgb, k).save(f, 'JPEG', quality=quality, subsampling=SUBSAMPLING[subsampling],
                                           comment=tag)

@@ -33,7 +33,8 @@ from utils import atomic_write_text, fsync_directory  # noqa: E402
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--data_path', required=True, help='the training image folder (<root>/<class>/<image>)')
     p.add_argument('--out', required=True, help='the store directory (created; may be an interrupted build)')
     p.add_argument('--levels', default=','.join(map(str, store.DEFAULT_LEVELS)),

@@ -4,7 +4,7 @@
         --input_size 32 --epochs 3 --batch_size 32 --device cpu --num_workers 0 --deterministic true
 
 Runs main.py with the given arguments twice: once uninterrupted (the reference) and once
-killed `--kills` times (SIGKILL by default, or SIGTERM as a scheduler would; sent to every
+killed `--kills` times (SIGKILL by default, or SIGTERM as a scheduler would, or SIGINT; sent to every
 process of the run at once, torchrun's workers and loader workers included) at random
 training steps and restarted with the same command. Then compares the final
 checkpoints tensor by tensor (model, EMA, optimizer) and the log.txt records. Exit
@@ -171,8 +171,9 @@ def compare(ref_dir, test_dir):
     logs = []
     for d in (ref_dir, test_dir):
         with open(os.path.join(d, 'log.txt')) as f:
-            # wall-clock times differ between any two runs
-            logs.append([{k: v for k, v in json.loads(line).items() if not k.endswith('_time_s')} for line in f])
+            # wall-clock times and throughputs differ between any two runs
+            logs.append([{k: v for k, v in json.loads(line).items() if not k.endswith(('_time_s', '_img_s'))}
+                         for line in f])
     if logs[0] != logs[1]:
         ea = [r.get('epoch') for r in logs[0]]
         eb = [r.get('epoch') for r in logs[1]]
@@ -181,12 +182,17 @@ def compare(ref_dir, test_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--kills', type=int, default=3)
-    p.add_argument('--signal', choices=['KILL', 'TERM'], default='KILL')
-    p.add_argument('--nproc', type=int, default=1)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                usage='%(prog)s [options] -- MAIN.PY ARGUMENTS',
+                                epilog='After --: main.py\'s flags (see python main.py --help), without --output_dir.')
+    p.add_argument('--kills', type=int, default=3, help='how many times the run is killed and restarted')
+    p.add_argument('--signal', choices=['KILL', 'TERM', 'INT'], default='KILL',
+                   help='KILL: a crash; TERM: a scheduler\'s stop; INT: Ctrl-C (both save a recovery checkpoint)')
+    p.add_argument('--nproc', type=int, default=1, help='processes per run (torchrun --nproc_per_node) when > 1')
     p.add_argument('--seed', type=int, default=0, help='seed for choosing the kill points')
-    p.add_argument('--workdir', default='out/fault_inject')
+    p.add_argument('--workdir', default='out/fault_inject',
+                   help='holds reference/ and faulty/ (the two runs\' output directories) and their logs')
     p.add_argument('--run_timeout', type=float, default=1800,
                    help='seconds one training run may take before it is treated as hung and killed')
     p.add_argument('train_args', nargs=argparse.REMAINDER, help='-- then the main.py arguments')

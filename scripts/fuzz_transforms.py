@@ -109,12 +109,13 @@ def fuzz(images, repeats=1, seed=0, pipelines=('published', 'fast'), log=print):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--images', default=None, help='a folder of photographs (ImageFolder or flat)')
     p.add_argument('--limit', type=int, default=None, help='at most this many photographs')
     p.add_argument('--repeats', type=int, default=10, help='draws per image and configuration')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--pipelines', default='published,fast')
+    p.add_argument('--seed', type=int, default=0, help='seed of the generated odd images and of the draws')
+    p.add_argument('--pipelines', default='published,fast', help='comma-separated data pipelines to fuzz')
     a = p.parse_args(argv)
     images = odd_images(a.seed)
     if a.images:

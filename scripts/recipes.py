@@ -310,13 +310,16 @@ def finetune_args(model: str, size: int, checkpoint: str, world: int = PUBLISHED
 
 
 def eval_args(model: str, checkpoint: str, data_path: Optional[str] = None, ema: bool = False,
-              input_size: int = 224, batch: int = 128, extra: Sequence[str] = ()) -> List[str]:
-    """main.py's arguments to evaluate a checkpoint (fp32, exact sharded evaluation)."""
+              input_size: Optional[int] = None, batch: int = 128, extra: Sequence[str] = ()) -> List[str]:
+    """main.py's arguments to evaluate a checkpoint (fp32, exact sharded evaluation).
+
+    Without input_size main.py evaluates at the size the checkpoint records, else 224."""
     if model not in RECIPES and model not in IN22K_PRETRAIN:
         from_timm = 'any timm model name also works with main.py directly'
         raise LaunchError(f'no published recipe for {model!r}: one of {", ".join(RECIPES)} ({from_timm})')
-    args = ['--model', model, '--eval', 'true', '--resume', checkpoint,
-            '--input_size', str(input_size), '--batch_size', str(batch)]
+    args = ['--model', model, '--eval', 'true', '--resume', checkpoint, '--batch_size', str(batch)]
+    if input_size:
+        args += ['--input_size', str(input_size)]
     if ema:
         args += ['--model_ema', 'true', '--model_ema_eval', 'true']
     if data_path:
@@ -470,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('model', choices=_train_models(), metavar='MODEL', help='a recipe name, as for train')
     e.add_argument('checkpoint')
     e.add_argument('--ema', action='store_true', help="evaluate the checkpoint's 'model_ema' entry")
-    e.add_argument('--input_size', type=int, default=224)
+    e.add_argument('--input_size', type=int, default=None,
+                   help="evaluation size (default: the size the checkpoint records, else 224)")
     e.add_argument('--batch_size', type=int, default=128, help='per-GPU batch (x1.5 for evaluation)')
     _add_launch_flags(e)
     sub.add_parser('wrappers', help='(re)write scripts/train_<model>.sh')

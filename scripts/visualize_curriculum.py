@@ -11,7 +11,7 @@ stages.png needs only Pillow.
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,13 +35,13 @@ MATPLOTLIB_MISSING = 'plan.png needs matplotlib: pip install matplotlib'
 
 
 def get_args_parser():
-    p = train_main.get_args_parser()
+    p = train_main.script_parser('visualize_curriculum.py', __doc__.split('\n\n')[0])
     g = p.add_argument_group('visualisation')
     g.add_argument('--images', required=True, type=str,
                    help='an ImageFolder tree (<root>/<class>/<image>) or a flat folder of images')
     g.add_argument('--out', default='out/viz', type=str, help='folder for plan.png and stages.png')
     g.add_argument('--num_images', default=4, type=int, help='rows of stages.png')
-    g.add_argument('--no_augment', default=False, type=str2bool, nargs='?', const=True,
+    g.add_argument('--no_augment', default=False, type=str2bool, nargs='?', const=True, metavar='{true,false}',
                    help='show only the low-frequency operation: centre crop at the base size, then '
                         'Lanczos or Fourier crop to B (one column per distinct B)')
     g.add_argument('--cell_size', default=None, type=int,
@@ -285,10 +285,12 @@ class GridLayout:
     pad: int = 6
     title_h: int = 22
     header_h: int = 20
+    left: int = 0  # where this grid starts in the image (a panel right of another)
 
     @property
     def width(self):
-        return max(self.cols * self.cell + (self.cols + 1) * self.pad, self.min_width)
+        """Of the image up to this grid's right edge."""
+        return self.left + max(self.cols * self.cell + (self.cols + 1) * self.pad, self.min_width)
 
     @property
     def height(self):
@@ -296,7 +298,7 @@ class GridLayout:
 
     def box(self, row, col):
         """(left, top, right, bottom) of a cell in the grid image."""
-        x = self.pad + col * (self.cell + self.pad)
+        x = self.left + self.pad + col * (self.cell + self.pad)
         y = self.title_h + self.header_h + self.pad + row * (self.cell + self.pad)
         return x, y, x + self.cell, y + self.cell
 
@@ -346,6 +348,13 @@ def display_size(args, plan):
 
 
 def draw_stages(args, plan, paths, path, no_augment):
+    """stages.png; returns (columns, layout, band_layout): the training-view grid's, and the
+    bandwidth-only grid's (None with --no_augment).
+
+    Without --no_augment the grid of training views has the bandwidth-only grid (the same
+    centre crop, no augmentation, at every distinct B) on its left: colour jitter, RandAugment
+    and random erasing otherwise dominate what a low B changes.
+    """
     columns = stage_columns(plan, no_augment)
     cell = display_size(args, plan)
     images = [load_rgb(p) for p in paths]
@@ -355,8 +364,21 @@ def draw_stages(args, plan, paths, path, no_augment):
     mode = 'no augmentation (centre crop)' if no_augment else 'training transform'
     title = f'{plan.name}: {mode}, {lowfreq}; seed {args.seed}; shown at {cell} px, nearest neighbour'
     canvas, layout = render_grid(cells, [column_header(args, c, no_augment) for c in columns], title, cell)
+    band_layout = None
+    if not no_augment:
+        band_columns = stage_columns(plan, no_augment=True)
+        band_cells = stage_cells(args, plan, images, band_columns, True)
+        band, band_layout = render_grid(band_cells, [column_header(args, c, True) for c in band_columns],
+                                        f'bandwidth only: centre crop, {lowfreq}, no augmentation', cell)
+        gap = 3 * GridLayout.pad
+        both = Image.new('RGB', (band.width + gap + canvas.width, max(band.height, canvas.height)), 'white')
+        both.paste(band, (0, 0))
+        both.paste(canvas, (band.width + gap, 0))
+        ImageDraw.Draw(both).line([(band.width + gap // 2, 0), (band.width + gap // 2, both.height)],
+                                  fill='grey', width=1)
+        canvas, layout = both, replace(layout, left=band.width + gap)
     canvas.save(path)
-    return columns, layout
+    return columns, layout, band_layout
 
 
 # ---------------------------------------------------------------------------
@@ -370,6 +392,7 @@ class Result:
     columns: List[Column]
     layout: GridLayout
     images: List[str]
+    band_layout: Optional[GridLayout] = None  # the bandwidth-only grid left of the training views
 
 
 def main(args):
@@ -380,7 +403,8 @@ def main(args):
     paths = list_images(args.images, args.num_images)
     display_size(args, plan)
     utils.check_writable_dir(args.out, '--out')
-    print(plan.table(None if plan.name == 'baseline' else train_main.baseline_epochs(args)))
+    print(plan.table(train_main.compared_baseline_epochs(args), pipeline=args.data_pipeline,
+                     per='GPU' if str(args.device).startswith('cuda') else 'process'))
     if args.warmup_steps > 0:
         print('note: --warmup_steps depends on the training set size; plan.png shows the plan\'s '
               '--warmup_epochs warmup instead')
@@ -391,11 +415,11 @@ def main(args):
         print(MATPLOTLIB_MISSING, file=sys.stderr, flush=True)
         plan_png = None
     stages_png = os.path.join(args.out, 'stages.png')
-    columns, layout = draw_stages(args, plan, paths, stages_png, args.no_augment)
+    columns, layout, band_layout = draw_stages(args, plan, paths, stages_png, args.no_augment)
     for p in (plan_png, stages_png):
         if p:
             print(f'wrote {p}')
-    return Result(plan_png, stages_png, columns, layout, paths)
+    return Result(plan_png, stages_png, columns, layout, paths, band_layout)
 
 
 def cli(argv=None):

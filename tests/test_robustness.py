@@ -87,17 +87,44 @@ def test_sigterm_saves_recovery_checkpoint_and_exits_cleanly(tmp_path):
     assert ckpt['epoch'] == 0 and ckpt['step'] >= 1 and len(ckpt['meters']) == 1 and len(ckpt['rng']) == 1
 
 
+def test_sigint_saves_recovery_checkpoint_and_exits_130(tmp_path):
+    # Ctrl-C: the same stop as SIGTERM (every rank at the same step, a recovery checkpoint,
+    # one line), exit 128 + SIGINT
+    out = str(tmp_path / 'run')
+    log = io.StringIO()
+    rc, _ = fault_inject.run_once(fault_inject.command(RUN, out, 1), kill_after=1, sig=signal.SIGINT, log=log,
+                                  timeout=RUN_TIMEOUT)
+    text = log.getvalue()
+    assert rc == 130, text[-2000:]
+    assert 'stopped by SIGINT' in text and 'Traceback' not in text and 'KeyboardInterrupt' not in text
+    ckpt = utils.load_checkpoint_file(os.path.join(out, utils.RECOVERY_NAME))
+    assert ckpt['epoch'] == 0 and ckpt['step'] >= 1 and len(ckpt['meters']) == 1
+
+
+def test_second_ctrl_c_aborts_at_once():
+    stop = utils.StopRequest()
+    stop._handle(signal.SIGINT, None)
+    assert stop.requested() and stop.name == 'SIGINT'
+    stop._handle(signal.SIGTERM, None)  # a scheduler's SIGTERM after a Ctrl-C still waits for the save
+    stop._handle(signal.SIGINT, None)  # the same Ctrl-C delivered twice (torchrun forwards it) too
+    assert stop.name == 'SIGINT'
+    stop.first -= 2 * stop.REPEAT_S
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+
 def test_in_process_training_gives_the_sigterm_handler_back(tmp_path, capsys):
     def mine(signum, frame):
         pass
 
     previous = signal.signal(signal.SIGTERM, mine)
+    previous_int = signal.getsignal(signal.SIGINT)
     try:
         main_mod.main(main_mod.get_args_parser().parse_args(TINY + ['--output_dir', str(tmp_path / 'ok')]))
-        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is previous_int
         cli_error(TINY + ['--output_dir', str(tmp_path / 'div'), '--lr', '1e30', '--warmup_epochs', '0'], capsys,
                   code=3)
-        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is previous_int
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -83,6 +83,13 @@ def test_writes_plan_and_stage_grid(curriculum, folder, n_cols, sizes, request, 
     for c in range(n_cols):
         left, top, right, bottom = res.layout.box(0, c)
         assert grid[top:bottom, left:right].std() > 5, f'column {c} is blank'
+    # left of the training views: the same centre crop without augmentation at every distinct B,
+    # so the bandwidth shows on its own
+    band = res.band_layout
+    assert band is not None and band.cols == len(sizes) and band.rows == 3 and band.width < res.layout.left
+    band_cells = [grid[t:b, l:r] for l, t, r, b in (band.box(0, c) for c in range(band.cols))]
+    edge = sizes[0] / 2 / band.cell
+    assert _high_frequency_fraction(band_cells[0], edge) < _high_frequency_fraction(band_cells[-1], edge)
 
     pytest.importorskip('matplotlib')
     assert res.plan_png and os.path.isfile(res.plan_png)

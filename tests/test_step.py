@@ -1,0 +1,256 @@
+"""The training step object (engine.TrainStep): host reads, skipping non-finite updates on the device,
+the CUDA-graph flag's CPU behaviour, and the reads-per-step target of issue 12."""
+import contextlib
+import io
+
+import pytest
+import torch
+
+import engine
+import main as main_mod
+import utils
+from engine import TrainStep, TrainingDiverged, train_one_epoch
+
+# Every way a tensor's value reaches Python: each is a host read (a device sync on a GPU).
+READS = ('item', 'tolist', '__float__', '__int__', '__bool__', '__index__', 'numpy', '__format__')
+
+
+@contextlib.contextmanager
+def counting_reads():
+    counter = {'n': 0}
+    saved = {}
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+        saved[name] = original
+
+        def wrapper(self, *a, _original=original, **k):
+            counter['n'] += 1
+            return _original(self, *a, **k)
+        setattr(torch.Tensor, name, wrapper)
+    try:
+        yield counter
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+TINY = ['--data_set', 'SYNTH', '--synth_classes', '4', '--synth_per_class', '40', '--synth_val_per_class', '2',
+        '--synth_image_size', '36', '--input_size', '32', '--model', 'resnet18', '--batch_size', '4',
+        '--device', 'cpu', '--num_workers', '1', '--epochs', '2', '--print_freq', '20', '--warmup_epochs', '1',
+        '--model_ema', 'true', '--clip_grad', '1.0', '--pin_mem', 'false', '--aa', 'none', '--log_dir', 'none']
+
+
+def test_host_reads_per_step_on_a_tiny_synth_run(monkeypatch, one_intra_op_thread):
+    """Issue 12's target: at most 0.3 host reads of tensor values per step with --print_freq 20."""
+    seen = {'reads': 0, 'steps': 0}
+    real = main_mod.train_one_epoch
+
+    def counted(step, loader, epoch, **kw):
+        # loader workers are other processes: the count is the training loop's own
+        with counting_reads() as c:
+            out = real(step, loader, epoch, **kw)
+        seen['reads'] += c['n']
+        seen['steps'] += len(loader)
+        return out
+
+    monkeypatch.setattr(main_mod, 'train_one_epoch', counted)
+    with contextlib.redirect_stdout(io.StringIO()):
+        main_mod.main(main_mod.get_args_parser().parse_args(TINY + ['--disable_eval', 'true']))
+    assert seen['steps'] == 80
+    per_step = seen['reads'] / seen['steps']
+    print(f'{seen["reads"]} host reads in {seen["steps"]} steps: {per_step:.3f} per step')
+    assert per_step <= 0.3, f'{seen["reads"]} host reads in {seen["steps"]} steps'
+    assert seen['reads'] > 0  # the prints and the epoch end do read
+
+
+def _tiny_step(opt='adamw', lr=0.1, **kw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    params = model.parameters()
+    if opt == 'adamw':
+        optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
+    elif opt == 'sgd_plain':
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)  # no fused kernel: the restore path
+    else:
+        raise ValueError(opt)
+    scaler = utils.LossScaler('cpu', enabled=False)
+    return TrainStep(model, torch.nn.CrossEntropyLoss(), optimizer, scaler, torch.device('cpu'), **kw)
+
+
+class Loader:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _batches(n, poison_at=None):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        x = torch.randn(4, 3, 2, 2, generator=g)
+        if i == poison_at:
+            x[0, 0, 0, 0] = float('nan')
+        out.append((x, torch.randint(0, 3, (4,), generator=g)))
+    return out
+
+
+@pytest.mark.parametrize('opt', ['adamw', 'sgd_plain'])
+def test_non_finite_loss_is_skipped_on_the_device_and_reported_at_the_next_read(opt):
+    step = _tiny_step(opt, model_ema=None)
+    weights = []
+
+    def on_update(done, meters, stop):
+        weights.append([p.detach().clone() for p in step.model.parameters()])
+
+    with pytest.raises(TrainingDiverged) as e, contextlib.redirect_stdout(io.StringIO()):
+        train_one_epoch(step, Loader(_batches(6, poison_at=2)), 5, hparams_at=lambda f: (0.1, 0.0),
+                        print_freq=4, on_update=on_update)
+    msg = str(e.value)
+    assert 'epoch 5' in msg and 'step 2/6' in msg and 'nan' in msg
+    # the read at step 4 raised: steps 2..4 ran, and the poisoned update changed nothing
+    assert len(weights) == 5
+    for a, b in zip(weights[1], weights[2]):
+        assert torch.equal(a, b)
+    assert all(torch.isfinite(p).all() for p in step.model.parameters())
+    # later finite updates go on (the run stops at the read, not at the bad step)
+    assert not all(torch.equal(a, b) for a, b in zip(weights[2], weights[3]))
+
+
+def test_ema_never_sees_a_skipped_update():
+    from timm.utils import ModelEmaV3
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    ema = ModelEmaV3(model, decay=0.5)
+    step = TrainStep(model, torch.nn.CrossEntropyLoss(), torch.optim.AdamW(model.parameters(), lr=0.1, fused=True),
+                     utils.LossScaler('cpu', enabled=False), torch.device('cpu'), model_ema=ema)
+    with pytest.raises(TrainingDiverged), contextlib.redirect_stdout(io.StringIO()):
+        train_one_epoch(step, Loader(_batches(3, poison_at=0)), 0, hparams_at=lambda f: (0.1, 0.0), print_freq=2)
+    assert all(torch.isfinite(p).all() for p in ema.module.parameters())
+
+
+def test_fp16_scaler_overflow_is_a_skip_not_a_divergence():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.ones(3))
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = w
+
+        def forward(self, x):
+            return x.flatten(1)[:, :3] * self.w
+
+    scaler = utils.LossScaler('cpu', enabled=True)
+    step = TrainStep(M(), lambda out, y: (out * torch.tensor([1e38, 1.0, 1.0])).sum(1).mean(),
+                     torch.optim.AdamW([w], lr=0.1, fused=True), scaler, torch.device('cpu'))
+    x = torch.ones(2, 3, 2, 2)
+    out = step.run(x, torch.zeros(2, dtype=torch.long), None, True, 0)
+    assert torch.isfinite(out['loss'])
+    assert torch.equal(w.detach(), torch.ones(3))  # skipped on the device
+    assert scaler._scaler.get_scale() < 65536.0  # and the scale backed off
+    assert int(step.bad_step) == -1
+
+
+def test_accumulation_matches_one_big_batch():
+    """update_freq 2 of two half batches = one step on the whole batch (mean losses)."""
+    batches = _batches(2)
+    a = _tiny_step('sgd_plain', lr=0.5, update_freq=2)
+    b = _tiny_step('sgd_plain', lr=0.5)
+    with contextlib.redirect_stdout(io.StringIO()):
+        train_one_epoch(a, Loader(batches), 0, hparams_at=lambda f: (0.5, 0.0), print_freq=100)
+        x = torch.cat([batches[0][0], batches[1][0]])
+        y = torch.cat([batches[0][1], batches[1][1]])
+        train_one_epoch(b, Loader([(x, y)]), 0, hparams_at=lambda f: (0.5, 0.0), print_freq=100)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_cuda_graph_flag_on_cpu_says_why_in_one_line_and_trains_eagerly():
+    step = _tiny_step(cuda_graph=True)
+    assert not step.cuda_graph
+    assert step.graph_note.startswith('--cuda_graph: not captured (cpu device')
+    assert '\n' not in step.graph_note
+    with contextlib.redirect_stdout(io.StringIO()):
+        stats = train_one_epoch(step, Loader(_batches(4)), 0, hparams_at=lambda f: (0.1, 0.0), print_freq=2)
+    assert stats['loss'] > 0
+
+
+@pytest.mark.parametrize('kw, needle', [
+    (dict(weight_decay_varies=True), 'weight decay'),
+    (dict(compiled=True), '--compile'),
+])
+def test_graph_blockers(kw, needle):
+    model = torch.nn.Linear(2, 2)
+    why = engine.graph_blocker(model, torch.optim.AdamW(model.parameters(), fused=True), torch.device('cuda'), **kw)
+    assert needle in why
+    why = engine.graph_blocker(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device('cuda'))
+    assert 'fused' in why
+    assert engine.graph_blocker(model, torch.optim.AdamW(model.parameters(), fused=True),
+                                torch.device('cuda')) is None
+
+
+def test_metric_logger_keeps_tensors_until_read():
+    log = utils.MetricLogger()
+    with counting_reads() as c:
+        for i in range(10):
+            log.update(loss=torch.tensor(float(i)), lr=0.1)
+        assert c['n'] == 0
+        assert log.averages()['loss'] == pytest.approx(4.5)
+        assert c['n'] == 1  # one transfer for all pending values
+    assert log.state_dict()['loss'] == [45.0, 10.0]
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float('inf')
+
+
+def test_non_finite_gradient_with_a_finite_loss_is_divergence_without_fp16_scaling():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 3)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return _InfGrad.apply(self.lin(x.flatten(1)))
+
+    step = TrainStep(M(), torch.nn.CrossEntropyLoss(), torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True),
+                     utils.LossScaler('cpu', enabled=False), torch.device('cpu'))
+    before = [p.detach().clone() for p in lin.parameters()]
+    with pytest.raises(TrainingDiverged, match='gradient norm is non-finite') as e, \
+            contextlib.redirect_stdout(io.StringIO()):
+        train_one_epoch(step, Loader(_batches(3)), 1, hparams_at=lambda f: (0.1, 0.0), print_freq=2)
+    assert 'step 0/3' in str(e.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))
+
+
+def test_warm_up_runs_the_shapes_and_changes_nothing_training_sees():
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5))
+    model.train()
+    step = TrainStep(model, SoftTargetCrossEntropy(), torch.optim.AdamW(model.parameters(), fused=True),
+                     utils.LossScaler('cpu', enabled=False), torch.device('cpu'),
+                     mixup_fn=Mixup(mixup_alpha=0.8, num_classes=5))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    step.warm_up((2, 3, 8, 8), 5, channels_last=True)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
+    assert not step.optimizer.state
