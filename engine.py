@@ -244,7 +244,9 @@ class TrainStep:
             if out is not None:
                 return out
         loss, acc = self._micro(samples, targets, hard, update)
-        norm = self._update() if update else None
+        # once a graph is captured it holds the gradients' addresses: an eager update (a shape
+        # not captured yet) zeroes them in place instead of freeing memory a replay writes to
+        norm = self._update(set_to_none=not self._graphs) if update else None
         self._track(loss, it, norm)
         return {'loss': loss, 'class_acc': acc, 'grad_norm': norm}
 
@@ -283,7 +285,7 @@ class TrainStep:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             loss, acc = self._micro(samples, targets, hard, update)
-            norm = self._update() if update else None
+            norm = self._update(set_to_none=not self._graphs) if update else None  # see run()
             self._track(loss, it, norm)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return {'loss': loss, 'class_acc': acc, 'grad_norm': norm}
@@ -293,6 +295,15 @@ class TrainStep:
         for g in self.optimizer.param_groups:
             if not isinstance(g['lr'], torch.Tensor):
                 g['lr'] = torch.tensor(float(g['lr']), device=self.device)
+            if 'capturable' in g:
+                # Adam/AdamW.step() refuses to run under capture unless every group says
+                # capturable=True (Optimizer._accelerator_graph_capture_health_check), fused or
+                # not; with fused=True the flag changes nothing else (the step counts are on the
+                # device already).  SGD has no such flag and no such check.
+                g['capturable'] = True
+        # the one-time "capturable=True but run uncaptured" warning would be noise: eager
+        # steps of shapes not captured yet run the same fused kernel
+        self.optimizer._warned_capturable_if_run_uncaptured = True
         # persistent zero gradients: the captured backward accumulates into them and the
         # update graph zeroes them again, so micro-step and update graphs compose
         for p in self._with_grad:
@@ -303,7 +314,11 @@ class TrainStep:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         self._loss_ok = None
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: under the default "global" mode a CUDA call of another thread during the
+        # capture (the DataLoader's pin-memory thread's cudaHostAlloc, the gpu pipeline's
+        # prefetch thread) fails there with cudaErrorStreamCaptureUnsupported and kills the run;
+        # those threads never touch the capturing stream, so only this thread is restricted
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode='thread_local'):
             loss, acc = self._micro(*static_in, update, cache_enabled=False)
             norm = self._update(set_to_none=False, ema=self.ema_on_device) if update else None
         self._loss_ok = None
@@ -321,6 +336,8 @@ class TrainStep:
         for g in self.optimizer.param_groups:
             if isinstance(g['lr'], torch.Tensor):
                 g['lr'] = float(g['lr'])
+            if 'capturable' in g:
+                g['capturable'] = False
         self.optimizer.zero_grad(set_to_none=True)
 
 

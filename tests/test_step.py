@@ -254,3 +254,51 @@ def test_warm_up_runs_the_shapes_and_changes_nothing_training_sees():
     assert torch.equal(rng, torch.get_rng_state())
     assert all(p.grad is None for p in model.parameters())
     assert not step.optimizer.state
+
+
+@pytest.mark.parametrize('make', [
+    lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.05, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+], ids=['adamw_fused', 'sgd_fused'])
+def test_fused_skip_leaves_weights_and_optimizer_state_untouched(make):
+    """The found_inf attribute protocol (torch's Adam/SGD.step read optimizer.found_inf and pass it
+    to the fused kernel, which returns early on exactly 1.0; Adam then takes the step count back):
+    a NaN loss changes neither the weights nor exp_avg / exp_avg_sq / step / momentum_buffer."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    opt = make(model.parameters())
+    step = TrainStep(model, torch.nn.CrossEntropyLoss(), opt, utils.LossScaler('cpu', enabled=False),
+                     torch.device('cpu'))
+    assert step.fused_skip
+    good, bad = _batches(3, poison_at=1)[:2]
+    step.run(*good, None, True, 0)  # a real update first: the state exists and is non-trivial
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    out = step.run(*bad, None, True, 1)
+    assert not torch.isfinite(out['loss'])
+    for p, w in zip(model.parameters(), weights):
+        assert torch.equal(p.detach(), w)
+        assert p.grad is None  # gradients dropped as after any update
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state[id(p)][k]), k
+    assert not hasattr(opt, 'found_inf') and not hasattr(opt, 'grad_scale')
+    assert int(step.bad_step) == 1
+    step.run(*good, None, True, 2)  # and a finite update after it moves on
+    assert not all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), weights))
+    if 'step' in opt.state[model[1].weight]:
+        assert float(opt.state[model[1].weight]['step']) == 2.0
+
+
+def test_eager_update_keeps_gradient_memory_once_a_graph_is_captured():
+    """A captured graph holds the gradients' addresses: an eager update of a shape not captured
+    yet zeroes them in place instead of freeing them (set_to_none) for the allocator to reuse."""
+    step = _tiny_step()
+    x, y = _batches(1)[0]
+    step.run(x, y, None, True, 0)
+    assert all(p.grad is None for p in step.model.parameters())  # no graph: freed as usual
+    step.run(x, y, None, False, 1)
+    grads = [p.grad for p in step.model.parameters()]
+    step._graphs[('pretend', 'captured')] = None
+    step.run(x, y, None, True, 2)
+    for p, g in zip(step.model.parameters(), grads):
+        assert p.grad is g and not g.any()
