@@ -302,6 +302,15 @@ def decode_jpegs(payloads: List[torch.Tensor], device: torch.device) -> List[tor
         return decode_jpeg(payloads, mode='RGB', device=device)
     _filter_decode_deprecation()
     if device.type == 'cuda':
+        # torchvision's CUDA decoder allocates its outputs on the caller's stream but writes
+        # them from its own stream (and nvJPEG's hardware engine ignores stream order), without
+        # waiting for the caller's stream: a block freed there while queued kernels still read
+        # it (the previous chunk's images, resampling buffers) can be handed to the decoder and
+        # overwritten early -- silent corruption (pytorch/vision#9606, meta-pytorch/torchcodec
+        # #1634).  Nothing is queued on this stream once it is drained.  The decode itself
+        # waits on the host for its stream anyway; with --gpu_prefetch (the default on CUDA)
+        # this is the helper thread's own stream, not the training step's.
+        torch.cuda.current_stream(device).synchronize()
         return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
     return decode_jpeg(payloads, mode=ImageReadMode.RGB)
 
