@@ -318,9 +318,16 @@ class TrainStep:
         # capture (the DataLoader's pin-memory thread's cudaHostAlloc, the gpu pipeline's
         # prefetch thread) fails there with cudaErrorStreamCaptureUnsupported and kills the run;
         # those threads never touch the capturing stream, so only this thread is restricted
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode='thread_local'):
-            loss, acc = self._micro(*static_in, update, cache_enabled=False)
-            norm = self._update(set_to_none=False, ema=self.ema_on_device) if update else None
+        stream = torch.cuda.current_stream(self.device)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode='thread_local'):
+                loss, acc = self._micro(*static_in, update, cache_enabled=False)
+                norm = self._update(set_to_none=False, ema=self.ema_on_device) if update else None
+        except BaseException:
+            # torch.cuda.graph.__exit__ leaves its capture stream current when capture_end()
+            # raises (an invalidated capture): training goes on eagerly on the stream it had
+            torch.cuda.set_stream(stream)
+            raise
         self._loss_ok = None
         self._graphs[key] = (graph, static_in, {'loss': loss, 'class_acc': acc, 'grad_norm': norm})
         print(f'CUDA graph captured: input {tuple(samples.shape)}, {"update" if update else "accumulation"} step'
@@ -328,7 +335,8 @@ class TrainStep:
         return self._graphs[key]
 
     def _abandon_graphs(self, why):
-        print(f'--cuda_graph: capture failed ({why}); training goes on eagerly', flush=True)
+        self.graph_note = f'--cuda_graph: capture failed ({why}); training goes on eagerly'  # benchmarks report it
+        print(self.graph_note, flush=True)
         self.cuda_graph = False
         self._graphs.clear()
         self._loss_ok = None

@@ -241,10 +241,21 @@ def measure_device(own, rest, folder, pipeline, image_store):
             outs.append(F.interpolate(crop, size=(size, size), mode='bicubic', antialias=True, align_corners=False))
         return torch.cat(outs).round_().clamp_(0, 255).to(torch.uint8)
 
+    def stage_batches(epoch):
+        # the stage's epoch over and over: a folder of a few hundred images holds one batch of
+        # --device_batch 256, and the first batch is only the warm-up
+        while True:
+            bs.set_epoch(epoch)
+            got = False
+            for b in loader:
+                got = True
+                yield b
+            if not got:
+                return
+
     rows = []
     for s in plan.stages:
-        bs.set_epoch(s.start_epoch)
-        it = iter(loader)
+        it = stage_batches(s.start_epoch)
         totals, resample, loop, mem = [], [], [], []
         for k in range(own.device_batches + 1):
             try:

@@ -168,7 +168,9 @@ def reference_rate(args, size, n, device, steps, warmup, graph):
     model.to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-5, device=device), fused=True)
+    # capturable=True: Adam/AdamW.step() refuses to run under graph capture without it (fused or not)
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-5, device=device), fused=True,
+                            capturable=graph)
     dtype = torch.bfloat16 if device.type == 'cuda' else (getattr(torch, args.amp_dtype) if args.use_amp else None)
     x = torch.randn(n, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (n,), device=device)
@@ -286,7 +288,10 @@ def measure(own, args):
         f2 = dynamo_frames()
         row = {'size': s.size, 'batch_size': n, 'update_freq': s.update_freq, 'img_s': steps * n / dt,
                'ms_per_step': dt / steps * 1e3, 'warmup_s': warm_s, 'compiles_in_warmup': f1 - f0,
-               'recompiles_in_stage': f2 - f1}
+               'recompiles_in_stage': f2 - f1,
+               # with --cuda_graph: graphs in use for the timed epoch (0: not captured or abandoned,
+               # the reason went to the silenced epoch output, so it is kept here too)
+               'graphs_captured': len(step._graphs), 'graph_note': step.graph_note}
         if device.type == 'cuda':
             row['peak_mem_gb'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         # device-side pieces, per batch of this stage
@@ -352,6 +357,9 @@ def table(res):
                      f'{four:>10} {pct:>6} {rec:>10} {_num(r.get("ref_eager_img_s")):>9} '
                      f'{_num(r.get("ref_graph_img_s")):>9} '
                      f'{_ratio(r["img_s"], r.get("ref_graph_img_s")):>12}')
+    if res.get('cuda_graph'):
+        lines.append('cuda graphs captured: ' + ', '.join(f'B={r["size"]}: {r.get("graphs_captured")}'
+                                                          for r in res['rows']))
     if res['compile']:
         lines.append('compile: ' + ', '.join(f'B={r["size"]}: {r["compiles_in_warmup"]} frame(s) compiled in '
                                              f'{r["warmup_s"]:.0f} s of warm-up' for r in res['rows']))
