@@ -1208,6 +1208,8 @@ def plain_lr(opt_state):
     for g in opt_state['param_groups']:
         if isinstance(g.get('lr'), torch.Tensor):
             g['lr'] = float(g['lr'])
+        if g.get('capturable'):
+            g['capturable'] = False  # set by a capture (engine.TrainStep._capture), which sets it again
     return opt_state
 
 

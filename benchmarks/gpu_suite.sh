@@ -88,7 +88,9 @@ e2e_data() {  # 25 links to each sample image (5000 files) and their image store
         mkdir -p "$rep/$c"
         for r in $(seq 1 25); do ln -s "$(realpath "$f")" "$rep/$c/r${r}_$(basename "$f")"; done
     done
-    python scripts/build_image_store.py --data_path "$rep" --out "$OUT/e2e_store" --workers "$(nproc)" | tail -n 1
+    # bounded too (not one of the step limits: 5000 small files on the host's cores take seconds)
+    timeout -k 5 45 python scripts/build_image_store.py --data_path "$rep" --out "$OUT/e2e_store" \
+        --workers "$(nproc)" | tail -n 1
 }
 [ "$MODE" != cpu-dry ] && e2e_data
 step e2e_r50 "$LIMIT_E2E" benchmarks/bench_e2e.py "${E2E[@]}" --json "$OUT/e2e_r50.json" --keep "$OUT/e2e_runs"

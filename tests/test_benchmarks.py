@@ -38,6 +38,18 @@ def test_bench_data_measures_every_stage_and_pipeline(tmp_path, capsys, restore_
             assert row[name] > 0 and row[f'{name}_ratio'] == pytest.approx(row[name] / res['plain224'])
 
 
+
+def test_bench_data_device_half_with_one_batch_per_epoch(tmp_path, restore_threads):
+    """The GPU suite's case: --device_batch as large as the folder (one batch per epoch, and the first
+    batch only warms up): the stage's epoch is read again for the timed batches, every stage has a row."""
+    data = make_folder(str(tmp_path / 'train'), n=8)
+    res = bench_data.main(['--data_path', data, '--rounds', '1', '--batch', '4', '--pipelines', 'gpu',
+                           '--device_batch', '8', '--device_batches', '1', '--device', 'cpu', '--model', 'resnet18',
+                           '--curriculum', 'etpp', '--base_input_size', '64'])
+    rows = res['device_side']['stages']
+    assert [r['index'] for r in rows] == [s['index'] for s in res['stages']]
+    assert all(r['batch'] == 8 and r['ms_per_batch'] > 0 for r in rows)
+
 def test_bench_e2e_trains_both_and_extrapolates_the_baseline(tmp_path, capsys):
     keep = str(tmp_path / 'runs')
     res = bench_e2e.main(['--baseline_run_epochs', '2', '--keep', keep, '--data_set', 'SYNTH',
