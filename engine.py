@@ -281,7 +281,7 @@ class TrainStep:
         return out
 
     def _side_stream_eager(self, samples, targets, hard, update, it):
-        stream = torch.cuda.Stream(self.device)
+        stream = _capture_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             loss, acc = self._micro(samples, targets, hard, update)
@@ -320,7 +320,8 @@ class TrainStep:
         # those threads never touch the capturing stream, so only this thread is restricted
         stream = torch.cuda.current_stream(self.device)
         try:
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode='thread_local'):
+            with torch.cuda.graph(graph, pool=self._pool, stream=_capture_stream(self.device),
+                                  capture_error_mode='thread_local'):
                 loss, acc = self._micro(*static_in, update, cache_enabled=False)
                 norm = self._update(set_to_none=False, ema=self.ema_on_device) if update else None
         except BaseException:
@@ -347,6 +348,26 @@ class TrainStep:
             if 'capturable' in g:
                 g['capturable'] = False
         self.optimizer.zero_grad(set_to_none=True)
+
+
+_CAPTURE_STREAMS = {}
+
+
+def _capture_stream(device):
+    """The side stream of graph warm-up and capture: one per device, from torch's high-priority pool.
+
+    torch.cuda.Stream() hands out torch's 32 pooled streams per priority round-robin: the
+    default capture stream of torch.cuda.graph could be the very stream the data prefetcher
+    (curriculum.gpudata.DevicePrefetcher, a new one each epoch) or torchvision's JPEG decoder
+    enqueues on from their thread, and their work would then be captured into the training
+    graph.  Those (and NCCL's streams) come from the default-priority pool; this one does not.
+    """
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
+    return _CAPTURE_STREAMS[device]
 
 
 # Reads of the device, in step-loop terms: the step loop reads the logger's pending values
