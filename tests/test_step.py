@@ -302,3 +302,81 @@ def test_eager_update_keeps_gradient_memory_once_a_graph_is_captured():
     step.run(x, y, None, True, 2)
     for p, g in zip(step.model.parameters(), grads):
         assert p.grad is g and not g.any()
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+def _fake_cuda(monkeypatch, fail_capture=False):
+    """torch.cuda's stream/graph calls of TrainStep's --cuda_graph path, faked so its Python side runs on a
+    CPU: the "capture" runs the step once eagerly (a real one only records it); replay() does nothing."""
+    log = []
+
+    class Graph:
+        def replay(self):
+            log.append('replay')
+
+    class Capture:
+        def __init__(self, graph, pool=None, stream=None, capture_error_mode='global'):
+            log.append(('capture', capture_error_mode, stream))
+
+        def __enter__(self):
+            return None
+
+        def __exit__(self, *exc):
+            if fail_capture and exc[0] is None:
+                raise RuntimeError('operation not permitted when stream is capturing')
+            return False
+
+    current, side = _FakeStream(), _FakeStream()
+    monkeypatch.setattr(engine, 'graph_blocker', lambda *a, **k: None)
+    monkeypatch.setattr(engine, '_capture_stream', lambda device: side)
+    monkeypatch.setattr(torch.cuda, 'stream', lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, 'current_stream', lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, 'set_stream', lambda s: log.append(('set_stream', s)))
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, 'graph_pool_handle', lambda: 'pool')
+    monkeypatch.setattr(torch.cuda, 'CUDAGraph', Graph)
+    monkeypatch.setattr(torch.cuda, 'graph', Capture)
+    monkeypatch.setattr(engine, '_is_ddp', lambda m: False)
+    return log, current, side
+
+
+@pytest.mark.parametrize('fail', [False, True], ids=['captured', 'capture_fails'])
+def test_cuda_graph_capture_plumbing(monkeypatch, fail):
+    """What a capture needs besides the kernels: eager warm-up updates on the side stream first, then lr in
+    device tensors filled in place, capturable=True (Adam/AdamW refuse capture without it), gradients that
+    stay allocated, thread-local capture mode; a failed capture restores all that and the stream."""
+    log, current, side = _fake_cuda(monkeypatch, fail_capture=fail)
+    step = _tiny_step(cuda_graph=True, graph_warmup=2)
+    opt = step.optimizer
+    assert step.cuda_graph and step.graph_note is None
+    x, y = _batches(1)[0]
+    for it in range(2):  # the warm-up updates: eager, no capture yet
+        step.run(x, y, None, True, it)
+        assert not step._graphs and not log and isinstance(opt.param_groups[0]['lr'], float)
+    out = step.run(x, y, None, True, 2)
+    assert torch.isfinite(out['loss'])
+    assert log[0] == ('capture', 'thread_local', side)
+    if not fail:
+        assert log[1:] == ['replay'] and len(step._graphs) == 1
+        lr = opt.param_groups[0]['lr']
+        assert isinstance(lr, torch.Tensor) and opt.param_groups[0]['capturable']
+        assert all(p.grad is not None and not p.grad.any() for p in step.model.parameters())
+        engine.apply_hparams(opt, 0.25, 0.0)
+        assert opt.param_groups[0]['lr'] is lr and float(lr) == 0.25  # filled in place: replays see it
+        saved = main_mod.plain_lr(opt.state_dict())['param_groups'][0]  # what a checkpoint holds
+        assert type(saved['lr']) is float and saved['lr'] == 0.25 and saved['capturable'] is False
+        assert opt.param_groups[0]['capturable']  # the checkpoint copy only
+        step.zero_grad()
+        assert all(p.grad is not None for p in step.model.parameters())  # in place: the graph holds them
+    else:
+        assert log[1] == ('set_stream', current)  # torch.cuda.graph's __exit__ left its stream current
+        assert not step.cuda_graph and 'capture failed (RuntimeError: operation not permitted' in step.graph_note
+        assert isinstance(opt.param_groups[0]['lr'], float) and not opt.param_groups[0]['capturable']
+        before = [p.detach().clone() for p in step.model.parameters()]
+        step.run(x, y, None, True, 3)  # eager from now on
+        assert len(log) == 2
+        assert not all(torch.equal(a, p) for a, p in zip(before, step.model.parameters()))
