@@ -39,6 +39,25 @@ def graph_blocker(model, optimizer, device, *, weight_decay_varies=False, compil
     return None
 
 
+def _zero_momentum_buffers(optimizer):
+    """Give fused SGD zero momentum buffers before its first step; True once nothing is left to do.
+
+    torch's _fused_sgd makes the buffers of a first step with torch.empty_like and lets the
+    kernel fill them; a skipped step (found_inf, e.g. an fp16 overflow at the initial scale)
+    returns before that and SGD.step keeps the uninitialised memory as momentum.  With zero
+    dampening a zero buffer gives the same first step (buf = grad).
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return True
+    for g in optimizer.param_groups:
+        if g['momentum'] == 0 or g['dampening'] != 0:
+            continue
+        for p in g['params']:
+            if p.requires_grad and optimizer.state[p].get('momentum_buffer') is None:
+                optimizer.state[p]['momentum_buffer'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return True
+
+
 class TrainStep:
     """One stage's training step: the objects a step needs, built once per stage.
 
@@ -93,6 +112,7 @@ class TrainStep:
         self._pool = None
         self._loss_ok = None  # this update's micro-steps all had a finite loss (device bool)
         self._with_grad = self.params
+        self._buffers_ready = False
         self.begin_epoch(0)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -176,6 +196,8 @@ class TrainStep:
             if self.loss_scaler.enabled:
                 skip = skip | (self.loss_scaler.found_inf(self.optimizer) > 0)
             found_inf = skip.float()
+            if not self._buffers_ready:
+                self._buffers_ready = _zero_momentum_buffers(self.optimizer)
             self.optimizer.grad_scale, self.optimizer.found_inf = None, found_inf
             try:
                 self.optimizer.step()

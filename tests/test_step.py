@@ -380,3 +380,22 @@ def test_cuda_graph_capture_plumbing(monkeypatch, fail):
         step.run(x, y, None, True, 3)  # eager from now on
         assert len(log) == 2
         assert not all(torch.equal(a, p) for a, p in zip(before, step.model.parameters()))
+
+
+def test_fused_sgd_skipped_first_update_leaves_a_zero_momentum():
+    """A skipped first update of fused SGD with momentum: the next finite update is the first one, exactly
+    (torch's fused kernel would have left torch.empty_like memory as the momentum buffer)."""
+    good, bad = _batches(3, poison_at=1)[:2]
+    runs = []
+    for batches in ([bad, good], [good]):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01,
+                              fused=True)
+        step = TrainStep(model, torch.nn.CrossEntropyLoss(), opt, utils.LossScaler('cpu', enabled=False),
+                         torch.device('cpu'))
+        for it, b in enumerate(batches):
+            step.run(*b, None, True, it)
+        runs.append((list(model.parameters()), [opt.state[p]['momentum_buffer'] for p in model.parameters()]))
+    for a, b in zip(*[params + bufs for params, bufs in runs]):
+        assert torch.equal(a, b)
