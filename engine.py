@@ -39,6 +39,14 @@ def graph_blocker(model, optimizer, device, *, weight_decay_varies=False, compil
     return None
 
 
+def _resolved(device):
+    """The device with its index (a CUDA device without one is the current device)."""
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        return torch.device('cuda', torch.cuda.current_device())
+    return device
+
+
 def _zero_momentum_buffers(optimizer):
     """Give fused SGD zero momentum buffers before its first step; True once nothing is left to do.
 
@@ -94,7 +102,10 @@ class TrainStep:
         self.fused_skip = bool(getattr(optimizer, '_step_supports_amp_scaling', False))
         self.scaler_skip = loss_scaler.enabled and not self.fused_skip
         self._snapshot = None
-        self.ema_on_device = model_ema is not None and next(model_ema.module.parameters()).device == self.device
+        # torch.device('cuda') != torch.device('cuda:0'): compare the resolved devices (a plain
+        # --device cuda would otherwise leave the EMA out of the graph, "kept on the CPU")
+        self.ema_on_device = model_ema is not None and \
+            _resolved(next(model_ema.module.parameters()).device) == _resolved(self.device)
         self.graph_note = None
         self.cuda_graph = False
         if cuda_graph:
@@ -384,9 +395,7 @@ def _capture_stream(device):
     enqueues on from their thread, and their work would then be captured into the training
     graph.  Those (and NCCL's streams) come from the default-priority pool; this one does not.
     """
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device('cuda', torch.cuda.current_device())
+    device = _resolved(device)
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
     return _CAPTURE_STREAMS[device]

@@ -399,3 +399,11 @@ def test_fused_sgd_skipped_first_update_leaves_a_zero_momentum():
         runs.append((list(model.parameters()), [opt.state[p]['momentum_buffer'] for p in model.parameters()]))
     for a, b in zip(*[params + bufs for params, bufs in runs]):
         assert torch.equal(a, b)
+
+
+def test_ema_on_a_cuda_device_without_an_index_counts_as_on_the_device(monkeypatch):
+    """--device cuda (no index) and an EMA on cuda:0 are the same device: the EMA goes into the graph."""
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+    assert engine._resolved('cuda') == engine._resolved(torch.device('cuda', 0)) == torch.device('cuda', 0)
+    assert engine._resolved('cuda:1') == torch.device('cuda', 1)
+    assert engine._resolved('cpu') == torch.device('cpu')
