@@ -629,6 +629,11 @@ class DevicePrefetcher:
         return self.loader.dataset
 
     def __iter__(self):
+        # the loader's iterator now, not at the first next(): its workers start loading while
+        # the caller does other work first (engine.train_one_epoch's warm-up of new shapes)
+        return self._batches(iter(self.loader))
+
+    def _batches(self, batches):
         import collections
         import contextlib
         from concurrent.futures import ThreadPoolExecutor
@@ -654,7 +659,6 @@ class DevicePrefetcher:
 
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gpu-data-prefetch')
         pending = collections.deque()
-        batches = iter(self.loader)
         exhausted = False
         try:
             while True:

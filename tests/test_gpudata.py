@@ -490,3 +490,23 @@ def test_decoder_failures_are_found_by_bisection(monkeypatch):
     out = GpuDataTransform._decode_bisect(payloads, torch.device('cpu'))
     assert [i for i, o in enumerate(out) if o is None] == [37] and len(out) == 64
     assert len(calls) <= 13
+
+
+def test_prefetcher_starts_its_loader_when_iterated_not_at_the_first_batch():
+    """iter() starts the loader's workers at once (train_one_epoch warms up new shapes meanwhile)."""
+    from curriculum.gpudata import DevicePrefetcher
+    started = []
+
+    class Loader:
+        dataset = None
+
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            started.append(True)
+            return iter([(torch.zeros(1), torch.zeros(1))])
+
+    it = iter(DevicePrefetcher(Loader(), lambda x: x, torch.device('cpu')))
+    assert started == [True]
+    assert len(list(it)) == 1
