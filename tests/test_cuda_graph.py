@@ -1,0 +1,78 @@
+"""--cuda_graph on a real GPU (skipped without one): the captured step computes what the eager step does,
+skips a non-finite update on the device, sees lr changes, and with fp16 loss scaling captures and trains.
+Seconds on any GPU: the first check for a session that has one."""
+import pytest
+import torch
+
+import utils
+from engine import TrainStep
+from optim_factory import apply_hparams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (CUDA graph capture)')
+
+POISON = 5
+
+
+def _batches(n=9):
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for i in range(n):
+        x = torch.randn(8, 3, 16, 16, generator=g)
+        if i == POISON:
+            x[0, 0, 0, 0] = float('nan')
+        out.append((x.cuda(), torch.randint(0, 5, (8,), generator=g).cuda()))
+    return out
+
+
+def _train(graph, update_freq=1, fp16=False, opt='adamw'):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 5)).cuda()
+    if opt == 'adamw':
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.05, fused=True)
+    step = TrainStep(model, torch.nn.CrossEntropyLoss(), optimizer, utils.LossScaler('cuda', enabled=fp16),
+                     torch.device('cuda'), update_freq=update_freq, max_norm=1.0, cuda_graph=graph, graph_warmup=2,
+                     amp_dtype=torch.float16 if fp16 else None)
+    step.begin_epoch(0)
+    step.zero_grad()
+    snapshots = []
+    for it, (x, y) in enumerate(_batches(9 * update_freq)):
+        if it % update_freq == 0:
+            apply_hparams(optimizer, 1e-2 / (1 + it), 0.05)  # a new lr every update: replays must see it
+        update = (it + 1) % update_freq == 0
+        step.run(x, y, y, update, it)
+        if update:
+            snapshots.append([p.detach().clone() for p in model.parameters()])
+    torch.cuda.synchronize()
+    return step, snapshots
+
+
+@pytest.mark.parametrize('update_freq', [1, 2])
+@pytest.mark.parametrize('opt', ['adamw', 'sgd'])
+def test_captured_step_matches_the_eager_one(monkeypatch, update_freq, opt):
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', True)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    eager, ref = _train(False, update_freq, opt=opt)
+    step, got = _train(True, update_freq, opt=opt)
+    assert step.cuda_graph and step.graph_note is None, step.graph_note
+    assert len(step._graphs) == (1 if update_freq == 1 else 2)
+    for a, b in zip(ref, got):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    # the poisoned micro-step's update changed nothing, and the step is reported
+    bad_update = POISON // update_freq  # the update holding the poisoned micro-step
+    for p, q in zip(got[bad_update - 1], got[bad_update]):
+        assert torch.equal(p, q)
+    assert int(step.bad_step) == POISON and int(eager.bad_step) == POISON
+
+
+def test_fp16_loss_scaling_is_captured_and_trains():
+    step, got = _train(True, fp16=True)
+    assert step.cuda_graph and len(step._graphs) == 1, step.graph_note
+    assert all(torch.isfinite(p).all() for p in got[-1])
+    assert not all(torch.equal(p, q) for p, q in zip(got[-2], got[-1]))
+    assert torch.isfinite(step.loss_scaler._scaler._scale).all()
+    for p, q in zip(got[POISON - 1], got[POISON]):
+        assert torch.equal(p, q)
