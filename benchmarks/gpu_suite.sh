@@ -17,13 +17,29 @@ MODE=${MODE:-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
+# A TERM or Ctrl-C to this script ends the running step too: `timeout` runs its command in a
+# process group of its own (out of reach of the terminal's Ctrl-C) and passes a TERM it gets on
+# to that group, so the script waits for it in the background, where a trap can run.
+CHILD=
+stop_suite() {
+    trap - TERM INT
+    if [ -n "$CHILD" ]; then kill -TERM "$CHILD" 2>/dev/null; wait "$CHILD" 2>/dev/null; fi
+    echo "suite stopped by a signal after $SECONDS s"
+    exit 143
+}
+trap stop_suite TERM INT
+
 step() {  # step NAME LIMIT_S ARGS...: one benchmark, its output kept in $OUT/NAME.txt
-    local name=$1 limit=$2
+    local name=$1 limit=$2 rc
     shift 2
     echo "=== $name (limit ${limit}s): $*"
     local t0=$SECONDS
-    timeout -k 10 "$limit" python "$@" > "$OUT/$name.txt" 2>&1
-    echo "rc=$? after $((SECONDS - t0)) s"
+    timeout -k 10 "$limit" python "$@" > "$OUT/$name.txt" 2>&1 &
+    CHILD=$!
+    wait "$CHILD"
+    rc=$?
+    CHILD=
+    echo "rc=$rc after $((SECONDS - t0)) s"
     grep -v -E '^(W|I)[0-9]{4} ' "$OUT/$name.txt" | grep -v -E '^(Epoch|Test)' | tail -n 22
 }
 
