@@ -24,10 +24,16 @@ def _batches(n=9):
     return out
 
 
+class _MeanPool(torch.nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
 def _train(graph, update_freq=1, fp16=False, opt='adamw'):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(8, 5)).cuda()
+    # a mean over the pixels, not AdaptiveAvgPool2d: its CUDA backward adds atomically (not deterministic)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), _MeanPool(),
+                                torch.nn.Linear(8, 5)).cuda()
     if opt == 'adamw':
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
     else:
@@ -60,7 +66,8 @@ def test_captured_step_matches_the_eager_one(monkeypatch, update_freq, opt):
     assert len(step._graphs) == (1 if update_freq == 1 else 2)
     for a, b in zip(ref, got):
         for p, q in zip(a, b):
-            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+            # a replay that missed an lr change would be off by ~1e-3
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
     # the poisoned micro-step's update changed nothing, and the step is reported
     bad_update = POISON // update_freq  # the update holding the poisoned micro-step
     for p, q in zip(got[bad_update - 1], got[bad_update]):
