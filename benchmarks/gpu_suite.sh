@@ -8,6 +8,12 @@
 #   MODE=cpu-dry OUT=/tmp/dry bash benchmarks/gpu_suite.sh     # the same steps, tiny, on the CPU
 #   EXTRA=1 ...                                                 # then the longer compile/data steps
 #
+# Before it, on the same machine (about 30 s): the CUDA-only tests of the captured step and
+# the GPU data path, which the suite's numbers depend on:
+#   python -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_gpudata.py -k 'cuda or graph'
+# DATA must be inside the checkout on a lent device machine (../shared beside it does not
+# travel): copy the samples to data/imagenet-samples (ignored by git) and carry that path.
+#
 # Order: the step per B (issue 12), the GPU data path's two halves next to that step
 # (issue 13), then end to end with --data_pipeline gpu reading an image store.
 set -u
