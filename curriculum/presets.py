@@ -123,8 +123,8 @@ def _auto_note(args, stages, base):
     cap = getattr(args, 'max_micro_batch', 0) or 0
     grown = [s for s in stages if s.size < base]
     return [f'--stage_batch auto: micro-batch grown towards (base/B)^2 x {args.batch_size}'
-            f'{f" (at most {cap})" if cap else ""} with update_freq shrunk, so the global batch stays '
-            f'{args.batch_size * args.update_freq} images per GPU and update'
+            f'{f" (at most {cap})" if cap else ""} with update_freq shrunk, so each process still '
+            f'contributes {args.batch_size * args.update_freq} images per optimizer step'
             + ('' if any(s.update_freq < args.update_freq for s in grown) else
                f'; no growth possible: --update_freq {args.update_freq} leaves nothing to trade')]
 
