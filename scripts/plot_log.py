@@ -133,7 +133,7 @@ def cli(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('output_dir', metavar='OUT_DIR', help="a training run's --output_dir (holds log.txt)")
-    p.add_argument('--out', default=None, help='the PNG to write (default: OUT_DIR/curves.png)')
+    p.add_argument('--out', default=None, help='the PNG to write (default: OUT_DIR/curves.png)', metavar='FILE')
     p.add_argument('--dpi', default=80, type=int, help='resolution of the PNG')
     args = p.parse_args(argv)
     try:

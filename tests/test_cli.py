@@ -89,6 +89,23 @@ def test_helper_scripts_list_their_own_options_first(capsys):
     assert out.count('(default:') >= 6 and 'main.py --help' in out
 
 
+@pytest.mark.parametrize('script', ['bench_step', 'bench_e2e'])
+def test_benchmark_scripts_help_their_own_options(script, capsys):
+    # their own flags come first, each with help and its default; main.py's go to its parser
+    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+    mod = __import__(script)
+    with pytest.raises(SystemExit):
+        mod.parse(['--help'])
+    out = capsys.readouterr().out
+    options = out.split('options:', 1)[1]
+    own = re.findall(r'^  (--\w+)', options, re.M)
+    assert own and '--lr' not in out and 'main.py --help' in out
+    for flag in own:
+        entry = options.split(flag, 1)[1].split('\n  --', 1)[0]
+        assert 'default' in entry, f'{script} {flag}: no default shown'
+    assert "leaves torch's default" not in out  # main.py's --cudnn_benchmark is true now
+
+
 # ---------------------------------------------------------------------------
 # one-line errors
 # ---------------------------------------------------------------------------
