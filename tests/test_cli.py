@@ -218,6 +218,17 @@ def test_plan_table_for_a_small_budget():
     fast = plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '2', '--base_input_size', '64',
                       '--data_pipeline', 'fast'])
     assert 'bicubic resize' in main_mod.plan_text(fast, build_plan(fast), torch.device('cpu'), 1)
+    assert not [n for n in notes if 'no stage trains at the base size' in n]
+    # a budget so small that every base-size segment rounds away: the plan says what is missing
+    tiny = plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '1', '--base_input_size', '64'])
+    tiny_plan = build_plan(tiny)
+    assert tiny_plan.stages[-1].size < 64
+    assert [n for n in tiny_plan.notes if 'no stage trains at the base size 64' in n and 'checkpoint-best' in n]
+    et = build_plan(plan_args(['--model', 'test_convnext', '--curriculum', 'et', '--epochs', '3',
+                               '--base_input_size', '64']))
+    assert len(et.stages) == 3
+    assert [n for n in et.notes if n.startswith('segments 1 (B=48), 3 (B=48) of 5 round to 0 data epochs')]
+    assert [n for n in et.notes if n.startswith('segments 0, 2: batch not doubled')]  # the kept ones only
 
 
 def test_plan_table_compares_with_the_papers_baseline_only_for_its_settings():
