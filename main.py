@@ -142,7 +142,8 @@ def get_args_parser(add_help=True, prog=None):
     schedule.add_argument('--lr', default=4e-3, type=float, help='peak learning rate (after warmup)')
     schedule.add_argument('--min_lr', default=1e-6, type=float, help='final learning rate of the cosine schedule')
     schedule.add_argument('--warmup_epochs', default=20, type=float,
-                          help='linear warmup length in epochs (clipped to the run when longer)')
+                          help='linear warmup length in epochs (one that would cover the whole run is cut to '
+                               'its first 20%%, with a note)')
     schedule.add_argument('--warmup_steps', default=-1, type=int,
                           help='warmup length in optimizer steps; overrides --warmup_epochs when > 0')
     schedule.add_argument('--weight_decay', default=0.05, type=float, help='weight decay (AdamW: decoupled)')
