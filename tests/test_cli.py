@@ -269,3 +269,13 @@ def test_plot_log_draws_a_real_run(etpp_run, tmp_path, capsys):
     assert all(v is not None for v in s['test_ema_acc1'])
     assert plot_log.cli([str(tmp_path / 'nothing')]) == 2
     assert 'log.txt does not exist' in capsys.readouterr().err
+    # without --out, an unwritable curves.png is one line too
+    blocked = tmp_path / 'blocked'
+    os.makedirs(blocked / 'curves.png')
+    with open(os.path.join(etpp_run, 'log.txt')) as f, open(blocked / 'log.txt', 'w') as g:
+        g.write(f.read())
+    assert plot_log.cli([str(blocked)]) == 2
+    assert capsys.readouterr().err.strip() == 'error: cannot write the PNG (Is a directory)'
+    with pytest.raises(SystemExit):
+        plot_log.cli(['--help'])
+    assert 'None' not in capsys.readouterr().out
