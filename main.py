@@ -19,6 +19,18 @@ import sys
 import time
 from dataclasses import dataclass
 
+
+def _interrupted_while_starting(signum, frame):
+    # Ctrl-C while torch and timm load (seconds): one line and 130, as later on, not a
+    # traceback through the import machinery; nothing has been read or written yet
+    sys.stderr.write('interrupted (Ctrl-C) while starting: nothing written\n')
+    sys.stderr.flush()
+    os._exit(130)
+
+
+if __name__ == '__main__' and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)  # cli() puts Python's handler back
+
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -1281,6 +1293,8 @@ def run_eval_only(args, ckpt, model, val_base, device, amp_dtype, rank, world):
 
 
 def cli(argv=None):
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt, handled below
     args = get_args_parser().parse_args(argv)
     try:
         main(args)

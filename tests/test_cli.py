@@ -110,6 +110,29 @@ def test_benchmark_scripts_help_their_own_options(script, capsys):
 # one-line errors
 # ---------------------------------------------------------------------------
 
+def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path):
+    # as from a terminal: SIGINT at its default; it arrives while torch is still being
+    # imported (or, on a slow machine, later, where training's own handling answers)
+    import signal
+    import subprocess
+    cmd = [sys.executable, os.path.join(ROOT, 'main.py')] + ETPP + ['--output_dir', str(tmp_path / 'run')]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        import time
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert p.returncode == 130, err
+    assert len(lines) == 1 and 'Traceback' not in err and 'KeyboardInterrupt' not in err, err
+
+
 def test_bad_device_is_one_line(capsys):
     err = one_line_error(EVAL + ['--device', 'cpuu', '--resume', 'x.pth'], capsys)
     assert '--device cpuu' in err
