@@ -920,7 +920,11 @@ def train(args):
     plan_summary = plan.summary()
     if rank == 0 and args.output_dir and start.epoch < plan.num_epochs:
         write_config(args, plan_summary, world, start)
-    print(f'Start training for {plan.num_epochs} data epochs from epoch {start.epoch}')
+    if start.epoch >= plan.num_epochs:
+        print(f'Nothing left to train: all {plan.num_epochs} data epochs of the plan are done '
+              f'(--epochs and --resume_override epochs extend a finished run)')
+    else:
+        print(f'Start training for {plan.num_epochs} data epochs from epoch {start.epoch}')
     per = 'GPU' if device.type == 'cuda' else 'process'
     start_time = time.time()
     for epoch in range(start.epoch, plan.num_epochs):
