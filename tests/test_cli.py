@@ -133,6 +133,12 @@ def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path):
     assert len(lines) == 1 and 'Traceback' not in err and 'KeyboardInterrupt' not in err, err
 
 
+def test_directory_as_checkpoint_is_named_as_one(capsys, tmp_path):
+    (tmp_path / 'checkpoint-3.pth').write_bytes(b'')
+    err = one_line_error(EVAL + ['--resume', str(tmp_path)], capsys)
+    assert 'is a directory (it holds checkpoint-3.pth)' in err and 'does not exist' not in err
+
+
 def test_bad_device_is_one_line(capsys):
     err = one_line_error(EVAL + ['--device', 'cpuu', '--resume', 'x.pth'], capsys)
     assert '--device cpuu' in err
