@@ -501,7 +501,7 @@ def build_train_loader(args, train_base, plan, rank, world):
     per_rank = len(sampler)
     for s in plan.stages:
         if per_rank < s.loader_batch:
-            raise UserError(f'stage {s.index}: per-GPU loader batch {s.loader_batch} exceeds the {per_rank} '
+            raise UserError(f'stage {s.index}: loader batch {s.loader_batch} exceeds the {per_rank} '
                             f'training images per process: lower --batch_size')
     batch_sampler = StageBatchSampler(sampler, plan)
     loader = torch.utils.data.DataLoader(

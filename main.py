@@ -19,6 +19,18 @@ import sys
 import time
 from dataclasses import dataclass
 
+
+def _interrupted_while_starting(signum, frame):
+    # Ctrl-C while torch and timm load (seconds): one line and 130, as later on, not a
+    # traceback through the import machinery; nothing has been read or written yet
+    sys.stderr.write('interrupted (Ctrl-C) while starting: nothing written\n')
+    sys.stderr.flush()
+    os._exit(130)
+
+
+if __name__ == '__main__' and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)  # cli() puts Python's handler back
+
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -142,7 +154,8 @@ def get_args_parser(add_help=True, prog=None):
     schedule.add_argument('--lr', default=4e-3, type=float, help='peak learning rate (after warmup)')
     schedule.add_argument('--min_lr', default=1e-6, type=float, help='final learning rate of the cosine schedule')
     schedule.add_argument('--warmup_epochs', default=20, type=float,
-                          help='linear warmup length in epochs (clipped to the run when longer)')
+                          help='linear warmup length in epochs (one that would cover the whole run is cut to '
+                               'its first 20%%, with a note)')
     schedule.add_argument('--warmup_steps', default=-1, type=int,
                           help='warmup length in optimizer steps; overrides --warmup_epochs when > 0')
     schedule.add_argument('--weight_decay', default=0.05, type=float, help='weight decay (AdamW: decoupled)')
@@ -907,7 +920,11 @@ def train(args):
     plan_summary = plan.summary()
     if rank == 0 and args.output_dir and start.epoch < plan.num_epochs:
         write_config(args, plan_summary, world, start)
-    print(f'Start training for {plan.num_epochs} data epochs from epoch {start.epoch}')
+    if start.epoch >= plan.num_epochs:
+        print(f'Nothing left to train: all {plan.num_epochs} data epochs of the plan are done '
+              f'(--epochs and --resume_override epochs extend a finished run)')
+    else:
+        print(f'Start training for {plan.num_epochs} data epochs from epoch {start.epoch}')
     per = 'GPU' if device.type == 'cuda' else 'process'
     start_time = time.time()
     for epoch in range(start.epoch, plan.num_epochs):
@@ -1282,6 +1299,8 @@ def run_eval_only(args, ckpt, model, val_base, device, amp_dtype, rank, world):
 
 
 def cli(argv=None):
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt, handled below
     args = get_args_parser().parse_args(argv)
     try:
         main(args)

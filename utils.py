@@ -415,6 +415,11 @@ def _why_unreadable(path, error):
 
 def load_checkpoint_file(path, map_location='cpu'):
     """torch.load without executing pickled code; one-line UserError on failure."""
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith('.pth'))
+        hint = f' (it holds {", ".join(names[:4])}{", ..." if len(names) > 4 else ""})' if names else ''
+        raise UserError(f'checkpoint {path} is a directory{hint}: pass a checkpoint file, e.g. '
+                        f'{os.path.join(path, "checkpoint-best.pth")}')
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist: check the --resume/--finetune path')
     try:

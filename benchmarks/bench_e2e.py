@@ -51,8 +51,10 @@ IMAGENET_TRAIN = 1281167
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                epilog='other arguments: main.py training arguments (--model, --epochs, ...)')
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                formatter_class=main_mod.HelpFormatter,
+                                epilog='Other arguments are main.py\'s training flags (--model, --epochs, ...): '
+                                       'see python main.py --help.')
     p.add_argument('--baseline_run_epochs', type=int, default=None,
                    help='epochs the baseline actually trains (>= 2), extrapolated to --baseline_epochs')
     p.add_argument('--keep', default=None, help='keep the two runs\' output directories here')

@@ -73,18 +73,22 @@ def recipe_amp(model_name):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                epilog='other arguments: main.py training arguments (--model, --batch_size, ...)')
-    p.add_argument('--amp', default='recipe', choices=['recipe', 'true', 'false'])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                formatter_class=main_mod.HelpFormatter,
+                                epilog='Other arguments are main.py\'s training flags (--model, --batch_size, ...): '
+                                       'see python main.py --help.')
+    p.add_argument('--amp', default='recipe', choices=['recipe', 'true', 'false'],
+                   help='mixed precision: recipe: as the model\'s published recipe; true/false: forced')
     p.add_argument('--bench_steps', type=int, default=20, help='timed steps per size')
     p.add_argument('--bench_warmup', type=int, default=5, help='untimed steps per size first (compilation)')
     p.add_argument('--bench_sizes', default=None, help='comma-separated sizes (default: every size of the plan)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     p.add_argument('--cudnn_benchmark', default='false', choices=['true', 'false'],
-                   help="cuDNN autotuning (main.py leaves torch's default, off)")
+                   help='cuDNN autotuning; off by default here (main.py\'s --cudnn_benchmark is true) so that '
+                        'numbers stay comparable with the earlier H100 rows, taken without it')
     p.add_argument('--reference', default='true', choices=['true', 'false'],
                    help='also time the plain reference step (eager, and captured in a CUDA graph on CUDA)')
-    p.add_argument('--json', default=None)
+    p.add_argument('--json', default=None, help='also write the results here')
     own, rest = p.parse_known_args(argv)
     if own.threads:
         torch.set_num_threads(own.threads)

@@ -71,8 +71,8 @@ else
     DEIT=(--model deit_small_patch16_224 --curriculum etpp --batch_size 256 --data_pipeline fast --device cuda
           --amp_dtype bfloat16 --bench_steps 15 --bench_warmup 5)
     # etpp at E=6 against a 9-epoch baseline (3 run, the rest extrapolated), ResNet-50, AMP,
-    # on 25 links to each sample image (5000 files), the host's CPUs as loader workers
-    # on 25 links to each sample image (5000 files) with an image store, the GPU data path
+    # on 25 links to each sample image (5000 files) with an image store, the GPU data path,
+    # the host's CPUs as loader workers
     E2E=(--data_set image_folder --data_path "$OUT/e2e_folder" --eval_data_path "$OUT/e2e_folder" --model resnet50
          --curriculum etpp --epochs 6 --baseline_epochs 9 --baseline_run_epochs 3 --batch_size 256 --use_amp true
          --channels_last true --data_pipeline gpu --image_store "$OUT/e2e_store" --num_workers "$(nproc)"

@@ -123,8 +123,8 @@ def _auto_note(args, stages, base):
     cap = getattr(args, 'max_micro_batch', 0) or 0
     grown = [s for s in stages if s.size < base]
     return [f'--stage_batch auto: micro-batch grown towards (base/B)^2 x {args.batch_size}'
-            f'{f" (at most {cap})" if cap else ""} with update_freq shrunk, so the global batch stays '
-            f'{args.batch_size * args.update_freq} images per GPU and update'
+            f'{f" (at most {cap})" if cap else ""} with update_freq shrunk, so each process still '
+            f'contributes {args.batch_size * args.update_freq} images per optimizer step'
             + ('' if any(s.update_freq < args.update_freq for s in grown) else
                f'; no growth possible: --update_freq {args.update_freq} leaves nothing to trade')]
 
@@ -143,10 +143,17 @@ def build_plan(args, size_multiple=16):
                                   f'--warmup_epochs {args.warmup_epochs:g}')
         plan.budget = args.epochs
         return plan
-    if args.curriculum == 'et':
-        return _build_et(args, base, size_multiple, 'fourier' if lowfreq == 'auto' else lowfreq)
-    if args.curriculum == 'etpp':
-        return _build_etpp(args, base, size_multiple, 'lanczos' if lowfreq == 'auto' else lowfreq)
+    if args.curriculum in ('et', 'etpp'):
+        if args.curriculum == 'et':
+            plan = _build_et(args, base, size_multiple, 'fourier' if lowfreq == 'auto' else lowfreq)
+        else:
+            plan = _build_etpp(args, base, size_multiple, 'lanczos' if lowfreq == 'auto' else lowfreq)
+        if plan.stages and plan.stages[-1].size < base:
+            # a tiny budget rounds the base-size segments away: say what the user then gets
+            plan.notes.append(f'no stage trains at the base size {base} (the last is at B={plan.stages[-1].size}): '
+                              f'the run ends with a test at {base} but writes no checkpoint-best.pth (only '
+                              f'base-size results compete); a larger --epochs reaches {base}')
+        return plan
     raise PlanError(f"unknown --curriculum {args.curriculum}: use none, et, etpp or --curriculum_file")
 
 
@@ -161,6 +168,14 @@ def _replay_for(args, recipe, b_pub, b, base):
     if times > 1 and b < base:
         return times, getattr(args, 'replay_buffer_size', 0)
     return 1, 0
+
+
+def _skipped_note(skipped, segments):
+    if not skipped:
+        return []
+    return [f'segment{"s" if len(skipped) > 1 else ""} {", ".join(skipped)} of {segments} '
+            f'round{"" if len(skipped) > 1 else "s"} to 0 data epochs and '
+            f'{"are" if len(skipped) > 1 else "is"} skipped: a larger --epochs trains every segment']
 
 
 def _build_etpp(args, base, multiple, lowfreq):
@@ -189,10 +204,7 @@ def _build_etpp(args, base, multiple, lowfreq):
             skipped.append(f'{k} (B={b})')
             continue
         stages.append(Stage(0, b, k, n, bs, uf, rt, buf))
-    if skipped:
-        notes.append(f'segment{"s" if len(skipped) > 1 else ""} {", ".join(skipped)} of {ETPP_SEGMENTS} '
-                     f'round{"" if len(skipped) > 1 else "s"} to 0 data epochs and '
-                     f'{"are" if len(skipped) > 1 else "is"} skipped: a larger --epochs trains every segment')
+    notes += _skipped_note(skipped, ETPP_SEGMENTS)
     _check_replay_update_freq(stages)
     notes += _auto_note(args, stages, base)
     plan = Plan(f'EfficientTrain++ (E={args.epochs:g})', stages, base, 'compute', lowfreq, notes=notes)
@@ -203,16 +215,19 @@ def _build_etpp(args, base, multiple, lowfreq):
 
 def _build_et(args, base, multiple, lowfreq):
     epochs = split_rounded([args.epochs / ET_SEGMENTS] * ET_SEGMENTS)
-    stages, notes, undoubled = [], [], []
+    stages, notes, undoubled, skipped = [], [], [], []
     for k, (b_pub, m, n) in enumerate(zip(ET_SIZES, ET_MAGNITUDES, epochs)):
         b = scaled_size(b_pub, base, multiple)
         bs, uf, r = stage_batches(args.batch_size, args.update_freq, 2 if b < base else 1)
-        if b < base and r == 1:
+        if b < base and r == 1 and n > 0:
             undoubled.append(str(k))
         bs, uf = grown_batches(args, b, base, bs, uf)
         rt, buf = _replay_for(args, _ET_RECIPE, b_pub, b, base)
         if n > 0:
             stages.append(Stage(0, b, m, n, bs, uf, rt, buf))
+        else:
+            skipped.append(f'{k} (B={b})')
+    notes += _skipped_note(skipped, ET_SEGMENTS)
     if undoubled:
         notes.append(f'segment{"s" if len(undoubled) > 1 else ""} {", ".join(undoubled)}: batch not doubled '
                      f'(--update_freq {args.update_freq} is odd); the global batch stays constant')

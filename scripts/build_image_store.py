@@ -35,14 +35,18 @@ from utils import atomic_write_text, fsync_directory  # noqa: E402
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--data_path', required=True, help='the training image folder (<root>/<class>/<image>)')
-    p.add_argument('--out', required=True, help='the store directory (created; may be an interrupted build)')
+    # required flags: SUPPRESS keeps '(default: None)' out of --help
+    p.add_argument('--data_path', required=True, default=argparse.SUPPRESS,
+                   help='the training image folder (<root>/<class>/<image>) (required)')
+    p.add_argument('--out', required=True, default=argparse.SUPPRESS,
+                   help='the store directory (created; may be an interrupted build) (required)')
     p.add_argument('--levels', default=','.join(map(str, store.DEFAULT_LEVELS)),
                    help='comma-separated reduction factors, among 2, 4, 8')
     p.add_argument('--quality', type=int, default=store.DEFAULT_QUALITY, help='JPEG quality of the copies (1-100)')
     p.add_argument('--subsampling', default='4:4:4', choices=sorted(store.SUBSAMPLING),
                    help='chroma subsampling of the copies')
-    p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='processes')
+    p.add_argument('--workers', type=int, default=os.cpu_count() or 1,
+                   help='processes (default: the CPU count, %(default)s here)')
     args = p.parse_args(argv)
     try:
         args.levels = store.check_levels(args.levels.split(','))

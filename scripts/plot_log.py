@@ -133,16 +133,18 @@ def cli(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('output_dir', metavar='OUT_DIR', help="a training run's --output_dir (holds log.txt)")
-    p.add_argument('--out', default=None, help='the PNG to write (default: OUT_DIR/curves.png)')
+    # SUPPRESS: no '(default: None)' after the default the help states
+    p.add_argument('--out', default=argparse.SUPPRESS, help='the PNG to write (default: OUT_DIR/curves.png)',
+                   metavar='FILE')
     p.add_argument('--dpi', default=80, type=int, help='resolution of the PNG')
     args = p.parse_args(argv)
     try:
-        png = plot(args.output_dir, args.out, args.dpi)
+        png = plot(args.output_dir, getattr(args, 'out', None), args.dpi)
     except PlotError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         return 2
     except OSError as e:
-        print(f'error: cannot write {args.out or "the PNG"} ({e.strerror or e})', file=sys.stderr, flush=True)
+        print(f'error: cannot write {getattr(args, "out", None) or "the PNG"} ({e.strerror or e})', file=sys.stderr, flush=True)
         return 2
     print(f'wrote {png}')
     return 0

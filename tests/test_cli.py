@@ -89,9 +89,55 @@ def test_helper_scripts_list_their_own_options_first(capsys):
     assert out.count('(default:') >= 6 and 'main.py --help' in out
 
 
+@pytest.mark.parametrize('script', ['bench_step', 'bench_e2e'])
+def test_benchmark_scripts_help_their_own_options(script, capsys):
+    # their own flags come first, each with help and its default; main.py's go to its parser
+    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+    mod = __import__(script)
+    with pytest.raises(SystemExit):
+        mod.parse(['--help'])
+    out = capsys.readouterr().out
+    options = out.split('options:', 1)[1]
+    own = re.findall(r'^  (--\w+)', options, re.M)
+    assert own and '--lr' not in out and 'main.py --help' in out
+    for flag in own:
+        entry = options.split(flag, 1)[1].split('\n  --', 1)[0]
+        assert 'default' in entry, f'{script} {flag}: no default shown'
+    assert "leaves torch's default" not in out  # main.py's --cudnn_benchmark is true now
+
+
 # ---------------------------------------------------------------------------
 # one-line errors
 # ---------------------------------------------------------------------------
+
+def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path):
+    # as from a terminal: SIGINT at its default; it arrives while torch is still being
+    # imported (or, on a slow machine, later, where training's own handling answers)
+    import signal
+    import subprocess
+    cmd = [sys.executable, os.path.join(ROOT, 'main.py')] + ETPP + ['--output_dir', str(tmp_path / 'run')]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        import time
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert p.returncode == 130, err
+    assert len(lines) == 1 and 'Traceback' not in err and 'KeyboardInterrupt' not in err, err
+
+
+def test_directory_as_checkpoint_is_named_as_one(capsys, tmp_path):
+    (tmp_path / 'checkpoint-3.pth').write_bytes(b'')
+    err = one_line_error(EVAL + ['--resume', str(tmp_path)], capsys)
+    assert 'is a directory (it holds checkpoint-3.pth)' in err and 'does not exist' not in err
+
 
 def test_bad_device_is_one_line(capsys):
     err = one_line_error(EVAL + ['--device', 'cpuu', '--resume', 'x.pth'], capsys)
@@ -201,6 +247,17 @@ def test_plan_table_for_a_small_budget():
     fast = plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '2', '--base_input_size', '64',
                       '--data_pipeline', 'fast'])
     assert 'bicubic resize' in main_mod.plan_text(fast, build_plan(fast), torch.device('cpu'), 1)
+    assert not [n for n in notes if 'no stage trains at the base size' in n]
+    # a budget so small that every base-size segment rounds away: the plan says what is missing
+    tiny = plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '1', '--base_input_size', '64'])
+    tiny_plan = build_plan(tiny)
+    assert tiny_plan.stages[-1].size < 64
+    assert [n for n in tiny_plan.notes if 'no stage trains at the base size 64' in n and 'checkpoint-best' in n]
+    et = build_plan(plan_args(['--model', 'test_convnext', '--curriculum', 'et', '--epochs', '3',
+                               '--base_input_size', '64']))
+    assert len(et.stages) == 3
+    assert [n for n in et.notes if n.startswith('segments 1 (B=48), 3 (B=48) of 5 round to 0 data epochs')]
+    assert [n for n in et.notes if n.startswith('segments 0, 2: batch not doubled')]  # the kept ones only
 
 
 def test_plan_table_compares_with_the_papers_baseline_only_for_its_settings():
@@ -241,3 +298,13 @@ def test_plot_log_draws_a_real_run(etpp_run, tmp_path, capsys):
     assert all(v is not None for v in s['test_ema_acc1'])
     assert plot_log.cli([str(tmp_path / 'nothing')]) == 2
     assert 'log.txt does not exist' in capsys.readouterr().err
+    # without --out, an unwritable curves.png is one line too
+    blocked = tmp_path / 'blocked'
+    os.makedirs(blocked / 'curves.png')
+    with open(os.path.join(etpp_run, 'log.txt')) as f, open(blocked / 'log.txt', 'w') as g:
+        g.write(f.read())
+    assert plot_log.cli([str(blocked)]) == 2
+    assert capsys.readouterr().err.strip() == 'error: cannot write the PNG (Is a directory)'
+    with pytest.raises(SystemExit):
+        plot_log.cli(['--help'])
+    assert 'None' not in capsys.readouterr().out

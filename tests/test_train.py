@@ -111,7 +111,9 @@ def test_rerun_of_finished_run_does_nothing(trained, capsys):
     before = read_log(trained)
     run_main(TINY + ['--epochs', '4', '--output_dir', trained])
     assert read_log(trained) == before
-    assert 'continuing at epoch 4' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'continuing at epoch 4' in out
+    assert 'Nothing left to train: all 4 data epochs of the plan are done' in out and 'Start training' not in out
 
 
 def test_finetune_drops_mismatched_head(trained, tmp_path, capsys):
