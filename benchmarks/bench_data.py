@@ -19,6 +19,7 @@ import argparse
 import atexit
 import json
 import contextlib
+import os
 import shutil
 import statistics
 import tempfile
@@ -73,6 +74,8 @@ def parse(argv=None):
                    help='gpu pipelines: a benchmarks/bench_step.py --json result; the device half is then shown '
                         'as a share of the training step at each B (its images/s, scaled to the same batch)')
     own, rest = p.parse_known_args(argv)
+    if not os.path.isdir(own.data_path):
+        p.error(f'--data_path {own.data_path} is not a folder: pass an ImageFolder tree (class folders of images)')
     for name in own.pipelines.split(','):
         if name not in PIPELINES:
             p.error(f'unknown pipeline {name}: choose from {", ".join(PIPELINES)}')
