@@ -423,7 +423,31 @@ class StageBatchSampler(Sampler):
 # then joins them: a worker ignoring SIGTERM at that point hangs the exit forever (it
 # happened after a data error in a worker). atexit runs handlers last-registered first,
 # so this one sets the flag before that handler terminates the workers.
-_LEAVING = multiprocessing.get_context().Event()
+class SharedFlag:
+    """A bool shared with forked or spawned children, read without any lock.
+
+    The workers read it inside their SIGTERM handler.  A multiprocessing.Event would take its
+    cross-process lock there, and a second SIGTERM arriving while the handler holds it (a
+    scheduler signalling every process, then torchrun signalling each worker's process group)
+    re-enters the handler, which then waits forever on its own lock: the worker never ends,
+    and the training process blocks in release_workers() on the lock that worker holds.
+    One byte of shared memory (multiprocessing.RawValue) is read and written atomically.
+    """
+
+    def __init__(self):
+        self._value = multiprocessing.get_context().RawValue('b', 0)
+
+    def set(self):
+        self._value.value = 1
+
+    def clear(self):
+        self._value.value = 0
+
+    def is_set(self):
+        return bool(self._value.value)
+
+
+_LEAVING = SharedFlag()
 atexit.register(_LEAVING.set)
 
 

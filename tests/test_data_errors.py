@@ -161,6 +161,59 @@ def test_worker_sigterm_policy():
         del it
 
 
+def _reentered_worker(leaving, rounds):
+    """A loader worker whose SIGTERM handler gets a second SIGTERM at every step it takes (a
+    scheduler's signal, then torchrun's to the worker's process group, while the first is handled)."""
+    import datasets
+    datasets._worker_init(0, leaving)
+    handler = signal.getsignal(signal.SIGTERM)
+    state = {'depth': 0, 'sent': 0}
+
+    def each_step(frame, event, arg):
+        if state['depth'] == 1 and state['sent'] < rounds:
+            state['sent'] += 1
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once, inside the outer handler
+
+    def traced(signum, frame):
+        state['depth'] += 1
+        previous = sys.getprofile()
+        sys.setprofile(each_step if state['depth'] == 1 else None)
+        try:
+            handler(signum, frame)
+        finally:
+            sys.setprofile(previous)
+            state['depth'] -= 1
+
+    signal.signal(signal.SIGTERM, traced)
+    os.kill(os.getpid(), signal.SIGTERM)
+    os._exit(7 if state['sent'] else 8)  # 7: the handler came back although re-entered
+
+
+def test_worker_sigterm_handler_survives_a_second_sigterm_inside_it():
+    """The worker's SIGTERM handler re-entered at each of its steps still returns, and the parent can
+    then release its workers (a lock taken in the handler deadlocked both: reproduced with
+    multiprocessing.Event)."""
+    import multiprocessing
+    import threading
+
+    import datasets
+    leaving = datasets.SharedFlag()  # not the module's flag: a deadlock must not reach this process's exit
+    p = multiprocessing.get_context('fork').Process(target=_reentered_worker, args=(leaving, 200), daemon=True)
+    p.start()
+    p.join(30)
+    try:
+        assert p.exitcode == 7, f'worker stuck in its SIGTERM handler (exit code {p.exitcode})'
+    finally:
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+    releasing = threading.Thread(target=leaving.set, daemon=True)
+    releasing.start()
+    releasing.join(10)
+    assert not releasing.is_alive(), 'release_workers blocked'
+    assert leaving.is_set()
+
+
 def test_bad_image_on_one_rank_ends_every_rank_under_torchrun(tmp_path):
     """gloo, 2 processes: the rank that reads the file prints the one line and exits 2; torchrun
     then ends the other rank (blocked in, or failing out of, a collective) and reports rank failure."""
