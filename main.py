@@ -269,6 +269,10 @@ def get_args_parser(add_help=True, prog=None):
 
     dist.add_argument('--dist_eval', default=True, **BOOL,
                       help='split evaluation among the processes (else every process evaluates everything)')
+    dist.add_argument('--dist_timeout', default=30.0, type=float,
+                      help='minutes a process waits in a collective for the others (a peer gone on another node, '
+                           'or a hang) before it fails and the launcher ends the run; allow for rank 0 writing a '
+                           'checkpoint alone')
 
     perf.add_argument('--use_amp', default=False, **BOOL, help='mixed precision (autocast)')
     perf.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'],

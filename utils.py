@@ -94,9 +94,14 @@ def init_distributed_mode(args):
         torch.cuda.set_device(args.gpu)
         args.device = f'cuda:{args.gpu}'
     args.dist_backend = 'nccl' if use_cuda else 'gloo'
+    # every collective fails after this long instead of waiting on a peer that will never
+    # come (torchrun ends its other workers only when one of them exits)
+    minutes = getattr(args, 'dist_timeout', 30.0)
+    if not minutes > 0:
+        raise UserError(f'--dist_timeout {minutes} must be a positive number of minutes (default 30)')
     dist.init_process_group(backend=args.dist_backend, init_method='env://',
                             world_size=args.world_size, rank=args.rank,
-                            timeout=datetime.timedelta(minutes=30))
+                            timeout=datetime.timedelta(minutes=minutes))
     dist.barrier()
     setup_for_distributed(args.rank == 0)
 

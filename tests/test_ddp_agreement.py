@@ -148,3 +148,23 @@ def test_a_full_epoch_with_periodic_saves_issues_the_same_collectives(tmp_path):
 def engine_stop_check():
     import engine
     return engine.STOP_CHECK_STEPS
+
+
+def test_dist_timeout_reaches_the_process_group(monkeypatch):
+    import datetime
+
+    import main as main_mod
+    import utils
+    seen = {}
+    monkeypatch.setattr(torch.distributed, 'init_process_group', lambda **kw: seen.update(kw))
+    monkeypatch.setattr(torch.distributed, 'barrier', lambda *a, **k: None)
+    monkeypatch.setattr(utils, 'setup_for_distributed', lambda is_master: None)
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    for argv, minutes in (([], 30), (['--dist_timeout', '2.5'], 2.5)):
+        args = main_mod.get_args_parser().parse_args(['--device', 'cpu'] + argv)
+        utils.init_distributed_mode(args)
+        assert seen['timeout'] == datetime.timedelta(minutes=minutes) and seen['backend'] == 'gloo'
+    args = main_mod.get_args_parser().parse_args(['--device', 'cpu', '--dist_timeout', '0'])
+    with pytest.raises(utils.UserError, match='--dist_timeout'):
+        utils.init_distributed_mode(args)
