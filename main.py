@@ -1174,6 +1174,14 @@ def evaluate_stage(args, eval_loader, model, model_ema, device, amp_dtype, world
         # --model_ema_force_cpu keeps the average (and so its evaluation) on the CPU
         ema_device = next(model_ema.module.parameters()).device
         ema_stats = evaluate(eval_loader, model_ema.module, ema_device, amp_dtype, reduce, header='Test EMA:')
+    if world > 1 and not reduce:
+        # Every rank evaluated everything, and on GPUs their numbers can differ in the last
+        # image (cuDNN picks its kernels per process).  The decisions taken from them must not:
+        # a best checkpoint is written with collectives (its gathers), so a rank deciding
+        # otherwise would wait in them forever.  Rank 0's numbers count, as with one process.
+        box = [(test_stats, ema_stats)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        test_stats, ema_stats = box[0]
     return test_stats, ema_stats
 
 

@@ -168,3 +168,39 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
     args = main_mod.get_args_parser().parse_args(['--device', 'cpu', '--dist_timeout', '0'])
     with pytest.raises(utils.UserError, match='--dist_timeout'):
         utils.init_distributed_mode(args)
+
+
+def _eval_rank(rank, world, store_path, out_path, reduce):
+    import datetime
+
+    import torch.distributed as dist
+
+    import main as main_mod
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{store_path}', rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    # every rank evaluated everything and one image came out differently on rank 1 (GPU kernels)
+    main_mod.evaluate = lambda *a, **k: {'acc1': 50.0 + rank, 'acc5': 100.0, 'loss': 1.0, 'num_images': 16}
+
+    class Args:
+        dist_eval = reduce
+        model_ema_eval = False
+    test_stats, _ = main_mod.evaluate_stage(Args(), None, None, None, torch.device('cpu'), None, world)
+    with open(out_path, 'w') as f:
+        json.dump(test_stats, f)
+    os._exit(0)
+
+
+def test_without_dist_eval_every_rank_takes_rank0s_accuracy(tmp_path):
+    """--dist_eval false: the best-checkpoint decision (written with collectives) is the same on every rank."""
+    ctx = multiprocessing.get_context('fork')
+    outs = [str(tmp_path / f'rank{r}.json') for r in range(2)]
+    procs = [ctx.Process(target=_eval_rank, args=(r, 2, str(tmp_path / 'store'), outs[r], False)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        if p.exitcode is None:
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert [json.load(open(o))['acc1'] for o in outs] == [50.0, 50.0]
