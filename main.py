@@ -1177,8 +1177,8 @@ def evaluate_stage(args, eval_loader, model, model_ema, device, amp_dtype, world
     if world > 1 and not reduce:
         # Every rank evaluated everything, and on GPUs their numbers can differ in the last
         # image (cuDNN picks its kernels per process).  The decisions taken from them must not:
-        # a best checkpoint is written with collectives (its gathers), so a rank deciding
-        # otherwise would wait in them forever.  Rank 0's numbers count, as with one process.
+        # a best checkpoint is written with collectives (its gathers), and a rank deciding
+        # otherwise would hang in them (or meet another collective).  Rank 0's numbers count.
         box = [(test_stats, ema_stats)]
         torch.distributed.broadcast_object_list(box, src=0)
         test_stats, ema_stats = box[0]
