@@ -219,7 +219,7 @@ class TrainStep:
         else:
             with torch.no_grad():
                 for p in params:
-                    p.grad.copy_(torch.where(ok, p.grad, torch.zeros_like(p.grad)))
+                    p.grad.copy_(torch.where(ok, p.grad, 0.0))
                 if self._snapshot is None or len(self._snapshot) != len(params):
                     self._snapshot = [torch.empty_like(p) for p in params]
                 torch._foreach_copy_(self._snapshot, [p.detach() for p in params])

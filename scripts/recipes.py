@@ -212,6 +212,19 @@ def _fmt(x: float) -> str:
     return f'{x:g}'
 
 
+def _finish(args: List[str], flags, data_path: Optional[str], output_dir: Optional[str],
+            extra: Sequence[str]) -> List[str]:
+    """A recipe's own flags (its table entry's (flag, value) pairs) before the other arguments,
+    the paths if given, and the caller's extra arguments last (they win in argparse)."""
+    for flag, value in flags:
+        args = args + [flag, value]
+    if data_path:
+        args = args + ['--data_path', data_path]
+    if output_dir:
+        args = args + ['--output_dir', output_dir]
+    return args + list(extra)
+
+
 def main_args(model: str, variant: str = 'etpp', budget: Optional[int] = None, world: int = PUBLISHED_GPUS,
               data_path: Optional[str] = None, output_dir: Optional[str] = None, replay: bool = False,
               batch: Optional[int] = None, extra: Sequence[str] = ()) -> List[str]:
@@ -237,15 +250,8 @@ def main_args(model: str, variant: str = 'etpp', budget: Optional[int] = None, w
             '--batch_size', str(b), '--update_freq', str(uf),
             '--lr', _fmt(r.lr), '--weight_decay', _fmt(r.weight_decay),
             '--warmup_epochs', str(WARMUP_EPOCHS), '--drop_path', _fmt(drop_path(r, variant, budget))]
-    for flag, value in r.flags:
-        args += [flag, value]
-    if replay:
-        args += ['--replay_preset', 'true']
-    if data_path:
-        args += ['--data_path', data_path]
-    if output_dir:
-        args += ['--output_dir', output_dir]
-    return args + list(extra)
+    flags = list(r.flags) + ([('--replay_preset', 'true')] if replay else [])
+    return _finish(args, flags, data_path, output_dir, extra)
 
 
 def in22k_drop_path(r: Pretrain22k, variant: str, budget: int) -> float:
@@ -277,13 +283,7 @@ def in22k_args(model: str, variant: str = 'etpp', budget: Optional[int] = None, 
             '--baseline_epochs', str(r.epochs), '--batch_size', str(b), '--update_freq', str(uf),
             '--lr', _fmt(r.lr), '--weight_decay', _fmt(r.weight_decay), '--warmup_epochs', str(r.warmup),
             '--drop_path', _fmt(in22k_drop_path(r, variant, budget)), '--disable_eval', 'true']
-    for flag, value in r.flags:
-        args += [flag, value]
-    if data_path:
-        args += ['--data_path', data_path]
-    if output_dir:
-        args += ['--output_dir', output_dir]
-    return args + list(extra)
+    return _finish(args, r.flags, data_path, output_dir, extra)
 
 
 def finetune_args(model: str, size: int, checkpoint: str, world: int = PUBLISHED_GPUS,
@@ -300,13 +300,7 @@ def finetune_args(model: str, size: int, checkpoint: str, world: int = PUBLISHED
     args = ['--model', model, '--finetune', checkpoint, '--input_size', str(size), '--curriculum', 'none',
             '--epochs', str(r.epochs), '--batch_size', str(b), '--update_freq', str(uf), '--lr', _fmt(r.lr),
             '--weight_decay', _fmt(r.weight_decay), '--drop_path', _fmt(r.drop_path)]
-    for flag, value in r.flags:
-        args += [flag, value]
-    if data_path:
-        args += ['--data_path', data_path]
-    if output_dir:
-        args += ['--output_dir', output_dir]
-    return args + list(extra)
+    return _finish(args, r.flags, data_path, output_dir, extra)
 
 
 def eval_args(model: str, checkpoint: str, data_path: Optional[str] = None, ema: bool = False,

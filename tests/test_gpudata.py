@@ -45,12 +45,8 @@ MIN_MEDIAN_PSNR = 36.0
 MIN_P5_PSNR = 30.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors on 2 shared cores: one intra-op thread (conftest's fixture)
+pytestmark = pytest.mark.usefixtures('one_intra_op_thread')
 
 
 def _jpeg(rng, h, w):
