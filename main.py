@@ -41,8 +41,8 @@ from curriculum import PlanError, build_plan
 from curriculum.adapt import adapt_model, check_input_size, size_multiple
 from curriculum.lowfreq import FourierCrop
 from curriculum.replay import ReplayBuffer, history
-import datasets
-from datasets import build_base_datasets, build_eval_loader, build_train_loader
+from pipelines import datasets
+from pipelines.datasets import build_base_datasets, build_eval_loader, build_train_loader
 from engine import TrainingDiverged, TrainStep, evaluate, train_one_epoch
 from models import create_model
 from models.checkpoint_compat import load_into
@@ -788,11 +788,11 @@ def build_device_transform(args, device, rank=0, world=1, dataset=None):
         return None
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     if args.data_pipeline == 'gpu':
-        from curriculum.gpudata import GpuDataTransform
+        from pipelines.gpudata import GpuDataTransform
         fill = tuple(min(255, round(255 * m)) for m in IMAGENET_DEFAULT_MEAN)  # timm's RandAugment fill
         return GpuDataTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_mode=args.remode,
                                 channels_last=args.channels_last, fill=fill, dataset=dataset).to(device)
-    from curriculum.fastpath import DeviceTransform
+    from pipelines.fastpath import DeviceTransform
     return DeviceTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=args.reprob, re_mode=args.remode,
                            re_count=args.recount, channels_last=args.channels_last, seed=args.seed, rank=rank,
                            world=world).to(device)
@@ -901,7 +901,7 @@ def train(args):
     epoch_loader = train_loader
     if args.data_pipeline == 'gpu' and (args.gpu_prefetch == 'true' or
                                         (args.gpu_prefetch == 'auto' and device.type == 'cuda')):
-        from curriculum.gpudata import DevicePrefetcher
+        from pipelines.gpudata import DevicePrefetcher
         epoch_loader = DevicePrefetcher(train_loader, device_transform, device)
     per_rank = len(batch_sampler.sampler)
     log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None

@@ -30,7 +30,7 @@ from common import report, DEFAULT_DATA, host_info, plan_for, train_args  # firs
 import torch  # noqa: E402
 from torchvision import datasets as tv_datasets  # noqa: E402
 
-import datasets  # noqa: E402
+from pipelines import datasets  # noqa: E402
 from scripts import build_image_store  # noqa: E402
 
 PIPELINES = ('published', 'fast', 'fast-store', 'fast-nodraft', 'decode', 'gpu', 'gpu-store')
@@ -218,7 +218,7 @@ def measure_device(own, rest, folder, pipeline, image_store):
     """
     import main as main_mod
     import torch.nn.functional as F
-    from curriculum.gpudata import G_BH, G_BW, G_LEFT, G_TOP
+    from pipelines.gpudata import G_BH, G_BW, G_LEFT, G_TOP
     batch = min(own.device_batch, len(folder))
     plan, loader, bs = training_loader(rest, folder, pipeline, batch, image_store)
     args = train_args(rest + ['--data_pipeline', 'gpu'])

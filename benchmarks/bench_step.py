@@ -51,7 +51,7 @@ from timm.utils import ModelEmaV3  # noqa: E402
 import main as main_mod  # noqa: E402
 import utils  # noqa: E402
 from curriculum.adapt import adapt_model  # noqa: E402
-from curriculum.fastpath import DeviceTransform  # noqa: E402
+from pipelines.fastpath import DeviceTransform  # noqa: E402
 from curriculum.lowfreq import FourierCrop, fourier_crop  # noqa: E402
 from engine import TrainStep, train_one_epoch  # noqa: E402
 from models import create_model  # noqa: E402

@@ -28,7 +28,7 @@ if ROOT not in sys.path:
 
 from torchvision import datasets as tv_datasets  # noqa: E402
 
-from curriculum import store  # noqa: E402
+from pipelines import store  # noqa: E402
 from utils import atomic_write_text, fsync_directory  # noqa: E402
 
 

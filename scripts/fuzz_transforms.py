@@ -27,7 +27,7 @@ from PIL import Image  # noqa: E402
 import main as main_mod  # noqa: E402
 from curriculum import build_plan  # noqa: E402
 from curriculum.presets import ETPP_RECIPES  # noqa: E402
-from datasets import IMG_EXTENSIONS, train_transform  # noqa: E402
+from pipelines.datasets import IMG_EXTENSIONS, train_transform  # noqa: E402
 
 
 def odd_images(seed=0):

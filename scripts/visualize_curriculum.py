@@ -27,7 +27,7 @@ from torchvision import transforms  # noqa: E402
 import main as train_main  # noqa: E402
 import utils  # noqa: E402
 from curriculum.lowfreq import LanczosResize, fourier_crop  # noqa: E402
-from datasets import IMG_EXTENSIONS, eval_transform, seeded, train_transform  # noqa: E402
+from pipelines.datasets import IMG_EXTENSIONS, eval_transform, seeded, train_transform  # noqa: E402
 from models import create_model  # noqa: E402
 from utils import UserError, str2bool  # noqa: E402
 

@@ -207,7 +207,7 @@ def test_checkpoints_config_and_store_copies_follow_the_umask(etpp_run, tmp_path
         utils.atomic_save({'a': torch.ones(1)}, str(tmp_path / 'c.pth'))
         utils.atomic_write_text(str(tmp_path / 'c.json'), '{}')
         from PIL import Image
-        from curriculum import store
+        from pipelines import store
         Image.new('RGB', (16, 12), (10, 200, 30)).save(tmp_path / 'src.jpg')
         os.makedirs(tmp_path / 'store' / store.TMP_DIR)
         res = store.write_copies(str(tmp_path / 'src.jpg'), 'a/src.jpg', str(tmp_path / 'store'), (2,), 95, '4:4:4')

@@ -142,7 +142,7 @@ def test_worker_sigterm_policy():
     on it once the run is leaving: checked in the worker of a real DataLoader."""
     import functools
 
-    import datasets
+    from pipelines import datasets
     datasets.hold_workers()
     loader = torch.utils.data.DataLoader(_SigtermProbe(), batch_size=1, num_workers=1,
                                          worker_init_fn=functools.partial(datasets._worker_init,
@@ -164,7 +164,7 @@ def test_worker_sigterm_policy():
 def _reentered_worker(leaving, rounds):
     """A loader worker whose SIGTERM handler gets a second SIGTERM at every step it takes (a
     scheduler's signal, then torchrun's to the worker's process group, while the first is handled)."""
-    import datasets
+    from pipelines import datasets
     datasets._worker_init(0, leaving)
     handler = signal.getsignal(signal.SIGTERM)
     state = {'depth': 0, 'sent': 0}
@@ -196,7 +196,7 @@ def test_worker_sigterm_handler_survives_a_second_sigterm_inside_it():
     import multiprocessing
     import threading
 
-    import datasets
+    from pipelines import datasets
     leaving = datasets.SharedFlag()  # not the module's flag: a deadlock must not reach this process's exit
     p = multiprocessing.get_context('fork').Process(target=_reentered_worker, args=(leaving, 200), daemon=True)
     p.start()

@@ -19,10 +19,10 @@ from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, AugmentOp
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
-import datasets  # noqa: F401  (patches timm's posterize before any op is built)
+from pipelines import datasets  # noqa: F401  (patches timm's posterize before any op is built)
 import main as main_mod
 from curriculum import build_plan
-from curriculum.fastpath import (BatchRandomErasing, DeviceTransform, DraftRandomResizedCrop, LazyImageFolder,
+from pipelines.fastpath import (BatchRandomErasing, DeviceTransform, DraftRandomResizedCrop, LazyImageFolder,
                                  ToUint8HWC)
 from curriculum.lowfreq import LanczosResize, fourier_crop
 

@@ -20,7 +20,7 @@ from timm.models import build_model_with_cfg, swin_transformer, vision_transform
 import main as main_mod
 from tiny_models import _registered
 from curriculum.adapt import adapt_model
-from datasets import eval_transform
+from pipelines.datasets import eval_transform
 from models import create_model
 from models.cswin import CSWinTransformer
 from utils import load_checkpoint_file

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-import datasets  # noqa: F401  (installs the posterize fix into timm's op table, as training does)
-from curriculum import gpu_randaug as G
+from pipelines import datasets  # noqa: F401  (installs the posterize fix into timm's op table, as training does)
+from pipelines import gpu_randaug as G
 from timm.data import auto_augment as timm_aa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

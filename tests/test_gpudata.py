@@ -19,11 +19,11 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import datasets as tvd
 
-import datasets
+from pipelines import datasets
 import main as main_mod
 from curriculum import build_plan
-from curriculum.fastpath import DRAFT_MARGIN, DraftRandomResizedCrop, _draft_scale
-from curriculum.gpudata import (FILTERS, G_BH, G_BW, G_FLIP, G_LEFT, G_TOP, EncodedBatch, GpuDataTransform,
+from pipelines.fastpath import DRAFT_MARGIN, DraftRandomResizedCrop, _draft_scale
+from pipelines.gpudata import (FILTERS, G_BH, G_BW, G_FLIP, G_LEFT, G_TOP, EncodedBatch, GpuDataTransform,
                                 GpuSampleTransform, resample_weights)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,7 +259,7 @@ def test_image_store_copies_are_read_when_the_crop_allows(folder, tmp_path):
 
 def test_prefetcher_gives_the_same_batches_and_stops_cleanly(folder, odd_folder):
     import threading
-    from curriculum.gpudata import DevicePrefetcher, PreparedBatch
+    from pipelines.gpudata import DevicePrefetcher, PreparedBatch
     a, plan, loader, bs = _loader(folder, 'gpu', ['--reprob', '0.5'])
     dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
     direct = [(dt(x), y) for x, y in loader]
@@ -420,7 +420,7 @@ def test_tiny_training_run_with_fourier_crop(folder, tmp_path):
 
 def test_decoder_deprecation_warning_is_filtered_and_nothing_else(folder):
     import warnings
-    from curriculum.gpudata import decode_jpegs
+    from pipelines.gpudata import decode_jpegs
     path = os.path.join(folder, 'c0', '0.jpg')
     payload = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
     with warnings.catch_warnings(record=True) as caught:
@@ -433,7 +433,7 @@ def test_decoder_deprecation_warning_is_filtered_and_nothing_else(folder):
 
 
 def test_chunks_bound_images_and_pixels():
-    from curriculum.gpudata import G_COLS
+    from pipelines.gpudata import G_COLS
     dt = GpuDataTransform(
         IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, chunk=4, chunk_pixels=4 * 108 * 108)
     geom = torch.zeros(11, G_COLS, dtype=torch.float64)
@@ -449,7 +449,7 @@ def test_chunks_bound_images_and_pixels():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (nvJPEG decoding, streams)')
 def test_cuda_device_half_matches_the_cpu_one_and_prefetches(folder, odd_folder):
-    from curriculum.gpudata import DevicePrefetcher
+    from pipelines.gpudata import DevicePrefetcher
     cuda = torch.device('cuda')
     # without RandAugment: its threshold ops would turn one grey level of decoder difference into contours
     a, plan, loader, bs = _loader(folder, 'gpu', ['--reprob', '0', '--aa', 'none', '--color_jitter', '0'])
@@ -472,7 +472,7 @@ def test_cuda_device_half_matches_the_cpu_one_and_prefetches(folder, odd_folder)
 
 
 def test_decoder_failures_are_found_by_bisection(monkeypatch):
-    import curriculum.gpudata as gd
+    import pipelines.gpudata as gd
     calls = []
 
     def fake(payloads, device):
@@ -490,7 +490,7 @@ def test_decoder_failures_are_found_by_bisection(monkeypatch):
 
 def test_prefetcher_starts_its_loader_when_iterated_not_at_the_first_batch():
     """iter() starts the loader's workers at once (train_one_epoch warms up new shapes meanwhile)."""
-    from curriculum.gpudata import DevicePrefetcher
+    from pipelines.gpudata import DevicePrefetcher
     started = []
 
     class Loader:

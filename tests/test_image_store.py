@@ -9,11 +9,12 @@ import torch
 from PIL import Image
 from torchvision import datasets as tv_datasets
 
-import datasets
+from pipelines import datasets
 import main as main_mod
-from curriculum import build_plan, store as store_mod
-from curriculum.fastpath import DraftRandomResizedCrop, LazyImageFolder
-from curriculum.store import ImageStore, StoredCopies, reduced_size
+from curriculum import build_plan
+from pipelines import store as store_mod
+from pipelines.fastpath import DraftRandomResizedCrop, LazyImageFolder
+from pipelines.store import ImageStore, StoredCopies, reduced_size
 from scripts import build_image_store
 from test_fastpath import MIN_MEAN_PSNR, MIN_P5_PSNR, SAMPLES, jpeg_paths, natural_image, psnr, published_at
 from utils import UserError

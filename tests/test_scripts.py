@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import main as main_mod
 from curriculum import build_plan
-from datasets import SynthDataset, eval_transform
+from pipelines.datasets import SynthDataset, eval_transform
 from models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import main as main_mod
-from datasets import SynthDataset, eval_transform
+from pipelines.datasets import SynthDataset, eval_transform
 from models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

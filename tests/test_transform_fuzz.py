@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets  # noqa: F401  (installs the posterize fix before any policy is built)
+from pipelines import datasets  # noqa: F401  (installs the posterize fix before any policy is built)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
@@ -37,7 +37,7 @@ def test_every_preset_transform_on_awkward_and_real_images():
 @pytest.mark.skipif(not os.path.isdir(SAMPLES), reason='../shared/data/imagenet-samples not present')
 def test_strongest_stage_many_draws_on_real_photos():
     from curriculum import build_plan
-    from datasets import train_transform
+    from pipelines.datasets import train_transform
     import main as main_mod
     args = main_mod.get_args_parser().parse_args(['--model', 'resnet50', '--curriculum', 'etpp', '--epochs', '200'])
     last = build_plan(args).stages[-1]

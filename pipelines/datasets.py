@@ -220,14 +220,14 @@ def train_transform(args, size, magnitude, lowfreq):
     if getattr(args, 'data_pipeline', 'published') == 'gpu':
         # the worker draws the same crop, flip and augmentation parameters and reads the
         # file's bytes; decoding and every pixel operation run on the device (curriculum/gpudata.py)
-        from curriculum.gpudata import gpu_train_transform
+        from pipelines.gpudata import gpu_train_transform
         return gpu_train_transform(size, size if lowfreq == 'none' else args.base_input_size, lowfreq, kw,
                                    aa=None if aa in (None, '', 'none') else aa, re_prob=args.reprob,
                                    re_count=args.recount)
     if getattr(args, 'data_pipeline', 'published') == 'fast':
         # same crop, flip and augmentation, done at the output size; uint8 out, and the
         # normalisation and random erasing happen on the device (curriculum/fastpath.py)
-        from curriculum.fastpath import fast_train_transform
+        from pipelines.fastpath import fast_train_transform
         return fast_train_transform(size, size if lowfreq == 'none' else args.base_input_size, lowfreq, kw)
     if lowfreq == 'none':
         return create_transform(size, **kw)
@@ -505,15 +505,15 @@ def build_train_loader(args, train_base, plan, rank, world):
     if fast and isinstance(train_base, tv_datasets.ImageFolder):
         # the fast path picks the crop and the JPEG decoding scale before decoding; the gpu
         # path picks every parameter and reads the file's bytes (decoded on the device)
-        from curriculum.fastpath import LazyImageFolder
+        from pipelines.fastpath import LazyImageFolder
         if pipeline == 'gpu':
-            from curriculum.gpudata import EncodedCollate, EncodedImageFolder
+            from pipelines.gpudata import EncodedCollate, EncodedImageFolder
             train_base = EncodedImageFolder(train_base)
             collate = EncodedCollate(train_base.cpu_decoded)
         else:
             train_base = LazyImageFolder(train_base)
         if store_root:
-            from curriculum.store import ImageStore, StoreError
+            from pipelines.store import ImageStore, StoreError
             try:
                 train_base.store = ImageStore.open(store_root, train_base.root, train_base.relpaths())
             except StoreError as e:
