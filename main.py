@@ -32,7 +32,7 @@ if __name__ == '__main__' and signal.getsignal(signal.SIGINT) is signal.default_
     signal.signal(signal.SIGINT, _interrupted_while_starting)  # cli() puts Python's handler back
 
 import torch
-from timm.data import Mixup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
@@ -43,6 +43,8 @@ from curriculum.lowfreq import FourierCrop
 from curriculum.replay import ReplayBuffer, history
 from pipelines import datasets
 from pipelines.datasets import build_base_datasets, build_eval_loader, build_train_loader
+from pipelines.fastpath import DeviceTransform
+from pipelines.gpudata import DevicePrefetcher, GpuDataTransform
 from engine import TrainingDiverged, TrainStep, evaluate, train_one_epoch
 from models import create_model
 from models.checkpoint_compat import load_into
@@ -786,13 +788,10 @@ def build_device_transform(args, device, rank=0, world=1, dataset=None):
     """
     if args.data_pipeline not in ('fast', 'gpu'):
         return None
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     if args.data_pipeline == 'gpu':
-        from pipelines.gpudata import GpuDataTransform
         fill = tuple(min(255, round(255 * m)) for m in IMAGENET_DEFAULT_MEAN)  # timm's RandAugment fill
         return GpuDataTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_mode=args.remode,
                                 channels_last=args.channels_last, fill=fill, dataset=dataset).to(device)
-    from pipelines.fastpath import DeviceTransform
     return DeviceTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=args.reprob, re_mode=args.remode,
                            re_count=args.recount, channels_last=args.channels_last, seed=args.seed, rank=rank,
                            world=world).to(device)
@@ -901,7 +900,6 @@ def train(args):
     epoch_loader = train_loader
     if args.data_pipeline == 'gpu' and (args.gpu_prefetch == 'true' or
                                         (args.gpu_prefetch == 'auto' and device.type == 'cuda')):
-        from pipelines.gpudata import DevicePrefetcher
         epoch_loader = DevicePrefetcher(train_loader, device_transform, device)
     per_rank = len(batch_sampler.sampler)
     log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None

@@ -8,4 +8,5 @@ gpudata.py      --data_pipeline gpu: workers read bytes and draw parameters, the
                 decodes, crops, augments and erases
 gpu_randaug.py  timm's RandAugment drawn in the worker, applied batched on a device
 store.py        reduced-size copies of the training images (--image_store)
+errors.py       BadImageError, which the loader and every pipeline raise for an unreadable image
 """

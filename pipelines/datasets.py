@@ -29,6 +29,11 @@ from timm.data import auto_augment as timm_auto_augment
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
+from curriculum.lowfreq import LanczosResize
+from pipelines.errors import BadImageError
+from pipelines.fastpath import LazyImageFolder, fast_train_transform
+from pipelines.gpudata import EncodedCollate, EncodedImageFolder, gpu_train_transform
+from pipelines.store import ImageStore, StoreError
 from utils import UserError
 
 def _posterize(img, bits_to_keep, **__):
@@ -220,21 +225,18 @@ def train_transform(args, size, magnitude, lowfreq):
     if getattr(args, 'data_pipeline', 'published') == 'gpu':
         # the worker draws the same crop, flip and augmentation parameters and reads the
         # file's bytes; decoding and every pixel operation run on the device (curriculum/gpudata.py)
-        from pipelines.gpudata import gpu_train_transform
         return gpu_train_transform(size, size if lowfreq == 'none' else args.base_input_size, lowfreq, kw,
                                    aa=None if aa in (None, '', 'none') else aa, re_prob=args.reprob,
                                    re_count=args.recount)
     if getattr(args, 'data_pipeline', 'published') == 'fast':
         # same crop, flip and augmentation, done at the output size; uint8 out, and the
         # normalisation and random erasing happen on the device (curriculum/fastpath.py)
-        from pipelines.fastpath import fast_train_transform
         return fast_train_transform(size, size if lowfreq == 'none' else args.base_input_size, lowfreq, kw)
     if lowfreq == 'none':
         return create_transform(size, **kw)
     base = args.base_input_size
     if lowfreq == 'fourier' or size == base:
         return create_transform(base, **kw)
-    from curriculum.lowfreq import LanczosResize
     # timm's separate=True gives (crop+flip, augment, to-tensor+normalize+erase); the
     # Lanczos resize goes between the last two without touching timm's lists.
     primary, secondary, final = create_transform(base, separate=True, **kw)
@@ -276,22 +278,6 @@ class TransformedDataset(Dataset):
 # ---------------------------------------------------------------------------
 # samplers and loaders
 # ---------------------------------------------------------------------------
-
-class BadImageError(UserError):
-    """An unreadable image: one line naming the file and the fix.
-
-    Raised in a DataLoader worker, it reaches the training process re-created by torch's
-    ExceptionWrapper.reraise as BadImageError("Caught BadImageError in DataLoader worker
-    process N.\nOriginal Traceback ...\n<module>.BadImageError: <our line>"); the
-    traceback's last line is Python's standard "Type: message", so our line is what
-    follows the last "BadImageError: ".
-    """
-
-    def __init__(self, message):
-        if '\n' in message and 'BadImageError: ' in message:
-            message = message.rsplit('BadImageError: ', 1)[1].strip().splitlines()[0]
-        super().__init__(message)
-
 
 def _sample_path(base, index):
     samples = getattr(base, 'samples', None)
@@ -505,15 +491,12 @@ def build_train_loader(args, train_base, plan, rank, world):
     if fast and isinstance(train_base, tv_datasets.ImageFolder):
         # the fast path picks the crop and the JPEG decoding scale before decoding; the gpu
         # path picks every parameter and reads the file's bytes (decoded on the device)
-        from pipelines.fastpath import LazyImageFolder
         if pipeline == 'gpu':
-            from pipelines.gpudata import EncodedCollate, EncodedImageFolder
             train_base = EncodedImageFolder(train_base)
             collate = EncodedCollate(train_base.cpu_decoded)
         else:
             train_base = LazyImageFolder(train_base)
         if store_root:
-            from pipelines.store import ImageStore, StoreError
             try:
                 train_base.store = ImageStore.open(store_root, train_base.root, train_base.relpaths())
             except StoreError as e:

@@ -56,7 +56,9 @@ import torch
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
+from pipelines.errors import BadImageError
 from pipelines.fastpath import DRAFT_MARGIN, BatchRandomErasing, LazyImageFolder, _draft_scale
+from pipelines.gpu_randaug import RandAugmentParams, apply_rand_augment, rand_augment_hparams
 
 __all__ = ['EncodedImageFolder', 'GpuSampleTransform', 'EncodedBatch', 'collate_encoded', 'decode_jpegs',
            'resample_weights', 'GpuDataTransform', 'PreparedBatch', 'DevicePrefetcher', 'FILTERS', 'KIND_JPEG',
@@ -400,7 +402,6 @@ class GpuDataTransform(torch.nn.Module):
             base.count_cpu_decoded(n)
 
     def _unreadable(self, index: int, err: Exception, shape) -> torch.Tensor:
-        from pipelines.datasets import BadImageError
         ds = self.dataset
         path = ds._path(index) if ds is not None and index >= 0 else f'sample {index}'
         if ds is None or not ds.skip_bad:
@@ -569,7 +570,6 @@ class GpuDataTransform(torch.nn.Module):
             self.to(batch.device)
         x = self.images(batch)
         if batch.ra is not None:
-            from pipelines.gpu_randaug import apply_rand_augment
             x = apply_rand_augment(x, batch.ra, self.fill)  # params on the host: planned there
         x = x.float().div_(255).sub_(self.mean).div_(self.std)
         x = self.erase(x, batch)
@@ -692,7 +692,6 @@ def gpu_train_transform(size: int, base_size: int, lowfreq: str, timm_kwargs: di
     below_base = lowfreq == 'lanczos' and size < base_size
     ra = None
     if aa:
-        from pipelines.gpu_randaug import RandAugmentParams, rand_augment_hparams
         ra = RandAugmentParams(aa, out, rand_augment_hparams(out, timm_kwargs['mean'], interp))
     erasing = BatchRandomErasing(re_prob, mode='const', max_count=re_count) if re_prob > 0 else None
     return GpuSampleTransform(out, 'bicubic' if below_base else interp, random_draw=interp == 'random', ra=ra,
