@@ -391,7 +391,7 @@ def _capture_stream(device):
 
     torch.cuda.Stream() hands out torch's 32 pooled streams per priority round-robin: the
     default capture stream of torch.cuda.graph could be the very stream the data prefetcher
-    (curriculum.gpudata.DevicePrefetcher, a new one each epoch) or torchvision's JPEG decoder
+    (pipelines.gpudata.DevicePrefetcher, a new one each epoch) or torchvision's JPEG decoder
     enqueues on from their thread, and their work would then be captured into the training
     graph.  Those (and NCCL's streams) come from the default-priority pool; this one does not.
     """

@@ -444,7 +444,7 @@ def plain_args(args):
     out = argparse.Namespace()
     for k, v in vars(args).items():
         if v is None or isinstance(v, (bool, int, float, str)):
-            # the exact built-in type: subclasses (main's --input_size default) would not load
+            # the exact built-in type: subclasses (runner.args' --input_size default) would not load
             setattr(out, k, v if v is None else next(t for t in (bool, int, float, str) if isinstance(v, t))(v))
         elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
             setattr(out, k, list(v))

@@ -211,12 +211,11 @@ def measure_device(own, rest, folder, pipeline, image_store):
     """The device half of --data_pipeline gpu per batch at each stage's B (ms), and the memory it adds.
 
     Batches come from the worker half (gpu or gpu-store); each is timed through
-    main.build_device_transform's GpuDataTransform on the training --device (CUDA: with a
+    datasets.build_device_transform's GpuDataTransform on the training --device (CUDA: with a
     synchronisation before and after; CPU: CPU tensors, one thread, labelled so), next to
     its crop+resize alone done as it is (batched resampling matmuls) and as a per-sample
     loop of torch's anti-aliased interpolate (the alternative considered).
     """
-    import main as main_mod
     import torch.nn.functional as F
     from pipelines.gpudata import G_BH, G_BW, G_LEFT, G_TOP
     batch = min(own.device_batch, len(folder))
@@ -225,7 +224,7 @@ def measure_device(own, rest, folder, pipeline, image_store):
     device = torch.device(args.device if (not args.device.startswith('cuda') or torch.cuda.is_available())
                           else 'cpu')
     cuda = device.type == 'cuda'
-    dt = main_mod.build_device_transform(args, device, dataset=loader.dataset)
+    dt = datasets.build_device_transform(args, device, dataset=loader.dataset)
 
     def timed(fn):
         if cuda:

@@ -42,7 +42,8 @@ import time
 
 from common import ROOT, host_info, plan_for, report, train_args  # first: puts the repository on sys.path
 
-import main as main_mod  # noqa: E402
+from runner.args import HelpFormatter  # noqa: E402
+from runner.stage import baseline_epochs  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 from fault_inject import signal_run  # noqa: E402
@@ -52,7 +53,7 @@ IMAGENET_TRAIN = 1281167
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
-                                formatter_class=main_mod.HelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog='Other arguments are main.py\'s training flags (--model, --epochs, ...): '
                                        'see python main.py --help.')
     p.add_argument('--baseline_run_epochs', type=int, default=None,
@@ -159,7 +160,7 @@ def project(args, own, rates, base_rate, switch_costs):
     switches = sum(1 for a, b in zip(plan.stages, plan.stages[1:]) if a.size != b.size)
     total += switches * (statistics.median(switch_costs) if switch_costs else 0.0)
     full.baseline_epochs = None  # the published comparison (300 epochs for etpp), not this run's
-    base_epochs = main_mod.baseline_epochs(full)
+    base_epochs = baseline_epochs(full)
     if missing or not base_rate:
         return {'epochs': own.project_epochs, 'missing_stages': missing}
     baseline = base_epochs * IMAGENET_TRAIN / base_rate
@@ -171,7 +172,7 @@ def project(args, own, rates, base_rate, switch_costs):
 def measure(own, rest):
     args = train_args(rest)
     plan = plan_for(args)
-    base_epochs = main_mod.baseline_epochs(args)
+    base_epochs = baseline_epochs(args)
     run_epochs = own.baseline_run_epochs or base_epochs
     base_argv = without_curriculum_file(rest) + ['--curriculum', 'none', '--input_size', str(plan.base_size),
                                                  '--epochs', str(run_epochs)]

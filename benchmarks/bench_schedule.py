@@ -23,8 +23,8 @@ from common import train_args  # first: puts the repository on sys.path
 
 from curriculum.adapt import size_multiple  # noqa: E402
 from curriculum import build_plan  # noqa: E402
-import main as main_mod  # noqa: E402
 from models import create_model  # noqa: E402
+from runner.stage import baseline_epochs  # noqa: E402
 
 
 def parse(argv=None):
@@ -137,8 +137,8 @@ def main(argv=None):
     pipelines = [p for p in ('published', 'fast', 'fast-store') if p in data['pipelines']]
     results = []
     for w in own.workers:
-        pred = predict(plan, data, step, w, pipelines, main_mod.baseline_epochs(args))
-        print(table(pred, plan, main_mod.baseline_epochs(args), step), flush=True)
+        pred = predict(plan, data, step, w, pipelines, baseline_epochs(args))
+        print(table(pred, plan, baseline_epochs(args), step), flush=True)
         print()
         results.append(pred)
     extra = [p for p in pipelines if p != 'published' and 'published' in pipelines]

@@ -48,7 +48,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup  # noqa
 from timm.loss import SoftTargetCrossEntropy  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
 
-import main as main_mod  # noqa: E402
 import utils  # noqa: E402
 from curriculum.adapt import adapt_model  # noqa: E402
 from pipelines.fastpath import DeviceTransform  # noqa: E402
@@ -56,6 +55,8 @@ from curriculum.lowfreq import FourierCrop, fourier_crop  # noqa: E402
 from engine import TrainStep, train_one_epoch  # noqa: E402
 from models import create_model  # noqa: E402
 from optim_factory import create_optimizer  # noqa: E402
+from runner.args import HelpFormatter  # noqa: E402
+from runner.setup import wrap_ddp  # noqa: E402
 
 # Published per-model flags (METHOD.md, "Per-model flags of the reference recipes").
 _AMP_CLIP = ('deit', 'swin')
@@ -74,7 +75,7 @@ def recipe_amp(model_name):
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
-                                formatter_class=main_mod.HelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog='Other arguments are main.py\'s training flags (--model, --batch_size, ...): '
                                        'see python main.py --help.')
     p.add_argument('--amp', default='recipe', choices=['recipe', 'true', 'false'],
@@ -249,13 +250,13 @@ def measure(own, args):
         device_transform = DeviceTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=args.reprob,
                                            re_mode=args.remode, re_count=args.recount,
                                            channels_last=args.channels_last).to(device)
-    train_model = main_mod.wrap_ddp(model, args)
+    train_model = wrap_ddp(model, args)
     current = base
     rows, notes = [], set()
     for s in sizes:
         if s.size != current:
             if adapt_model(model, s.size, optimizer, model_ema):
-                train_model = main_mod.wrap_ddp(model, args)
+                train_model = wrap_ddp(model, args)
             current = s.size
         lowfreq = FourierCrop(s.size) if plan.lowfreq == 'fourier' and s.size < base else None
         n = s.batch_size  # replay off: the micro-batch is the loader batch

@@ -42,9 +42,9 @@ def train_args(argv):
 
 def plan_for(args):
     """The curriculum plan main.py would build and check for args (the model only gives its size grid)."""
-    import main as main_mod
     from models import create_model
-    return main_mod.checked_plan(args, create_model(args.model, num_classes=10))
+    from runner.stage import checked_plan
+    return checked_plan(args, create_model(args.model, num_classes=10))
 
 
 def report(res, table, json_path=None):

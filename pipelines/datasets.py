@@ -31,8 +31,9 @@ from torchvision import transforms
 
 from curriculum.lowfreq import LanczosResize
 from pipelines.errors import BadImageError
-from pipelines.fastpath import LazyImageFolder, fast_train_transform
-from pipelines.gpudata import EncodedCollate, EncodedImageFolder, gpu_train_transform
+from pipelines.fastpath import DeviceTransform, LazyImageFolder, fast_train_transform
+from pipelines.gpudata import (DevicePrefetcher, EncodedCollate, EncodedImageFolder, GpuDataTransform,
+                               gpu_train_transform)
 from pipelines.store import ImageStore, StoreError
 from utils import UserError
 
@@ -224,13 +225,13 @@ def train_transform(args, size, magnitude, lowfreq):
               mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     if getattr(args, 'data_pipeline', 'published') == 'gpu':
         # the worker draws the same crop, flip and augmentation parameters and reads the
-        # file's bytes; decoding and every pixel operation run on the device (curriculum/gpudata.py)
+        # file's bytes; decoding and every pixel operation run on the device (pipelines/gpudata.py)
         return gpu_train_transform(size, size if lowfreq == 'none' else args.base_input_size, lowfreq, kw,
                                    aa=None if aa in (None, '', 'none') else aa, re_prob=args.reprob,
                                    re_count=args.recount)
     if getattr(args, 'data_pipeline', 'published') == 'fast':
         # same crop, flip and augmentation, done at the output size; uint8 out, and the
-        # normalisation and random erasing happen on the device (curriculum/fastpath.py)
+        # normalisation and random erasing happen on the device (pipelines/fastpath.py)
         return fast_train_transform(size, size if lowfreq == 'none' else args.base_input_size, lowfreq, kw)
     if lowfreq == 'none':
         return create_transform(size, **kw)
@@ -531,3 +532,64 @@ def build_eval_loader(args, val_base, size, rank, world):
                                        num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False,
                                        worker_init_fn=functools.partial(_worker_init, leaving=_LEAVING),
                                        generator=torch.Generator().manual_seed(args.seed))
+
+
+# ---------------------------------------------------------------------------
+# the device half of the fast and gpu paths, and what the loader counted
+# ---------------------------------------------------------------------------
+
+def build_device_transform(args, device, rank=0, world=1, dataset=None):
+    """The device half of the fast or gpu data path, else None.
+
+    fast: uint8 -> normalised, random erasing seeded per (seed, epoch, batch, rank), like
+    the CPU transforms per sample, so a batch is erased the same way whenever it is loaded
+    again (replay buffer refills after a resume).  gpu: decoding, crop, resize, flip,
+    RandAugment, normalisation and erasing of an EncodedBatch, every draw made per sample
+    by the workers; `dataset` (the training loader's) counts its CPU decodes and names
+    files no decoder can read.
+    """
+    if args.data_pipeline not in ('fast', 'gpu'):
+        return None
+    if args.data_pipeline == 'gpu':
+        fill = tuple(min(255, round(255 * m)) for m in IMAGENET_DEFAULT_MEAN)  # timm's RandAugment fill
+        return GpuDataTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_mode=args.remode,
+                                channels_last=args.channels_last, fill=fill, dataset=dataset).to(device)
+    return DeviceTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=args.reprob, re_mode=args.remode,
+                           re_count=args.recount, channels_last=args.channels_last, seed=args.seed, rank=rank,
+                           world=world).to(device)
+
+
+def device_loader(args, loader, device_transform, device):
+    """What an epoch iterates: with --data_pipeline gpu and --gpu_prefetch (auto: on CUDA), a
+    DevicePrefetcher finishing the next batch's device half while the current one trains."""
+    prefetch = args.gpu_prefetch == 'true' or (args.gpu_prefetch == 'auto' and device.type == 'cuda')
+    if args.data_pipeline == 'gpu' and prefetch:
+        return DevicePrefetcher(loader, device_transform, device)
+    return loader
+
+
+def data_counters(dataset):
+    """The training dataset's shared counters: images skipped (--skip_bad_images), store copies
+    not usable, images decoded on the CPU by the gpu path (those it has)."""
+    counters = [dataset.bad_count]
+    store = getattr(dataset.base, 'store', None)
+    if store is not None:
+        counters.append(store.misses)
+    if hasattr(dataset.base, 'cpu_decoded'):
+        counters.append(dataset.base.cpu_decoded)
+    return counters
+
+
+def warn_data_problems(dataset):
+    """After each epoch: images skipped (--skip_bad_images) and store copies not usable, so far."""
+    if dataset.bad_count.value:
+        print(f'WARNING: {dataset.bad_count.value} unreadable training images skipped so far (--skip_bad_images)')
+    store = getattr(dataset.base, 'store', None)
+    if store is not None and store.misses.value:
+        print(f'WARNING: {store.misses.value} reduced copies missing, unreadable or stale in --image_store '
+              f'{store.root} so far; the originals were decoded instead: rebuild the store with '
+              f'scripts/build_image_store.py')
+    cpu_decoded = getattr(dataset.base, 'cpu_decoded', None)
+    if cpu_decoded is not None and cpu_decoded.value:
+        print(f'WARNING: {cpu_decoded.value} training images decoded on the CPU so far (not JPEG, CMYK, '
+              f'grayscale, cut short, or rejected by the device decoder; --data_pipeline gpu)')

@@ -10,7 +10,7 @@ the same operations in a cheaper order:
 2. JPEGs are decoded at 1/2, 1/4 or 1/8 scale (PIL ``Image.draft``, i.e. libjpeg's
    DCT-domain scaling) when the crop box still covers at least B decoded pixels on
    each side (``DRAFT_MARGIN``).  With ``--image_store`` a reduced copy of the image
-   (curriculum/store.py) is read instead under the same condition, which also saves the
+   (pipelines/store.py) is read instead under the same condition, which also saves the
    Huffman decoding of the full-size file that DCT-domain scaling cannot skip.
 3. The box is resampled straight to B with an anti-aliased filter (PIL's convolution
    resize widens its kernel with the reduction factor): bicubic below the base size,
@@ -81,7 +81,7 @@ class LazyImageFolder(Dataset):
     ``Image.open`` reads only the header, so the transform can pick the crop and set the
     JPEG draft scale before the pixels are decoded.  The transform must load or close the
     image (any resize loads it): PIL closes a file it opened itself once a single-frame
-    image is loaded.  With a store (curriculum/store.py), each image carries its reduced
+    image is loaded.  With a store (pipelines/store.py), each image carries its reduced
     copies as ``img.reduced_copies``, for DraftRandomResizedCrop to decode instead.
     """
 

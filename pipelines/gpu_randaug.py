@@ -14,7 +14,7 @@ API::
     ...                       # collate: params [N, num_layers, WIDTH] (keep it a CPU tensor)
     out = apply_rand_augment(images_uint8_NCHW, params, fill=ra.fill)   # images on any device
 
-``python -m curriculum.gpu_randaug --device cuda --batch 256 --size 96`` times
+``python -m pipelines.gpu_randaug --device cuda --batch 256 --size 96`` times
 ``apply_rand_augment`` on a device and compares its result with the CPU's.
 
 Columns of a layer's row (``COL_*``): the op's kernel id (index into ``KERNELS``), whether
@@ -495,7 +495,7 @@ def apply_rand_augment(images: torch.Tensor, params: torch.Tensor, fill: Sequenc
 
 
 def _main(argv=None):
-    """``python -m curriculum.gpu_randaug``: apply's time per batch on a device and, off the
+    """``python -m pipelines.gpu_randaug``: apply's time per batch on a device and, off the
     CPU, its agreement with the CPU result (colour ops should agree bit for bit; the
     geometric ops' float32 sums may differ by 1 level where a device fuses multiply-adds)."""
     import argparse

@@ -2,12 +2,12 @@
 
 Worker side (``GpuSampleTransform``, one per stage, run by datasets.StageTransformDataset
 under the per-sample seed).  Every random choice is drawn in the order and with the calls
-of ``--data_pipeline fast`` (curriculum/fastpath.py) and timm's per-sample RandomErasing:
+of ``--data_pipeline fast`` (pipelines/fastpath.py) and timm's per-sample RandomErasing:
 
 1. the RandomResizedCrop box with timm's sampler from the size in the file header;
    timm's bilinear/bicubic draw when --train_interpolation random;
 2. the flip (``torch.rand(1) < 0.5``, torchvision's RandomHorizontalFlip);
-3. RandAugment's ops and magnitudes (curriculum.gpu_randaug.RandAugmentParams: the draws
+3. RandAugment's ops and magnitudes (pipelines.gpu_randaug.RandAugmentParams: the draws
    of timm's RandAugment at the output size);
 4. the random-erasing boxes at the output size (timm's RandomErasing draws, per sample, as
    the published pipeline draws them) and a seed for their noise.
@@ -27,7 +27,7 @@ boxes.  It pins and moves like a tensor (``.to(device, non_blocking=True)`` move
 erasing boxes; the bytes and the other parameters stay in pinned host memory, where the
 decoder and the per-chunk planning read them without waiting for the device).
 
-Device side (``GpuDataTransform``, main.build_device_transform), per batch, in chunks of
+Device side (``GpuDataTransform``, datasets.build_device_transform), per batch, in chunks of
 similar crop sizes of at most ``chunk`` images and ``chunk_pixels`` padded box pixels, so
 a batch of originals does not spike device memory: decode
 (``decode_jpegs``, the one decoder call: torchvision's batched nvJPEG on CUDA, libjpeg-turbo

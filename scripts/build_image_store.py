@@ -1,4 +1,4 @@
-"""Build the reduced-size image store that ``--image_store`` reads (curriculum/store.py).
+"""Build the reduced-size image store that ``--image_store`` reads (pipelines/store.py).
 
     python scripts/build_image_store.py --data_path /data/imagenet/train --out /data/imagenet-store
     torchrun ... main.py --data_path /data/imagenet --data_pipeline fast --image_store /data/imagenet-store ...

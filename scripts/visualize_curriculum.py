@@ -29,6 +29,7 @@ import utils  # noqa: E402
 from curriculum.lowfreq import LanczosResize, fourier_crop  # noqa: E402
 from pipelines.datasets import IMG_EXTENSIONS, eval_transform, seeded, train_transform  # noqa: E402
 from models import create_model  # noqa: E402
+from runner.stage import checked_plan, compared_baseline_epochs, make_hparams  # noqa: E402
 from utils import UserError, str2bool  # noqa: E402
 
 MATPLOTLIB_MISSING = 'plan.png needs matplotlib: pip install matplotlib'
@@ -63,7 +64,7 @@ def build_training_plan(args):
             model = create_model(args.model, num_classes=args.nb_classes or 1000)
     except ValueError as e:
         raise UserError(str(e)) from None
-    return train_main.checked_plan(args, model)
+    return checked_plan(args, model)
 
 
 def compute_starts(plan):
@@ -89,7 +90,7 @@ def progress_to_compute(plan, progress, starts=None):
 
 def schedule_samples(args, plan, per_epoch=16):
     """(compute, B, m, lr, wd) rows along the whole run, `per_epoch` samples per data epoch."""
-    hp, starts, rows = train_main.make_hparams(args, plan), compute_starts(plan), []
+    hp, starts, rows = make_hparams(args, plan), compute_starts(plan), []
     for e in range(plan.num_epochs):
         s = plan.stage_at(e)
         for i in range(per_epoch):
@@ -403,7 +404,7 @@ def main(args):
     paths = list_images(args.images, args.num_images)
     display_size(args, plan)
     utils.check_writable_dir(args.out, '--out')
-    print(plan.table(train_main.compared_baseline_epochs(args), pipeline=args.data_pipeline,
+    print(plan.table(compared_baseline_epochs(args), pipeline=args.data_pipeline,
                      per='GPU' if str(args.device).startswith('cuda') else 'process'))
     if args.warmup_steps > 0:
         print('note: --warmup_steps depends on the training set size; plan.png shows the plan\'s '

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import main as main_mod
+from runner.args import input_size_given
+from runner.stage import compared_baseline_epochs, plan_text, whole_run_eta
 import utils
 from curriculum import build_plan
 
@@ -188,9 +190,9 @@ def test_eval_uses_the_checkpoints_size_unless_given(etpp_run, capsys):
 
 def test_input_size_default_is_stored_as_a_plain_int():
     args = main_mod.get_args_parser().parse_args([])
-    assert not main_mod.input_size_given(args) and args.input_size == 224
+    assert not input_size_given(args) and args.input_size == 224
     assert type(utils.plain_args(args).input_size) is int
-    assert main_mod.input_size_given(main_mod.get_args_parser().parse_args(['--input_size', '224']))
+    assert input_size_given(main_mod.get_args_parser().parse_args(['--input_size', '224']))
 
 
 # ---------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def plan_args(argv):
 
 def test_plan_table_for_a_small_budget():
     args = plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '2', '--base_input_size', '64'])
-    text = main_mod.plan_text(args, build_plan(args), torch.device('cpu'), 2)
+    text = plan_text(args, build_plan(args), torch.device('cpu'), 2)
     assert 'vs the same 4 data epochs at 64: 1.94x' in text
     assert '300-epoch' not in text and 'per GPU' not in text
     assert 'Lanczos resize on the CPU, published pipeline' in text
@@ -246,7 +248,7 @@ def test_plan_table_for_a_small_budget():
     assert plan.warmup == pytest.approx(0.2 * plan.total_progress)
     fast = plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '2', '--base_input_size', '64',
                       '--data_pipeline', 'fast'])
-    assert 'bicubic resize' in main_mod.plan_text(fast, build_plan(fast), torch.device('cpu'), 1)
+    assert 'bicubic resize' in plan_text(fast, build_plan(fast), torch.device('cpu'), 1)
     assert not [n for n in notes if 'no stage trains at the base size' in n]
     # a budget so small that every base-size segment rounds away: the plan says what is missing
     tiny = plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '1', '--base_input_size', '64'])
@@ -263,21 +265,21 @@ def test_plan_table_for_a_small_budget():
 def test_plan_table_compares_with_the_papers_baseline_only_for_its_settings():
     args = plan_args(['--model', 'resnet50', '--curriculum', 'etpp', '--epochs', '200'])
     plan = build_plan(args)
-    text = plan.table(main_mod.compared_baseline_epochs(args), world=8, per='GPU')
+    text = plan.table(compared_baseline_epochs(args), world=8, per='GPU')
     assert 'vs the 300-epoch baseline at 224: 1.50x' in text and '8 GPUs' in text
     assert not [n for n in plan.notes if 'warmup' in n]
     et = plan_args(['--curriculum', 'et', '--epochs', '300'])
-    assert 'vs the same 300 data epochs at 224: 1.53x' in build_plan(et).table(main_mod.compared_baseline_epochs(et))
+    assert 'vs the same 300 data epochs at 224: 1.53x' in build_plan(et).table(compared_baseline_epochs(et))
 
 
 def test_whole_run_eta_from_compute_progress():
     args = plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '2', '--base_input_size', '64'])
     plan = build_plan(args)  # epochs cost 0.25, 0.25, 0.5625, 1.0 (total 2.0625)
-    assert main_mod.whole_run_eta(plan, 0, 0, 5.0) == ''
+    assert whole_run_eta(plan, 0, 0, 5.0) == ''
     # 0.5 compute took 10 s: 1.5625 left at 20 s per unit
-    assert main_mod.whole_run_eta(plan, 0, 2, 10.0) == ', whole-run ETA 0:00:31'
+    assert whole_run_eta(plan, 0, 2, 10.0) == ', whole-run ETA 0:00:31'
     # a resumed process measures only its own part
-    assert main_mod.whole_run_eta(plan, 2, 3, 11.25) == ', whole-run ETA 0:00:20'
+    assert whole_run_eta(plan, 2, 3, 11.25) == ', whole-run ETA 0:00:20'
 
 
 # ---------------------------------------------------------------------------

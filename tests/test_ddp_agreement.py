@@ -69,7 +69,7 @@ def _rank_main(rank, world, store_path, out_path, scenario):
         def on_update(done, meters, stop):
             updates.append(done)
             if done % scenario.get('save_every', 10 ** 9) == 0 or stop:
-                # what main.save_training_checkpoint gathers from every rank
+                # what runner.checkpoint.save_training_checkpoint gathers from every rank
                 state = meters.state_dict()
                 utils.gather_rng_states()
                 gathered = [None] * world
@@ -175,17 +175,17 @@ def _eval_rank(rank, world, store_path, out_path, reduce):
 
     import torch.distributed as dist
 
-    import main as main_mod
+    from runner import evaluation
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{store_path}', rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
     # every rank evaluated everything and one image came out differently on rank 1 (GPU kernels)
-    main_mod.evaluate = lambda *a, **k: {'acc1': 50.0 + rank, 'acc5': 100.0, 'loss': 1.0, 'num_images': 16}
+    evaluation.evaluate = lambda *a, **k: {'acc1': 50.0 + rank, 'acc5': 100.0, 'loss': 1.0, 'num_images': 16}
 
     class Args:
         dist_eval = reduce
         model_ema_eval = False
-    test_stats, _ = main_mod.evaluate_stage(Args(), None, None, None, torch.device('cpu'), None, world)
+    test_stats, _ = evaluation.evaluate_stage(Args(), None, None, None, torch.device('cpu'), None, world)
     with open(out_path, 'w') as f:
         json.dump(test_stats, f)
     os._exit(0)

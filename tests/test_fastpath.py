@@ -37,7 +37,7 @@ MIN_MEAN_PSNR = 36.0
 # Single worst-case crops (fine textures decoded at a reduced scale) reach 30 dB.
 MIN_P5_PSNR = 30.0
 # Ops that threshold or quantise intensities: at B their contours stay hard, while the
-# published order's final Lanczos resize softens them (see curriculum/fastpath.py).
+# published order's final Lanczos resize softens them (see pipelines/fastpath.py).
 THRESHOLD_OPS = {'PosterizeIncreasing', 'SolarizeIncreasing', 'SolarizeAdd'}
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from timm.models import build_model_with_cfg, swin_transformer, vision_transformer
 
 import main as main_mod
+from runner.checkpoint import load_finetune
 from tiny_models import _registered
 from curriculum.adapt import adapt_model
 from pipelines.datasets import eval_transform
@@ -101,7 +102,7 @@ def test_finetune_at_384_adapts_at_load(name, tmp_path, capsys):
     args = main_mod.get_args_parser().parse_args(['--model', name, '--input_size', '384', '--finetune', ckpt,
                                                   '--head_init_scale', '0.001'])
     model, size = main_mod.build_model(args, 3)
-    main_mod.load_finetune(args, model)
+    load_finetune(args, model)
     assert size == 384 and 'Dropped classifier weights' in capsys.readouterr().out
     if name == 'tiny_swin_p4':
         attns = [m for m in model.modules() if isinstance(m, swin_transformer.WindowAttention)]

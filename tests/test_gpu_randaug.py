@@ -1,4 +1,4 @@
-"""curriculum/gpu_randaug.py: timm's RandAugment drawn in the worker, applied batched on a tensor device.
+"""pipelines/gpu_randaug.py: timm's RandAugment drawn in the worker, applied batched on a tensor device.
 
 Checked against timm 1.0.31's own RandAugment (the draws) and against the PIL functions
 timm calls (each op, and whole drawn stacks), on a synthetic image (always) and on the

@@ -21,6 +21,7 @@ from torchvision import datasets as tvd
 
 from pipelines import datasets
 import main as main_mod
+from pipelines.datasets import build_device_transform, warn_data_problems
 from curriculum import build_plan
 from pipelines.fastpath import DRAFT_MARGIN, DraftRandomResizedCrop, _draft_scale
 from pipelines.gpudata import (FILTERS, G_BH, G_BW, G_FLIP, G_LEFT, G_TOP, EncodedBatch, GpuDataTransform,
@@ -194,14 +195,14 @@ def test_batch_pins_moves_and_keeps_bytes_on_the_host(folder):
     assert x.shape == (len(y), 3, plan.stages[0].size, plan.stages[0].size)
     moved = x.to(torch.device('cpu'), non_blocking=True)
     assert moved.data is x.data and moved.device.type == 'cpu'
-    dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
+    dt = build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
     out = dt(moved, 0, 0)
     assert out.shape == x.shape and out.dtype == torch.float32
     assert torch.equal(out, dt(x, 5, 7))  # every draw is the sample's: the position does not matter
     with pytest.raises(TypeError, match='EncodedBatch'):
         dt(torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
     a.channels_last = True
-    cl = main_mod.build_device_transform(a, torch.device('cpu'))(x)
+    cl = build_device_transform(a, torch.device('cpu'))(x)
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, out)
 
 
@@ -213,7 +214,7 @@ def _compare_with_fast(root, stages, extra=(), n_batches=1):
             a, plan, loader, bs = _loader(root, pipeline, ['--reprob', '0'] + list(extra))
             stage = plan.stages[stage_index]
             bs.set_epoch(stage.start_epoch)
-            dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
+            dt = build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
             xs = []
             for k, (x, _) in zip(range(n_batches), loader):
                 xs.append(_denorm(dt(x, stage.start_epoch, k)))
@@ -253,7 +254,7 @@ def test_image_store_copies_are_read_when_the_crop_allows(folder, tmp_path):
         assert rec['geom'][G_TOP] * k == box[0] and rec['geom'][G_BH] * k == box[2]
         assert k <= _draft_scale(min(box[2], box[3]), 24, DRAFT_MARGIN)
     assert max(ks) >= 2 and loader.dataset.base.store.misses.value == 0
-    dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
+    dt = build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
     assert dt(next(iter(loader))[0]).shape[0] == plan.stages[0].loader_batch
 
 
@@ -261,7 +262,7 @@ def test_prefetcher_gives_the_same_batches_and_stops_cleanly(folder, odd_folder)
     import threading
     from pipelines.gpudata import DevicePrefetcher, PreparedBatch
     a, plan, loader, bs = _loader(folder, 'gpu', ['--reprob', '0.5'])
-    dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
+    dt = build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
     direct = [(dt(x), y) for x, y in loader]
     pre = DevicePrefetcher(loader, dt, torch.device('cpu'))
     assert len(pre) == len(loader) and pre.dataset is loader.dataset
@@ -278,7 +279,7 @@ def test_prefetcher_gives_the_same_batches_and_stops_cleanly(folder, odd_folder)
     # an unreadable image found on the device side is raised in the training loop
     (odd_folder / 'a' / '0.jpg').write_bytes(b'\xff\xd8\xff\xe0' + b'\x00' * 200 + b'\xff\xd9')
     a, plan, loader, bs = _loader(str(odd_folder), 'gpu', ['--batch_size', '5'])
-    dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
+    dt = build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
     with pytest.raises(datasets.BadImageError):
         for _ in DevicePrefetcher(loader, dt, torch.device('cpu')):
             pass
@@ -305,14 +306,14 @@ def odd_folder(tmp_path):
 
 def test_odd_files_are_decoded_on_the_cpu_and_counted(odd_folder, capsys):
     a, plan, loader, bs = _loader(str(odd_folder), 'gpu', ['--batch_size', '5'])
-    dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
+    dt = build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
     n = 0
     for x, _ in loader:
         out = dt(x)
         assert torch.isfinite(out).all()
         n += len(out)
     assert n == 15 and loader.dataset.base.cpu_decoded.value == 3
-    main_mod.warn_data_problems(loader.dataset)
+    warn_data_problems(loader.dataset)
     assert '3 training images decoded on the CPU' in capsys.readouterr().out
 
 
@@ -326,12 +327,12 @@ def test_unreadable_files_fail_or_are_skipped_as_before(odd_folder, capsys):
     data[dht + 5:dht + 21] = b'\xff' * 16
     (odd_folder / 'b' / '1.jpg').write_bytes(bytes(data))
     a, plan, loader, bs = _loader(str(odd_folder), 'gpu', ['--batch_size', '5'])
-    dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
+    dt = build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
     with pytest.raises(datasets.BadImageError, match=r'0\.jpg is not a readable image.*--skip_bad_images'):
         for x, _ in loader:
             dt(x)
     a, plan, loader, bs = _loader(str(odd_folder), 'gpu', ['--batch_size', '5', '--skip_bad_images', 'true'])
-    dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
+    dt = build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
     for x, _ in loader:
         assert torch.isfinite(dt(x)).all()
     out = capsys.readouterr().out
@@ -453,8 +454,8 @@ def test_cuda_device_half_matches_the_cpu_one_and_prefetches(folder, odd_folder)
     cuda = torch.device('cuda')
     # without RandAugment: its threshold ops would turn one grey level of decoder difference into contours
     a, plan, loader, bs = _loader(folder, 'gpu', ['--reprob', '0', '--aa', 'none', '--color_jitter', '0'])
-    cpu_dt = main_mod.build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
-    gpu_dt = main_mod.build_device_transform(a, cuda, dataset=loader.dataset)
+    cpu_dt = build_device_transform(a, torch.device('cpu'), dataset=loader.dataset)
+    gpu_dt = build_device_transform(a, cuda, dataset=loader.dataset)
     batches = list(loader)
     for x, _ in batches:
         ref = _denorm(cpu_dt(x))
@@ -466,7 +467,7 @@ def test_cuda_device_half_matches_the_cpu_one_and_prefetches(folder, odd_folder)
         assert torch.equal(gpu_dt(x.to(cuda)), d)
     # odd files: decoded on a CPU, counted, never a crash
     a, plan, loader, bs = _loader(str(odd_folder), 'gpu', ['--batch_size', '5'])
-    dt = main_mod.build_device_transform(a, cuda, dataset=loader.dataset)
+    dt = build_device_transform(a, cuda, dataset=loader.dataset)
     assert sum(len(dt(x.to(cuda))) for x, _ in loader) == 15
     assert loader.dataset.base.cpu_decoded.value >= 3
 

@@ -1,4 +1,4 @@
-"""The reduced-size image store (--image_store, curriculum/store.py, scripts/build_image_store.py)."""
+"""The reduced-size image store (--image_store, pipelines/store.py, scripts/build_image_store.py)."""
 import json
 import os
 import random

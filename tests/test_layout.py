@@ -98,3 +98,14 @@ def test_the_cycle_finder_sees_function_level_and_package_imports(tmp_path):
     (tmp_path / 'top.py').write_text('def f():\n    from pkg import a\n')
     assert find_cycle(str(tmp_path)) == ['pkg.a', 'pkg.b', 'pkg.c', 'top', 'pkg.a']
 
+
+
+def test_main_py_stays_wiring():
+    path = os.path.join(ROOT, 'main.py')
+    text = open(path).read()
+    lines = text.count('\n') + (not text.endswith('\n'))
+    assert lines <= 500, f'main.py has {lines} lines (at most 500): move run machinery to runner/'
+    sizes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(ast.parse(text))
+             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    name = max(sizes, key=sizes.get)
+    assert sizes[name] <= 80, f'main.{name} has {sizes[name]} lines (at most 80)'

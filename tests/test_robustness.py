@@ -12,6 +12,9 @@ import torch
 from PIL import Image
 
 import main as main_mod
+from runner.checkpoint import check_finite, write_config
+from runner.resume import ResumePoint, _steps_on, check_same_run
+from runner.stage import checked_plan
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -473,30 +476,30 @@ def test_plan_difference_and_gpu_count(etpp_run):
     main_mod.check_args(args)
     args.nb_classes = 4
     model, _ = main_mod.build_model(args, 4)
-    plan = main_mod.checked_plan(args, model)
-    main_mod.check_same_run(args, ckpt, path, plan, world=1)  # the same run
+    plan = checked_plan(args, model)
+    check_same_run(args, ckpt, path, plan, world=1)  # the same run
     # a plan that changed although no flag did (an edited --curriculum_file, another preset)
     ckpt['plan']['stages'][1]['size'] += 16
     with pytest.raises(utils.UserError, match='plan differs.*stage 1 size'):
-        main_mod.check_same_run(args, ckpt, path, plan, world=1)
+        check_same_run(args, ckpt, path, plan, world=1)
     args.resume_override = 'plan'
-    main_mod.check_same_run(args, ckpt, path, plan, world=1)
+    check_same_run(args, ckpt, path, plan, world=1)
     args.resume_override = ''
     ckpt['plan']['stages'][1]['size'] -= 16
     # another GPU count with the same global batch in every stage (--global_batch_size): allowed
     saved = ckpt['plan']['stages']
     with pytest.raises(utils.UserError, match='stage 0 update_freq'):  # same GPU count: the split is checked
         saved[0]['update_freq'] += 1
-        main_mod.check_same_run(args, ckpt, path, plan, world=1)
+        check_same_run(args, ckpt, path, plan, world=1)
     saved[0]['update_freq'] -= 1
     ckpt['rng'] = ckpt['rng'] * 2  # written by 2 processes
     for s in saved:
         s['batch_size'] //= 2
-    main_mod.check_same_run(args, ckpt, path, plan, world=1)
+    check_same_run(args, ckpt, path, plan, world=1)
     for s in saved:  # 2 GPUs x the same per-GPU batch: twice the global batch, refused
         s['batch_size'] *= 2
     with pytest.raises(utils.UserError, match='stage 0 global batch .* x 1 GPU.*global_batch_size'):
-        main_mod.check_same_run(args, ckpt, path, plan, world=1)
+        check_same_run(args, ckpt, path, plan, world=1)
 
 
 def _check(argv, ckpt_args, plan_summary=None, world=1, rng_world=1):
@@ -508,13 +511,13 @@ def _check(argv, ckpt_args, plan_summary=None, world=1, rng_world=1):
     ckpt = {'epoch': 0, 'args': utils.plain_args(saved), 'rng': [None] * rng_world}
     if plan_summary is not None:
         ckpt['plan'] = plan_summary
-    return main_mod.check_same_run(args, ckpt, 'ck.pth', None if plan_summary is None else _Plan(args), world)
+    return check_same_run(args, ckpt, 'ck.pth', None if plan_summary is None else _Plan(args), world)
 
 
 class _Plan:
     def __init__(self, args):
         model, _ = main_mod.build_model(args, 4)
-        self.s = main_mod.checked_plan(args, model).summary()
+        self.s = checked_plan(args, model).summary()
 
     def summary(self):
         return self.s
@@ -564,19 +567,19 @@ def test_resume_check_ignores_what_changes_nothing(tmp_path):
     args2 = main_mod.get_args_parser().parse_args(two)
     args2.update_freq = 2  # what setup_run derives on 2 GPUs
     ckpt = {'epoch': 0, 'args': utils.plain_args(saved), 'rng': [None], 'plan': saved_plan}
-    main_mod.check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=2)
+    check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=2)
     # ... but not on the same GPU count (a mid-epoch position counts per-GPU batches)
     with pytest.raises(utils.UserError, match='stage 0 batch_size'):
-        main_mod.check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=1)
+        check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=1)
     # the split set by hand on another GPU count: 1 x 8 x 2 steps, now 2 x 8 x 1 (no --global_batch_size)
     saved = main_mod.get_args_parser().parse_args(base + ['--update_freq', '2'])
     ckpt = {'epoch': 0, 'args': utils.plain_args(saved), 'rng': [None], 'plan': _Plan(saved).summary()}
     args2 = main_mod.get_args_parser().parse_args(base)
-    main_mod.check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=2)
+    check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=2)
     with pytest.raises(utils.UserError, match='--update_freq 1 differs'):  # on the same count: refused
-        main_mod.check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=1)
+        check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=1)
     with pytest.raises(utils.UserError, match='stage 0 global batch 8 x 1 x 3 GPU'):  # 24 is not 16
-        main_mod.check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=3)
+        check_same_run(args2, ckpt, 'ck.pth', _Plan(args2), world=3)
 
 
 def test_mid_epoch_position_on_another_gpu_count():
@@ -584,13 +587,13 @@ def test_mid_epoch_position_on_another_gpu_count():
     args = main_mod.get_args_parser().parse_args(ETPP + ['--nb_classes', '4'])
     main_mod.check_args(args)
     plan = _Plan(args)
-    real = main_mod.checked_plan(args, main_mod.build_model(args, 4)[0])
-    point = main_mod.ResumePoint(epoch=0, step=6)
+    real = checked_plan(args, main_mod.build_model(args, 4)[0])
+    point = ResumePoint(epoch=0, step=6)
     ckpt = {'rng': [None], 'plan': plan.summary()}
-    assert main_mod._steps_on(point, ckpt, real, world=1) == 6
-    assert main_mod._steps_on(point, ckpt, real, world=2) == 3
+    assert _steps_on(point, ckpt, real, world=1) == 6
+    assert _steps_on(point, ckpt, real, world=2) == 3
     ckpt['rng'] = [None] * 4
-    assert main_mod._steps_on(point, ckpt, real, world=2) == 12
+    assert _steps_on(point, ckpt, real, world=2) == 12
 
 
 # ---------------------------------------------------------------------------
@@ -621,14 +624,14 @@ def test_non_finite_weights_buffers_or_ema_are_divergence():
     from engine import TrainingDiverged
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     ema = ModelEmaV3(model, decay=0.9)
-    main_mod.check_finite(model, ema, 'here')
+    check_finite(model, ema, 'here')
     model[1].running_var[2] = float('inf')  # a BatchNorm statistic, not a parameter
     with pytest.raises(TrainingDiverged, match='weights or buffers not finite here'):
-        main_mod.check_finite(model, ema, 'here')
+        check_finite(model, ema, 'here')
     model[1].running_var.fill_(1.0)
     ema.module[0].weight.data[0, 0, 0, 0] = float('nan')
     with pytest.raises(TrainingDiverged, match='^EMA weights not finite'):
-        main_mod.check_finite(model, ema, 'here')
+        check_finite(model, ema, 'here')
     assert utils.all_finite([torch.full((4,), 3e38), torch.arange(3)])  # large but finite; ints skipped
     assert not utils.all_finite([torch.ones(2, dtype=torch.bfloat16), torch.tensor([float('-inf')])])
 
@@ -636,9 +639,9 @@ def test_non_finite_weights_buffers_or_ema_are_divergence():
 def test_config_records_are_never_overwritten(tmp_path):
     # a fresh start in a directory that holds another start's record numbers its own
     args = main_mod.get_args_parser().parse_args(['--output_dir', str(tmp_path)])
-    main_mod.write_config(args, {'name': 'a'}, 1, main_mod.ResumePoint())
-    main_mod.write_config(args, {'name': 'b'}, 1, main_mod.ResumePoint())
-    main_mod.write_config(args, {'name': 'c'}, 1, main_mod.ResumePoint(epoch=2, resumed_from='x.pth'))
+    write_config(args, {'name': 'a'}, 1, ResumePoint())
+    write_config(args, {'name': 'b'}, 1, ResumePoint())
+    write_config(args, {'name': 'c'}, 1, ResumePoint(epoch=2, resumed_from='x.pth'))
     names = {json.load(open(tmp_path / n))['plan']['name']: n for n in os.listdir(tmp_path)}
     assert names == {'a': 'config.json', 'b': 'config-1.json', 'c': 'config-2.json'}
     assert json.load(open(tmp_path / 'config-1.json'))['resumed'] is None

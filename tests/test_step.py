@@ -8,6 +8,7 @@ import torch
 
 import engine
 import main as main_mod
+from runner.checkpoint import plain_lr
 import utils
 from engine import TrainStep, TrainingDiverged, train_one_epoch
 
@@ -367,7 +368,7 @@ def test_cuda_graph_capture_plumbing(monkeypatch, fail):
         assert all(p.grad is not None and not p.grad.any() for p in step.model.parameters())
         engine.apply_hparams(opt, 0.25, 0.0)
         assert opt.param_groups[0]['lr'] is lr and float(lr) == 0.25  # filled in place: replays see it
-        saved = main_mod.plain_lr(opt.state_dict())['param_groups'][0]  # what a checkpoint holds
+        saved = plain_lr(opt.state_dict())['param_groups'][0]  # what a checkpoint holds
         assert type(saved['lr']) is float and saved['lr'] == 0.25 and saved['capturable'] is False
         assert opt.param_groups[0]['capturable']  # the checkpoint copy only
         step.zero_grad()

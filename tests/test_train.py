@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import main as main_mod
+from runner.checkpoint import load_finetune
 from pipelines.datasets import SynthDataset, eval_transform
 from models import create_model
 
@@ -131,7 +132,7 @@ def test_finetune_loads_backbone(trained):
     from utils import load_checkpoint_file
     src = load_checkpoint_file(os.path.join(trained, 'checkpoint-3.pth'))['model']
     model = create_model('resnet18', num_classes=6)
-    main_mod.load_finetune(main_mod.get_args_parser().parse_args(
+    load_finetune(main_mod.get_args_parser().parse_args(
         ['--finetune', os.path.join(trained, 'checkpoint-3.pth')]), model)
     assert torch.equal(model.conv1.weight, src['conv1.weight'])
     assert model.fc.weight.shape[0] == 6
