@@ -182,8 +182,10 @@ class StageSwitch:
     wrapper, the low-pass operator, the replay buffer and the stage's engine.TrainStep.
 
     enter() moves to an epoch's stage and positions the loader; train_step() gives the
-    stage's step, built from `parts` (StepParts) and the stage.
+    stage's step, a `step_class` (engine.TrainStep's constructor) built from `parts`
+    (StepParts) and the stage.
     """
+    step_class = TrainStep
 
     def __init__(self, args, plan, model, size, loader, batch_sampler, parts):
         self.args, self.plan, self.model, self.size = args, plan, model, size
@@ -222,13 +224,13 @@ class StageSwitch:
         args, parts = self.args, self.parts
         key = (id(self.train_model), stage.size, stage.batch_size, stage.update_freq)
         if self.step is None or self.step.key != key:
-            self.step = TrainStep(self.train_model, parts.criterion, parts.optimizer, parts.loss_scaler,
-                                  parts.device, update_freq=stage.update_freq, max_norm=args.clip_grad,
-                                  model_ema=parts.model_ema, mixup_fn=parts.mixup_fn,
-                                  amp_dtype=parts.amp_dtype, device_transform=parts.device_transform,
-                                  cuda_graph=getattr(args, 'cuda_graph', False),
-                                  weight_decay_varies=args.weight_decay_end not in (None, args.weight_decay),
-                                  compiled=getattr(args, 'compile', False))
+            self.step = self.step_class(
+                self.train_model, parts.criterion, parts.optimizer, parts.loss_scaler, parts.device,
+                update_freq=stage.update_freq, max_norm=args.clip_grad, model_ema=parts.model_ema,
+                mixup_fn=parts.mixup_fn, amp_dtype=parts.amp_dtype, device_transform=parts.device_transform,
+                cuda_graph=getattr(args, 'cuda_graph', False),
+                weight_decay_varies=args.weight_decay_end not in (None, args.weight_decay),
+                compiled=getattr(args, 'compile', False))
             self.step.key, self.step.warmed = key, False
             if self.step.graph_note and self.step.graph_note not in _NOTES_SHOWN:
                 _NOTES_SHOWN.add(self.step.graph_note)  # once per run, not at every stage
