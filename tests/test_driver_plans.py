@@ -48,8 +48,8 @@ def deit_warmup(budget):
     return lambda n, b, rt: int(0.2 * budget * ((224 * 224) / (b * b)) / rt)
 
 
-def plain_warmup(n, b, rt):
-    return int(20 / rt)
+def plain_warmup(epochs=20):
+    return lambda n, b, rt: int(epochs / rt)
 
 
 def counts(trained, segments):
@@ -82,6 +82,26 @@ def test_official_stage_epochs_at_e200(model, epochs, equivalent):
     assert round(plan.total_compute, 3) == equivalent
 
 
+def check_against_drivers(plan, variant, budget, deit=False, warmup_epochs=20):
+    """The plan's stage epochs and end of warmup against run_drivers."""
+    sizes = [s.size for s in plan.stages]
+    replays = [s.replay_times for s in plan.stages]
+    if variant == 'et':
+        assert sizes == [160, 160, 160, 192, 224] and plan.progress_unit == 'epochs'
+        trained = run_drivers(budget, [224] * 5, [1] * 5, plain_warmup(warmup_epochs), 5, map_start=False)
+    else:
+        assert len(sizes) == 10 and plan.progress_unit == 'compute'
+        warmup = deit_warmup(budget) if deit else plain_warmup(warmup_epochs)
+        trained = run_drivers(budget, sizes, replays, warmup, 10)
+    assert [s.epochs for s in plan.stages] == counts(trained, len(sizes))
+    # at these budgets the drivers warm up over one prefix of the run, and so does the plan
+    warm = [w for _, w in trained]
+    n = warm.index(False)
+    assert all(warm[:n]) and not any(warm[n:])
+    assert plan.warmup == pytest.approx(plan.progress(n))
+    assert not [x for x in plan.notes if 'warmup' in x]
+
+
 @pytest.mark.parametrize('model', list(recipes.RECIPES))
 def test_every_preset_follows_the_drivers(model):
     """Every model, every budget the launcher offers, et and etpp (and etpp with the published
@@ -90,23 +110,17 @@ def test_every_preset_follows_the_drivers(model):
     for variant, replay in cases:
         for budget in recipes.PUBLISHED_BUDGETS:
             plan = preset_plan(model, variant, budget, replay)
-            sizes = [s.size for s in plan.stages]
-            replays = [s.replay_times for s in plan.stages]
-            if variant == 'et':
-                assert sizes == [160, 160, 160, 192, 224] and plan.progress_unit == 'epochs'
-                trained = run_drivers(budget, [224] * 5, [1] * 5, plain_warmup, 5, map_start=False)
-            else:
-                assert len(sizes) == 10 and plan.progress_unit == 'compute'
-                warmup = deit_warmup(budget) if model.startswith('deit') else plain_warmup
-                trained = run_drivers(budget, sizes, replays, warmup, 10)
-            where = (model, variant, replay, budget)
-            assert [s.epochs for s in plan.stages] == counts(trained, len(sizes)), where
-            # at these budgets the drivers warm up over one prefix of the run, and so does the plan
-            warm = [w for _, w in trained]
-            n = warm.index(False)
-            assert all(warm[:n]) and not any(warm[n:]), where
-            assert plan.warmup == pytest.approx(plan.progress(n)), where
-            assert not [x for x in plan.notes if 'warmup' in x], where
+            check_against_drivers(plan, variant, budget, deit=model.startswith('deit'))
+
+
+@pytest.mark.parametrize('model', list(recipes.IN22K_PRETRAIN))
+def test_in22k_presets_follow_the_drivers(model):
+    """ImageNet-22K pre-training: ET++ at 2/3, 1/2, 1/3 of the baseline's epochs, ET at all of it."""
+    epochs = recipes.IN22K_PRETRAIN[model].epochs
+    for variant, budget in [('etpp', epochs * a // b) for a, b in recipes.IN22K_FRACTIONS] + [('et', epochs)]:
+        argv = recipes.in22k_args(model, variant, budget, data_path='/d')
+        plan = build_plan(main_mod.get_args_parser().parse_args(argv), 16)
+        check_against_drivers(plan, variant, budget, warmup_epochs=recipes.IN22K_PRETRAIN[model].warmup)
 
 
 def test_deit_warmup_at_e200():
@@ -124,12 +138,12 @@ def test_small_budgets_follow_the_drivers(budget):
     plan = preset_plan('resnet50', 'etpp', budget, replay=True)
     segments = [96] * 2 + [160] * 4 + [224] * 4
     replays = [4, 4, 2, 2, 2, 2, 1, 1, 1, 1]
-    trained = run_drivers(budget, segments, replays, plain_warmup, 10)
+    trained = run_drivers(budget, segments, replays, plain_warmup(), 10)
     want = counts(trained, 10)
     assert [s.epochs for s in plan.stages] == [n for n in want if n]
     assert [s.magnitude for s in plan.stages] == [k for k, n in enumerate(want) if n]
     et = preset_plan('resnet50', 'et', budget)
-    want = counts(run_drivers(budget, [224] * 5, [1] * 5, plain_warmup, 5, map_start=False), 5)
+    want = counts(run_drivers(budget, [224] * 5, [1] * 5, plain_warmup(), 5, map_start=False), 5)
     assert [s.epochs for s in et.stages] == [n for n in want if n]
 
 
