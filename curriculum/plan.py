@@ -180,6 +180,9 @@ class Plan:
 def split_rounded(amounts):
     """Integers whose running sums are the rounded running sums of `amounts`.
 
+    Custom curriculum files use this; the et/etpp presets cut stage ends as the official
+    drivers do instead (presets.driver_spans).
+
     Rounding the cumulative boundaries (not each piece) keeps the total within 0.5
     of the exact one, e.g. 108.9 + 108.9 -> 109 + 109 but 39.2 x 4 -> 39, 39, 40, 39.
     """

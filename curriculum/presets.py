@@ -23,7 +23,8 @@ class Recipe:
     sizes: Tuple[int, ...]
     # published per-GPU batch at each bandwidth (8 GPUs, global 4096)
     batch_at: Dict[int, int]
-    # 'epochs': --warmup_epochs counted at the stage's epoch scale; 'compute': a fraction of compute
+    # the drivers' warmup of each launch, in its own epochs (driver_warmup_end): 'epochs':
+    # int(--warmup_epochs / replay); 'compute': int(fraction x E x (224/B)^2 / replay)
     warmup: Tuple[str, float] = ('epochs', 20)
     # published replay settings: {B: (replay_times, buffer_size)}
     replay: Optional[Dict[int, Tuple[int, int]]] = None
@@ -149,10 +150,11 @@ def build_plan(args, size_multiple=16):
         else:
             plan = _build_etpp(args, base, size_multiple, 'lanczos' if lowfreq == 'auto' else lowfreq)
         if plan.stages and plan.stages[-1].size < base:
-            # a tiny budget rounds the base-size segments away: say what the user then gets
+            # the drivers' cut always trains the last segment, but a --base_input_size off the
+            # model's size grid scales it to another B: say what the user then gets
             plan.notes.append(f'no stage trains at the base size {base} (the last is at B={plan.stages[-1].size}): '
                               f'the run ends with a test at {base} but writes no checkpoint-best.pth (only '
-                              f'base-size results compete); a larger --epochs reaches {base}')
+                              f'base-size results compete); a larger --epochs or a base on the size grid reaches {base}')
         return plan
     raise PlanError(f"unknown --curriculum {args.curriculum}: use none, et, etpp or --curriculum_file")
 
@@ -195,26 +197,49 @@ def _build_etpp(args, base, multiple, lowfreq):
         if rt > 1 and bs % rt:
             raise PlanError(f'segment {k}: per-GPU batch {bs} not divisible by replay_times {rt}: '
                             f'choose --batch_size a multiple of {rt}')
-        exact = e / ETPP_SEGMENTS * (base / b) ** 2 / rt
-        raw.append((b, k, exact, bs, uf, rt, buf))
-    epochs = split_rounded([r[2] for r in raw])
-    stages, skipped = [], []
-    for (b, k, _, bs, uf, rt, buf), n in zip(raw, epochs):
-        if n <= 0:
+        raw.append((b, k, bs, uf, rt, buf))
+    sizes, replays = [r[0] for r in raw], [r[4] for r in raw]
+    spans = driver_spans(args.epochs, sizes, replays, base, ETPP_SEGMENTS)
+    stages, skipped, kept = [], [], []
+    for (b, k, bs, uf, rt, buf), (start, end) in zip(raw, spans):
+        if end <= start:
             skipped.append(f'{k} (B={b})')
             continue
-        stages.append(Stage(0, b, k, n, bs, uf, rt, buf))
+        kept.append(k)
+        stages.append(Stage(0, b, k, end - start, bs, uf, rt, buf))
     notes += _skipped_note(skipped, ETPP_SEGMENTS)
     _check_replay_update_freq(stages)
     notes += _auto_note(args, stages, base)
     plan = Plan(f'EfficientTrain++ (E={args.epochs:g})', stages, base, 'compute', lowfreq, notes=notes)
     plan.budget = e
-    plan.warmup = _warmup(args, recipe.warmup, plan)
+    plan.warmup = _driver_warmup(args, recipe, plan, base, sizes, replays, spans, kept)
     return plan
 
 
+def _driver_warmup(args, recipe, plan, base, sizes, replays, spans, kept):
+    """The plan's warmup (progress) where the drivers' per-launch warmup ends (driver_warmup_end)."""
+    kind, value = recipe.warmup
+    if kind == 'compute':
+        # DeiT: each launch warms up over int(0.2 x E x (base/B)^2 / r) of its own epochs
+        cuts = [int(value * args.epochs * _epoch_scale(base, b) / rt) for b, rt in zip(sizes, replays)]
+        what = f'the DeiT warmup ({100 * value:g}% of E)'
+    else:
+        # the others: int(--warmup_epochs / r) of each launch's own epochs (the drivers pass 20)
+        cuts = [int(args.warmup_epochs / rt) for rt in replays]
+        what = f'--warmup_epochs {args.warmup_epochs:g}'
+    end = driver_warmup_end(spans, cuts)
+    if end is None:
+        return clip_warmup(plan, plan.total_progress, what)
+    segment, into = end
+    stage = plan.stages[kept.index(segment)]
+    return clip_warmup(plan, plan.progress(stage.start_epoch + into), what)
+
+
 def _build_et(args, base, multiple, lowfreq):
-    epochs = split_rounded([args.epochs / ET_SEGMENTS] * ET_SEGMENTS)
+    # ET_training.py launches every segment with --epochs E, one epoch unit throughout, each
+    # resuming where the last stopped: driver_spans' rule with nothing to map (all at base, no replay)
+    spans = driver_spans(args.epochs, [base] * ET_SEGMENTS, [1] * ET_SEGMENTS, base, ET_SEGMENTS)
+    epochs = [max(end - start, 0) for start, end in spans]
     stages, notes, undoubled, skipped = [], [], [], []
     for k, (b_pub, m, n) in enumerate(zip(ET_SIZES, ET_MAGNITUDES, epochs)):
         b = scaled_size(b_pub, base, multiple)
@@ -235,7 +260,9 @@ def _build_et(args, base, multiple, lowfreq):
     notes += _auto_note(args, stages, base)
     plan = Plan(f'EfficientTrain (ICCV, {args.epochs} epochs)', stages, base, 'epochs', lowfreq, notes=notes)
     plan.budget = args.epochs
-    plan.warmup = _warmup(args, ('epochs', args.warmup_epochs), plan)
+    # ET_training.py: --warmup_epochs 20 on the one epoch scale of all its launches
+    plan.warmup = clip_warmup(plan, plan.progress_after_plain_epochs(args.warmup_epochs),
+                              f'--warmup_epochs {args.warmup_epochs:g}')
     return plan
 
 
@@ -244,12 +271,64 @@ def _build_et(args, base, multiple, lowfreq):
 CLIPPED_WARMUP_FRACTION = 0.2
 
 
-def _warmup(args, rule, plan):
-    kind, value = rule
-    if kind == 'compute':
-        return value * plan.total_progress
-    return clip_warmup(plan, plan.progress_after_plain_epochs(args.warmup_epochs),
-                       f'--warmup_epochs {args.warmup_epochs:g}')
+# ---------------------------------------------------------------------------
+# stage epochs and warmup as the official drivers launch them
+# ---------------------------------------------------------------------------
+# The released checkpoints were trained by the drivers of LeapLabTHU/EfficientTrain, which
+# launch the training script once per segment (_ET_pp_main_<model>.py and
+# _ET_pp_wReplay_main_<model>.py for EfficientTrain++, ET_training.py for EfficientTrain).
+# What they do, read from those files and from main_buffer.py / utils_buffer.auto_load_model:
+# - launch k counts epochs in its own unit, data epochs at B_k with r_k-fold replay: it is
+#   given --epochs N_k = int(E x (224/B_k)^2 / r_k), the whole budget in that unit, and
+#   --end_epoch int(N_k / S x (k+1)) for S segments;
+# - it starts where the newest checkpoint leaves off (its epoch + 1), mapped into its unit:
+#   first x r_prev / r_k when the replay differs, then x B_prev^2 / B_k^2, each rounded with
+#   Python's round (halves to even); a launch whose start is not below its end trains nothing
+#   and writes no checkpoint, so the next one maps from the one before;
+# - its lr warms up over its own first W_k epochs: int(20 / r_k), or for DeiT
+#   int(0.2 x E x (224/B_k)^2 / r_k).
+# So the stage ends are whole epochs cut down in each launch's unit, not a rounded running
+# total: at E=200 Swin-T trains 108, 109, 39, 39, 40, 39, 20, 20, 20, 20 data epochs.
+
+
+def _epoch_scale(base, b):
+    return (base * base) / (b * b)
+
+
+def driver_spans(budget, sizes, replays, base, segments):
+    """[(start, end)] of each segment's epochs in its own unit, as the drivers launch them.
+
+    The segment trains end - start data epochs (none when end <= start).  EfficientTrain's
+    driver is the same rule with every segment at `base` and no replay (one unit, no mapping).
+    """
+    spans, last = [], None  # last: (end, B, replay) of the newest launch that trained
+    for k, (b, rt) in enumerate(zip(sizes, replays)):
+        total = int(budget * _epoch_scale(base, b) / rt)
+        end = int(total / segments * (k + 1))
+        start = 0
+        if last is not None:
+            start, b_prev, rt_prev = last
+            if rt_prev != rt:
+                start = round(start * (rt_prev / rt))
+            start = round(start * b_prev ** 2 / b ** 2)
+        spans.append((start, end))
+        if end > start:
+            last = (end, b, rt)
+    return spans
+
+
+def driver_warmup_end(spans, cuts):
+    """(segment, data epochs into it) where the drivers' warmup ends, or None if it never does.
+
+    cuts[k]: the warmup length W_k of segment k in its own unit (its lr rises over its epochs
+    0..W_k-1).  The warmup ends in the first segment that trains and has W_k < end: at W_k, or
+    at its start when W_k lies before it.  At small budgets a driver would warm up again in a
+    later segment (its W_k beyond a mapped start); a run here warms up once, over this prefix.
+    """
+    for k, ((start, end), cut) in enumerate(zip(spans, cuts)):
+        if end > start and cut < end:
+            return k, max(cut - start, 0)
+    return None
 
 
 def clip_warmup(plan, warmup, what):

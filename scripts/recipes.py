@@ -58,6 +58,9 @@ class Recipe:
     # METHOD.md publishes replay settings for this model (--replay_preset true)
     replay: bool = False
     source: str = 'METHOD.md'
+    # --variant et where the ICCV driver (LeapLabTHU/EfficientTrain ET_training.py) trained the
+    # model otherwise than the EfficientTrain++ one: (flags, lr, weight decay) instead of the above
+    et: Optional[Tuple[Flags, float, float]] = None
 
 
 _METAFORMER = ('sail-sg/metaformer training scripts (METHOD.md gives no CAFormer recipe); '
@@ -81,7 +84,9 @@ RECIPES: Dict[str, Recipe] = {
     'CSWin_96_24322_base_224': Recipe(
         'cswin', 0.5, 128, 4,
         AMP + EMA + (('--model_ema_decay', '0.9998'), ('--opt', 'lamb'), ('--opt_eps', '1e-6')),
-        lr=8e-3, weight_decay=0.1),
+        lr=8e-3, weight_decay=0.1,
+        # ET_training.py gives CSWin-B only the CSWin flags: AdamW (eps 1e-8), lr 4e-3, wd 0.05, EMA 0.9999
+        et=(AMP + EMA, DEFAULT_LR, DEFAULT_WEIGHT_DECAY)),
     'caformer_s18': Recipe('caformer', 0.15, 128, 4, (('--opt', 'lamb'),), lr=8e-3, source=_METAFORMER),
     'caformer_s36': Recipe('caformer', 0.3, 128, 4, (('--opt', 'lamb'),), lr=8e-3, source=_METAFORMER),
     'caformer_m36': Recipe('caformer', 0.4, 128, 4, (('--opt', 'lamb'),), lr=8e-3, source=_METAFORMER),
@@ -246,11 +251,12 @@ def main_args(model: str, variant: str = 'etpp', budget: Optional[int] = None, w
         raise LaunchError(f'no published replay settings for {model} (published for {with_replay}); '
                           f'pass --replay_times N --replay_buffer_size M instead')
     b, uf = split_batch(r, world, batch)
+    own_flags, lr, wd = r.et if variant == 'et' and r.et else (r.flags, r.lr, r.weight_decay)
     args = ['--model', model, '--curriculum', curriculum, '--epochs', str(budget),
             '--batch_size', str(b), '--update_freq', str(uf),
-            '--lr', _fmt(r.lr), '--weight_decay', _fmt(r.weight_decay),
+            '--lr', _fmt(lr), '--weight_decay', _fmt(wd),
             '--warmup_epochs', str(WARMUP_EPOCHS), '--drop_path', _fmt(drop_path(r, variant, budget))]
-    flags = list(r.flags) + ([('--replay_preset', 'true')] if replay else [])
+    flags = list(own_flags) + ([('--replay_preset', 'true')] if replay else [])
     return _finish(args, flags, data_path, output_dir, extra)
 
 
@@ -508,6 +514,10 @@ def recipe_table() -> str:
                      f'{f"{r.batch} x {r.update_freq}":>14} {dps:>28}  {flags}')
     lines.append(f'batch x update_freq on {PUBLISHED_GPUS} GPUs (global {GLOBAL_BATCH}); baseline and et use the '
                  f'E=200 drop path column.')
+    for name, r in RECIPES.items():
+        if r.et:
+            flags = ' '.join(f'{k} {v}' for k, v in r.et[0])
+            lines.append(f'{name} with --variant et (ET_training.py): lr {_fmt(r.et[1])} wd {_fmt(r.et[2])}  {flags}')
     lines += [f'{n}: from {r.source}' for n, r in RECIPES.items() if r.source != 'METHOD.md']
     lines += ['', 'ImageNet-22K pre-training (--task in22k; --data_path: train/ and val/ of the 22K classes)']
     for name, r in IN22K_PRETRAIN.items():

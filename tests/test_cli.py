@@ -182,10 +182,10 @@ def test_eval_uses_the_checkpoints_size_unless_given(etpp_run, capsys):
     out = capsys.readouterr().out
     assert 'trained at 64x64; evaluating at --input_size 224' in out and ACC_RE.findall(out)[0][3] == ' at 224x224'
 
-    # a checkpoint of the B=32 stage is evaluated at 32
+    # a checkpoint of the B=48 stage is evaluated at 48
     main_mod.main(main_mod.get_args_parser().parse_args(
         EVAL + ['--resume', os.path.join(etpp_run, 'checkpoint-1.pth')]))
-    assert ACC_RE.findall(capsys.readouterr().out)[0][3] == ' at 32x32'
+    assert ACC_RE.findall(capsys.readouterr().out)[0][3] == ' at 48x48'
 
 
 def test_input_size_default_is_stored_as_a_plain_int():
@@ -200,7 +200,7 @@ def test_input_size_default_is_stored_as_a_plain_int():
 # ---------------------------------------------------------------------------
 
 def test_checkpoints_config_and_store_copies_follow_the_umask(etpp_run, tmp_path):
-    for name in ('checkpoint-best.pth', 'checkpoint-3.pth', 'config.json', 'log.txt'):
+    for name in ('checkpoint-best.pth', 'checkpoint-2.pth', 'config.json', 'log.txt'):
         # the module's run was made under the test process's umask
         assert stat.S_IMODE(os.stat(os.path.join(etpp_run, name)).st_mode) == utils.file_mode(), name
     old = os.umask(0o027)
@@ -237,7 +237,7 @@ def plan_args(argv):
 def test_plan_table_for_a_small_budget():
     args = plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '2', '--base_input_size', '64'])
     text = plan_text(args, build_plan(args), torch.device('cpu'), 2)
-    assert 'vs the same 4 data epochs at 64: 1.94x' in text
+    assert 'vs the same 3 data epochs at 64: 1.66x' in text
     assert '300-epoch' not in text and 'per GPU' not in text
     assert 'Lanczos resize on the CPU, published pipeline' in text
     assert '2 processes ("batch x freq" is per process): global batch 128' in text
@@ -250,16 +250,21 @@ def test_plan_table_for_a_small_budget():
                       '--data_pipeline', 'fast'])
     assert 'bicubic resize' in plan_text(fast, build_plan(fast), torch.device('cpu'), 1)
     assert not [n for n in notes if 'no stage trains at the base size' in n]
-    # a budget so small that every base-size segment rounds away: the plan says what is missing
-    tiny = plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '1', '--base_input_size', '64'])
-    tiny_plan = build_plan(tiny)
-    assert tiny_plan.stages[-1].size < 64
-    assert [n for n in tiny_plan.notes if 'no stage trains at the base size 64' in n and 'checkpoint-best' in n]
+    # the drivers' last segment always trains (it ends at epoch E of E), even at E=1 ...
+    tiny = build_plan(plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '1',
+                                 '--base_input_size', '64']))
+    assert [s.size for s in tiny.stages] == [64] and not [n for n in tiny.notes if 'no stage trains' in n]
+    # ... but a base off the size grid leaves no stage at the base size: the plan says what is missing
+    off = build_plan(plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '2',
+                                '--base_input_size', '56']))
+    assert off.stages[-1].size < 56
+    assert [n for n in off.notes if 'no stage trains at the base size 56' in n and 'checkpoint-best' in n]
     et = build_plan(plan_args(['--model', 'test_convnext', '--curriculum', 'et', '--epochs', '3',
                                '--base_input_size', '64']))
     assert len(et.stages) == 3
-    assert [n for n in et.notes if n.startswith('segments 1 (B=48), 3 (B=48) of 5 round to 0 data epochs')]
-    assert [n for n in et.notes if n.startswith('segments 0, 2: batch not doubled')]  # the kept ones only
+    # ET_training.py's ends int(3/5 x (k+1)) = 0, 1, 1, 2, 3: segments 0 and 2 get no epoch
+    assert [n for n in et.notes if n.startswith('segments 0 (B=48), 2 (B=48) of 5 round to 0 data epochs')]
+    assert [n for n in et.notes if n.startswith('segments 1, 3: batch not doubled')]  # the kept ones only
 
 
 def test_plan_table_compares_with_the_papers_baseline_only_for_its_settings():
@@ -274,12 +279,12 @@ def test_plan_table_compares_with_the_papers_baseline_only_for_its_settings():
 
 def test_whole_run_eta_from_compute_progress():
     args = plan_args(['--model', 'test_convnext', '--curriculum', 'etpp', '--epochs', '2', '--base_input_size', '64'])
-    plan = build_plan(args)  # epochs cost 0.25, 0.25, 0.5625, 1.0 (total 2.0625)
+    plan = build_plan(args)  # epochs cost 0.25, 0.5625, 1.0 (total 1.8125)
     assert whole_run_eta(plan, 0, 0, 5.0) == ''
-    # 0.5 compute took 10 s: 1.5625 left at 20 s per unit
-    assert whole_run_eta(plan, 0, 2, 10.0) == ', whole-run ETA 0:00:31'
+    # 0.25 compute took 5 s: 1.5625 left at 20 s per unit
+    assert whole_run_eta(plan, 0, 1, 5.0) == ', whole-run ETA 0:00:31'
     # a resumed process measures only its own part
-    assert whole_run_eta(plan, 2, 3, 11.25) == ', whole-run ETA 0:00:20'
+    assert whole_run_eta(plan, 1, 2, 11.25) == ', whole-run ETA 0:00:20'
 
 
 # ---------------------------------------------------------------------------
@@ -295,8 +300,8 @@ def test_plot_log_draws_a_real_run(etpp_run, tmp_path, capsys):
         assert im.size[0] > 400 and im.size[1] > 400
     records, base = plot_log.read_log(etpp_run)
     s = plot_log.series(records, base)
-    assert base == 64 and s['epoch'] == [1, 2, 3, 4] and s['boundaries'] == [1, 2, 3]
-    assert s['compute'] == pytest.approx([0.25, 0.5, 1.0625, 2.0625])
+    assert base == 64 and s['epoch'] == [1, 2, 3] and s['boundaries'] == [1, 2]
+    assert s['compute'] == pytest.approx([0.25, 0.8125, 1.8125])
     assert all(v is not None for v in s['test_ema_acc1'])
     assert plot_log.cli([str(tmp_path / 'nothing')]) == 2
     assert 'log.txt does not exist' in capsys.readouterr().err

@@ -350,9 +350,12 @@ def test_published_stays_the_default():
 
 def test_tiny_training_run_with_fast_path(tmp_path):
     out = str(tmp_path / 'fast')
+    # one epoch at B=32 (Lanczos), below the base size: the run ends with a test at the base size
+    plan = tmp_path / 'b32.json'
+    plan.write_text('{"progress": "epochs", "stages": [{"share": 1.0, "size": 32, "magnitude": 0}]}')
     argv = ['--data_set', 'SYNTH', '--synth_classes', '4', '--synth_per_class', '16', '--synth_val_per_class', '4',
             '--synth_image_size', '72', '--model', 'resnet18', '--batch_size', '16', '--device', 'cpu',
-            '--num_workers', '0', '--print_freq', '100', '--pin_mem', 'false', '--curriculum', 'etpp',
+            '--num_workers', '0', '--print_freq', '100', '--pin_mem', 'false', '--curriculum_file', str(plan),
             '--base_input_size', '64', '--epochs', '1', '--data_pipeline', 'fast', '--channels_last', 'true',
             '--reprob', '0.25', '--output_dir', out]
     main_mod.main(main_mod.get_args_parser().parse_args(argv))

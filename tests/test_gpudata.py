@@ -365,7 +365,7 @@ def _train_argv(folder):
             '--data_pipeline', 'gpu', '--reprob', '0.5', '--save_ckpt_steps', '1', '--pin_mem', 'false']
 
 
-def test_sigkill_with_replay_resumes_exactly(tmp_path):
+def test_sigkill_with_replay_resumes_exactly(tmp_path, replay_curriculum):
     # replay splits a loader batch into 32 chunks: batch 64 x replay 2 -> loader batches of 32
     rng = np.random.default_rng(4)
     root = tmp_path / 'data'
@@ -374,8 +374,8 @@ def test_sigkill_with_replay_resumes_exactly(tmp_path):
         d.mkdir(parents=True, exist_ok=True)
         _jpeg(rng, int(rng.integers(64, 100)), int(rng.integers(64, 100))).save(d / f'{k}.jpg', quality=90)
     # prefetching on (its thread runs on the CPU too): a batch is the same whenever it is made
-    argv = _train_argv(str(root)) + ['--batch_size', '64', '--replay_times', '2', '--replay_buffer_size', '2',
-                                     '--model_ema', 'true', '--gpu_prefetch', 'true']
+    argv = replay_curriculum(_train_argv(str(root))) + ['--batch_size', '64', '--model_ema', 'true',
+                                                        '--gpu_prefetch', 'true']
     rc = fault_inject.main(['--run_timeout', '300', '--kills', '1', '--seed', '2', '--workdir', str(tmp_path),
                             '--'] + argv)
     assert rc == 0
@@ -409,7 +409,8 @@ def test_tiny_training_run_with_fourier_crop(folder, tmp_path):
     # EfficientTrain (--curriculum et): the device half works at the base size and the
     # Fourier crop to B follows it in the training loop, as with the fast path
     out = str(tmp_path / 'run')
-    argv = _train_argv(folder) + ['--curriculum', 'et', '--epochs', '1', '--output_dir', out, '--print_freq', '100',
+    # E=2: ET_training.py's ends int(2/5 x (k+1)) give one epoch at B=48, one at 64
+    argv = _train_argv(folder) + ['--curriculum', 'et', '--epochs', '2', '--output_dir', out, '--print_freq', '100',
                                   '--channels_last', 'true']
     main_mod.main(main_mod.get_args_parser().parse_args(argv))
     import json

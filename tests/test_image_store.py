@@ -257,9 +257,12 @@ def test_tiny_training_run_reads_the_store(tmp_path, built, monkeypatch):
     data, out = built
     levels = spy_levels(monkeypatch)
     run = str(tmp_path / 'run')
+    # one epoch at B=32, below the base size: the run ends with a test at the base size
+    plan = tmp_path / 'b32.json'
+    plan.write_text('{"progress": "epochs", "stages": [{"share": 1.0, "size": 32, "magnitude": 0}]}')
     argv = ['--data_set', 'image_folder', '--data_path', data, '--eval_data_path', data, '--model', 'resnet18',
             '--batch_size', '8', '--device', 'cpu', '--num_workers', '0', '--pin_mem', 'false',
-            '--curriculum', 'etpp', '--base_input_size', '64', '--epochs', '1', '--print_freq', '100',
+            '--curriculum_file', str(plan), '--base_input_size', '64', '--epochs', '1', '--print_freq', '100',
             '--data_pipeline', 'fast', '--image_store', out, '--output_dir', run]
     main_mod.main(main_mod.get_args_parser().parse_args(argv))
     log = [json.loads(line) for line in open(os.path.join(run, 'log.txt'))]

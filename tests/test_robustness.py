@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import main as main_mod
+from curriculum import build_plan
 from runner.checkpoint import check_finite, write_config
 from runner.resume import ResumePoint, _steps_on, check_same_run
 from runner.stage import checked_plan
@@ -21,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import fault_inject  # noqa: E402
 
-# etpp at base 64 with E=2: B=32 -> 48 -> 64 inside 4 short epochs; mixup, cutmix, drop path,
+# etpp at base 64 with E=2: B=32 -> 48 -> 64 inside 3 short epochs; mixup, cutmix, drop path,
 # RandAugment, random erasing and EMA all draw random numbers.
 RUN = ['--data_set', 'SYNTH', '--synth_classes', '4', '--synth_per_class', '24', '--synth_val_per_class', '4',
        '--synth_image_size', '72', '--model', 'test_convnext', '--curriculum', 'etpp', '--base_input_size', '64',
@@ -61,11 +62,11 @@ def test_sigkill_at_random_points_resumes_exactly(tmp_path):
     assert rc == 0
 
 
-def test_sigkill_with_replay_and_fast_path_resumes_exactly(tmp_path):
+def test_sigkill_with_replay_and_fast_path_resumes_exactly(tmp_path, replay_curriculum):
     # the replay buffer is rebuilt from the stage's last batches; the fast path's device
     # random erasing is seeded per batch, so the rebuilt buffer is the one that was lost
-    argv = RUN + ['--batch_size', '64', '--synth_per_class', '48', '--replay_times', '2',
-                  '--replay_buffer_size', '2', '--data_pipeline', 'fast', '--reprob', '0.5']
+    argv = replay_curriculum(RUN) + ['--batch_size', '64', '--synth_per_class', '48', '--data_pipeline', 'fast',
+                                     '--reprob', '0.5']
     rc = fault_inject.main(LIMIT + ['--kills', '2', '--seed', '1', '--workdir', str(tmp_path), '--'] + argv)
     assert rc == 0
     assert open(tmp_path / 'faulty.out').read().count('Rebuilding the replay buffer') >= 1
@@ -373,8 +374,9 @@ def test_unwritable_output_dir(tmp_path, capsys):
 
 
 def test_impossible_curriculum_settings(capsys):
+    # E=3: at E=1 and 2 the drivers' cut leaves no epoch to a replayed (B < 64) segment
     err = cli_error(TINY + ['--curriculum', 'etpp', '--base_input_size', '64', '--replay_times', '2',
-                            '--replay_buffer_size', '4', '--update_freq', '2'], capsys)
+                            '--replay_buffer_size', '4', '--update_freq', '2', '--epochs', '3'], capsys)
     assert 'update_freq' in err
     err = cli_error(TINY + ['--curriculum', 'etpp', '--batch_size', '100000', '--base_input_size', '64'], capsys)
     assert 'batch' in err
@@ -445,13 +447,13 @@ def test_resume_file_older_than_output_dir_warns(etpp_run, tmp_path, capsys):
     out = str(tmp_path / 'copy')
     shutil.copytree(etpp_run, out)
     older = str(tmp_path / 'older.pth')
-    shutil.copy(os.path.join(out, 'checkpoint-2.pth'), older)
+    shutil.copy(os.path.join(out, 'checkpoint-1.pth'), older)
     os.remove(os.path.join(out, 'checkpoint-best.pth'))
     capsys.readouterr()
     main_mod.cli(ETPP + ['--output_dir', out, '--resume', older, '--epochs', '2'])
     text = capsys.readouterr().out
-    assert 'checkpoint-3.pth in --output_dir is further along than --resume' in text, text
-    assert f'Resumed from {older}; continuing at epoch 3' in text
+    assert 'checkpoint-2.pth in --output_dir is further along than --resume' in text, text
+    assert f'Resumed from {older}; continuing at epoch 2' in text
 
 
 def test_resume_override_changes_deliberately_and_keeps_configs(etpp_run, tmp_path, capsys):
@@ -500,6 +502,32 @@ def test_plan_difference_and_gpu_count(etpp_run):
         s['batch_size'] *= 2
     with pytest.raises(utils.UserError, match='stage 0 global batch .* x 1 GPU.*global_batch_size'):
         check_same_run(args, ckpt, path, plan, world=1)
+
+
+def test_checkpoint_of_the_older_rounded_preset_is_refused_in_one_line():
+    """Presets before issue 18 rounded a running total: ResNet-50 at E=200 trained 109, 109, 39,
+    39, 39, 40, 20 x 4 (455 epochs), the drivers 108, 109, 39, 39, 40, 39, 20 x 4 (454). Such a
+    checkpoint's plan is refused with one line; --resume_override plan continues it."""
+    args = main_mod.get_args_parser().parse_args(['--model', 'resnet50', '--curriculum', 'etpp', '--epochs', '200',
+                                                  '--batch_size', '512', '--data_set', 'SYNTH'])
+    main_mod.check_args(args)
+    plan = build_plan(args)
+    old, start = plan.summary(), 0
+    for stage, n in zip(old['stages'], [109, 109, 39, 39, 39, 40, 20, 20, 20, 20]):
+        stage['epochs'], stage['start_epoch'] = n, start
+        start += n
+    old['num_epochs'] = start
+    ckpt = {'epoch': 120, 'args': utils.plain_args(args), 'rng': [None], 'plan': old}
+    path = 'out/x/checkpoint-120.pth'
+    with pytest.raises(utils.UserError) as e:
+        check_same_run(args, ckpt, path, plan, world=1)
+    msg = str(e.value)
+    assert '\n' not in msg and 'num_epochs 454 (was 455)' in msg and '--resume_override plan' in msg
+    old['num_epochs'] = plan.num_epochs  # the stages themselves are compared too
+    with pytest.raises(utils.UserError, match='stage 0 epochs 108 \\(was 109\\).*--resume_override plan'):
+        check_same_run(args, ckpt, path, plan, world=1)
+    args.resume_override = 'plan'
+    check_same_run(args, ckpt, path, plan, world=1)
 
 
 def _check(argv, ckpt_args, plan_summary=None, world=1, rng_world=1):

@@ -98,11 +98,14 @@ def test_etpp_published_batches(model, bs, uf, expect):
     assert all(s.batch_size * s.update_freq == bs * uf for s in plan.stages)
 
 
-def test_deit_warmup_is_a_fifth_of_compute():
+def test_deit_warmup_ends_at_the_drivers_cut_of_a_fifth_of_e():
     plan = build_plan(make_args(curriculum='etpp', epochs=200, model='deit_small_patch16_224',
                                 batch_size=256, update_freq=2))
     assert [s.size for s in plan.stages] == [96, 96, 160, 160, 160, 160, 192, 192, 224, 224]
-    assert plan.warmup == pytest.approx(0.2 * plan.total_progress)
+    # int(0.2 x 200 x (224/96)^2) = 217 data epochs at 96: the end of stage 1 (108 + 109)
+    assert plan.warmup == pytest.approx(217 * (96 / 224) ** 2)
+    assert plan.warmup == pytest.approx(plan.progress(plan.stages[2].start_epoch))
+    assert plan.warmup == pytest.approx(0.2 * plan.total_progress, rel=0.01)
 
 
 def test_stage_lookup_at_boundaries():
