@@ -57,6 +57,7 @@ from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from curriculum.fastpath import DRAFT_MARGIN, BatchRandomErasing, LazyImageFolder, _draft_scale
+from utils import resolved_device
 
 __all__ = ['EncodedImageFolder', 'GpuSampleTransform', 'EncodedBatch', 'collate_encoded', 'decode_jpegs',
            'resample_weights', 'GpuDataTransform', 'PreparedBatch', 'DevicePrefetcher', 'FILTERS', 'KIND_JPEG',
@@ -286,6 +287,17 @@ def _filter_decode_deprecation() -> None:
     warnings.filterwarnings('ignore', message=_DEPRECATION, category=DeprecationWarning, module='torchvision')
 
 
+_DECODE_STREAMS = {}
+
+
+def _decode_stream(device: torch.device):
+    """The stream the device decoder's outputs are allocated on: one per device, nothing else runs there."""
+    device = resolved_device(device)
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    return _DECODE_STREAMS[device]
+
+
 def decode_jpegs(payloads: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
     """Decode JPEG byte tensors (on the host) to RGB uint8 (3, H, W) on `device`: the one decoder call.
 
@@ -294,25 +306,40 @@ def decode_jpegs(payloads: List[torch.Tensor], device: torch.device) -> List[tor
     CPU.  TorchCodec, which torchvision 0.29 points to, was measured and not chosen
     (README "Performance"); it is used when torchvision no longer has the decoder.  Raises
     RuntimeError when the decoder rejects an input.
+
+    On CUDA the decoder allocates its outputs on the caller's stream but writes them from
+    its own stream (and nvJPEG's hardware engine ignores stream order), without waiting
+    for the caller's stream: a block freed on the caller's stream while queued kernels
+    still read it (the previous chunk's images, resampling buffers) could be handed to
+    the decoder and overwritten early -- silent corruption (pytorch/vision#9606,
+    meta-pytorch/torchcodec#1634).  So the decoder is called with a stream of its own
+    current (_decode_stream): the caching allocator hands a stream only blocks freed on
+    that same stream, and there only images this function returned, each marked as used
+    on the caller's stream (record_stream), so their blocks come back only once the
+    caller's kernels are done with them.  The caller's stream then waits for the decode
+    stream (no host wait; the decoder's own wait for its stream stays in it).  Were the
+    pooled stream the caller's own, the caller's stream is drained first instead.
     """
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
+        mode = ImageReadMode.RGB
     except ImportError:  # a torchvision without its decoders: TorchCodec's takes the same call
         from torchcodec.decoders import decode_jpeg
-        return decode_jpeg(payloads, mode='RGB', device=device)
+        mode = 'RGB'
     _filter_decode_deprecation()
-    if device.type == 'cuda':
-        # torchvision's CUDA decoder allocates its outputs on the caller's stream but writes
-        # them from its own stream (and nvJPEG's hardware engine ignores stream order), without
-        # waiting for the caller's stream: a block freed there while queued kernels still read
-        # it (the previous chunk's images, resampling buffers) can be handed to the decoder and
-        # overwritten early -- silent corruption (pytorch/vision#9606, meta-pytorch/torchcodec
-        # #1634).  Nothing is queued on this stream once it is drained.  The decode itself
-        # waits on the host for its stream anyway; with --gpu_prefetch (the default on CUDA)
-        # this is the helper thread's own stream, not the training step's.
-        torch.cuda.current_stream(device).synchronize()
-        return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
-    return decode_jpeg(payloads, mode=ImageReadMode.RGB)
+    if device.type != 'cuda':
+        return list(decode_jpeg(payloads, mode=mode, device=device))
+    caller = torch.cuda.current_stream(device)
+    stream = _decode_stream(device)
+    if stream == caller:
+        caller.synchronize()
+        return list(decode_jpeg(payloads, mode=mode, device=device))
+    with torch.cuda.stream(stream):
+        out = list(decode_jpeg(payloads, mode=mode, device=device))
+    caller.wait_stream(stream)
+    for img in out:
+        img.record_stream(caller)
+    return out
 
 
 def _kernel(filt: int, x: torch.Tensor) -> torch.Tensor:
@@ -565,7 +592,7 @@ class GpuDataTransform(torch.nn.Module):
         if not isinstance(batch, EncodedBatch):
             raise TypeError(f'GpuDataTransform expects an EncodedBatch from --data_pipeline gpu, got '
                             f'{type(batch).__name__}')
-        if self.mean.device != batch.device:
+        if self.mean.device != resolved_device(batch.device):  # 'cuda' is the current CUDA device
             self.to(batch.device)
         x = self.images(batch)
         if batch.ra is not None:

@@ -6,6 +6,7 @@ transform and comes out close to the fast path's, odd files are decoded on the C
 counted, unreadable ones behave as with the other pipelines, and a killed run resumes
 exactly.
 """
+import contextlib
 import os
 import random
 import sys
@@ -461,6 +462,18 @@ def test_cuda_device_half_matches_the_cpu_one_and_prefetches(folder, odd_folder)
         out = _denorm(gpu_dt(x.to(cuda, non_blocking=True)).cpu())
         # nvJPEG upsamples chroma and rounds its IDCT a little differently from libjpeg-turbo
         assert _psnr(ref, out).mean() > 36
+    # many small chunks: the decoder's outputs reuse blocks of earlier chunks' images (issue 18: no host sync)
+    gpu_dt.chunk = 3
+    for x, _ in batches:
+        assert _psnr(_denorm(cpu_dt(x)), _denorm(gpu_dt(x.to(cuda)).cpu())).mean() > 36
+    gpu_dt.chunk = 64
+    # a batch on plain 'cuda' is on the device the transform's buffers are on (cuda:N): no .to() per batch
+    moves = []
+    orig_to = gpu_dt.to
+    gpu_dt.to = lambda *a, **k: moves.append(a) or orig_to(*a, **k)
+    gpu_dt(batches[0][0].to(cuda))
+    assert moves == []
+    del gpu_dt.to
     direct = [gpu_dt(x.to(cuda)) for x, _ in batches]
     for (x, _), d in zip(DevicePrefetcher(loader, gpu_dt, cuda), direct):
         assert torch.equal(gpu_dt(x.to(cuda)), d)
@@ -506,3 +519,57 @@ def test_prefetcher_starts_its_loader_when_iterated_not_at_the_first_batch():
     it = iter(DevicePrefetcher(Loader(), lambda x: x, torch.device('cpu')))
     assert started == [True]
     assert len(list(it)) == 1
+
+
+def test_cuda_decoder_gets_a_stream_of_its_own_and_no_host_sync(monkeypatch):
+    """Issue 18, 2d: the device decoder's outputs come from a stream nothing else allocates on, marked as used
+    on the caller's stream, which waits for it on the device: no host synchronisation per decoded chunk
+    (before: the caller's stream was drained on the host before every decoder call).  The Python side with
+    torch.cuda faked; the CUDA test above checks the pixels."""
+    import torchvision.io
+    import curriculum.gpudata as gd
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def synchronize(self):
+            log.append(('synchronize', self.name))
+
+        def wait_stream(self, other):
+            log.append(('wait', self.name, other.name))
+
+    class Image:
+        def __init__(self, stream):
+            self.made_on, self.used_on = stream, []
+
+        def record_stream(self, s):
+            self.used_on.append(s.name)
+
+    state = {'current': Stream('caller')}
+
+    @contextlib.contextmanager
+    def on(stream):
+        saved, state['current'] = state['current'], stream
+        yield
+        state['current'] = saved
+
+    pooled = iter([Stream('decode'), Stream('unused')])
+    monkeypatch.setattr(gd, '_DECODE_STREAMS', {})
+    monkeypatch.setattr(torch.cuda, 'current_stream', lambda device=None: state['current'])
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+    monkeypatch.setattr(torch.cuda, 'Stream', lambda device=None: next(pooled))
+    monkeypatch.setattr(torch.cuda, 'stream', on)
+    monkeypatch.setattr(torchvision.io, 'decode_jpeg',
+                        lambda payloads, mode, device: [Image(state['current'].name) for _ in payloads])
+    cuda = torch.device('cuda')
+    for _ in range(3):  # three chunks
+        out = gd.decode_jpegs([torch.zeros(4, dtype=torch.uint8)] * 2, cuda)
+        assert [(o.made_on, o.used_on) for o in out] == [('decode', ['caller'])] * 2
+    assert log == [('wait', 'caller', 'decode')] * 3  # one device-side wait per chunk, no host sync
+    # a pooled stream that happens to be the caller's: drained on the host, as before
+    log.clear()
+    state['current'] = gd._DECODE_STREAMS[torch.device('cuda', 0)]
+    out = gd.decode_jpegs([torch.zeros(4, dtype=torch.uint8)], cuda)
+    assert log == [('synchronize', 'decode')] and out[0].made_on == 'decode'
