@@ -316,7 +316,9 @@ class TrainStep:
                         loss = self.criterion(module(x), y)
                     loss.backward()
                     del loss  # pool memory: freed before the pool is
-        except Exception as e:  # noqa: BLE001 - any capture failure: train eagerly (or stop, see _capturing)
+        except utils.UserError:
+            raise  # the allocator could not be restored: stop
+        except Exception as e:  # noqa: BLE001 - any capture failure: train eagerly
             self._fall_back(f'--cuda_graph: a trial capture before training failed ({_why(e)}); '
                             f'training goes on eagerly')
         finally:

@@ -460,7 +460,8 @@ def test_a_failed_capture_torch_already_cleaned_is_not_released_twice(monkeypatc
     assert not any(e[0] in ('endAllocateToPool', 'releasePool') for e in log if isinstance(e, tuple))
 
 
-def test_an_allocator_that_cannot_be_restored_stops_the_run_in_one_line(monkeypatch):
+@pytest.mark.parametrize('where', ['trial', 'training'])
+def test_an_allocator_that_cannot_be_restored_stops_the_run_in_one_line(monkeypatch, where):
     log, current, side, routed = _fake_cuda(monkeypatch, fail_capture=True)
 
     def release(index, pool):
@@ -468,9 +469,12 @@ def test_an_allocator_that_cannot_be_restored_stops_the_run_in_one_line(monkeypa
     monkeypatch.setattr(torch._C, '_cuda_releasePool', release, raising=False)
     step = _graphed_step(graph_warmup=1)
     x, y = _batches(1)[0]
-    step.run(x, y, None, True, 0)
     with pytest.raises(utils.UserError) as e:
-        step.run(x, y, None, True, 1)
+        if where == 'trial':
+            step.warm_up((4, 3, 2, 2), 3)
+        else:
+            step.run(x, y, None, True, 0)
+            step.run(x, y, None, True, 1)
     msg = str(e.value)
     assert '\n' not in msg and msg.startswith('--cuda_graph true: a CUDA graph capture failed')
     assert msg.endswith('rerun with --cuda_graph false')
