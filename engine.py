@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from optim_factory import apply_hparams
+from optim_factory import apply_hparams, device_lr, host_lr
 
 
 class TrainingDiverged(RuntimeError):
@@ -37,14 +37,6 @@ def graph_blocker(model, optimizer, device, *, weight_decay_varies=False, compil
     if weight_decay_varies:
         return '--weight_decay_end: a weight decay that changes every step would be frozen into the graph'
     return None
-
-
-def _resolved(device):
-    """The device with its index (a CUDA device without one is the current device)."""
-    device = torch.device(device)
-    if device.type == 'cuda' and device.index is None:
-        return torch.device('cuda', torch.cuda.current_device())
-    return device
 
 
 def _zero_momentum_buffers(optimizer):
@@ -105,7 +97,7 @@ class TrainStep:
         # torch.device('cuda') != torch.device('cuda:0'): compare the resolved devices (a plain
         # --device cuda would otherwise leave the EMA out of the graph, "kept on the CPU")
         self.ema_on_device = model_ema is not None and \
-            _resolved(next(model_ema.module.parameters()).device) == _resolved(self.device)
+            utils.resolved_device(next(model_ema.module.parameters()).device) == utils.resolved_device(self.device)
         self.graph_note = None
         self.cuda_graph = False
         if cuda_graph:
@@ -121,7 +113,9 @@ class TrainStep:
         self._graphs = {}  # (shape, update) -> (graph, static inputs, static outputs)
         self._updates_seen = {}
         self._pool = None
-        self._loss_ok = None  # this update's micro-steps all had a finite loss (device bool)
+        # this update's micro-steps so far all had a finite loss: one device bool written in
+        # place, so a captured accumulation micro-step and the captured update share it
+        self._loss_ok = torch.ones((), dtype=torch.bool, device=self.device)
         self._with_grad = self.params
         self._buffers_ready = False
         self.begin_epoch(0)
@@ -183,8 +177,7 @@ class TrainStep:
                 loss = self.criterion(output, targets)
             self.loss_scaler.scale(loss / self.update_freq).backward()
         loss = loss.detach().float()
-        finite = torch.isfinite(loss)
-        self._loss_ok = finite if self._loss_ok is None else self._loss_ok & finite
+        self._loss_ok.logical_and_(torch.isfinite(loss))
         acc = None if hard is None else (output.detach().argmax(-1) == hard).float().mean()
         return loss, acc
 
@@ -198,7 +191,7 @@ class TrainStep:
         else:
             norm = utils.grad_norm(params)
         ok = self._loss_ok & torch.isfinite(norm)
-        self._loss_ok = None
+        self._loss_ok.fill_(True)  # the next update's micro-steps start afresh
         if self.fused_skip:
             # GradScaler's protocol for fused optimizers: the kernel skips when found_inf != 0
             # (torch.optim.Adam/AdamW/SGD read these attributes in step()).
@@ -241,6 +234,8 @@ class TrainStep:
         first steps.  Nothing training sees changes: the batch-norm statistics and every
         buffer are restored, the random streams forked, the gradients dropped, the optimizer,
         scaler and EMA untouched; the unwrapped module runs (no DDP communication).
+        With --cuda_graph this runs on the capture stream and is followed by a trial capture
+        of the same forward and backward (probe_capture), before any batch of the stage.
         """
         module = self._unwrapped()
         buffers = [b.detach().clone() for b in module.buffers()]
@@ -252,7 +247,7 @@ class TrainStep:
         else:
             y = torch.zeros(shape[0], dtype=torch.long, device=self.device)
         devices = [self.device] if self.device.type == 'cuda' else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), self._on_capture_stream():
             with _autocast(self.device, self.amp_dtype):
                 loss = self.criterion(module(x), y)
             loss.backward()
@@ -260,10 +255,26 @@ class TrainStep:
             for b, saved in zip(module.buffers(), buffers):
                 b.copy_(saved)
         self.zero_grad()
+        if self.cuda_graph:
+            self.probe_capture(module, x, y)
+
+    @contextlib.contextmanager
+    def _on_capture_stream(self):
+        """Eager work that precedes a capture runs on the capture stream, as torch.cuda.graph asks."""
+        if not self.cuda_graph:
+            yield
+            return
+        stream = _capture_stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(stream)
 
     def zero_grad(self):
-        """Drop the gradients; in place once graphs are captured (they hold the gradients' memory)."""
+        """Drop the gradients (and the update's loss record); in place once graphs are captured
+        (they hold the gradients' memory)."""
         self.optimizer.zero_grad(set_to_none=not self._graphs)
+        self._loss_ok.fill_(True)
 
     def _unwrapped(self):
         m = self.model
@@ -284,6 +295,66 @@ class TrainStep:
         return {'loss': loss, 'class_acc': acc, 'grad_norm': norm}
 
     # ------------------------------------------------------------------ CUDA graphs
+    def probe_capture(self, module, x, y):
+        """Capture this stage's forward and backward on (x, y) into a throw-away graph and pool.
+
+        Run before the stage's first batch (warm_up), so a model or setting that cannot be
+        captured is found before anything of the run depends on it: training then goes on
+        eagerly (one line says why), or stops with one line if torch's allocator cannot be
+        put back (release_failed_capture).  Nothing executes in a capture, so weights,
+        buffers, gradients and random streams are as before; the graph and its pool are
+        freed at once.
+        """
+        grads = [p.grad for p in self.params]
+        pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        devices = [self.device] if self.device.type == 'cuda' else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                with self._capturing(graph, pool):
+                    with _autocast(self.device, self.amp_dtype, cache_enabled=False):
+                        loss = self.criterion(module(x), y)
+                    loss.backward()
+                    del loss  # pool memory: freed before the pool is
+        except utils.UserError:
+            raise  # the allocator could not be restored: stop
+        except Exception as e:  # noqa: BLE001 - any capture failure: train eagerly
+            self._fall_back(f'--cuda_graph: a trial capture before training failed ({_why(e)}); '
+                            f'training goes on eagerly')
+        finally:
+            for p, g in zip(self.params, grads):
+                p.grad = g  # a capture's backward may have handed out new (never computed) gradients
+        del graph  # its pool goes back to the allocator
+        if self.device.type == 'cuda':
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def _capturing(self, graph, pool):
+        """torch.cuda.graph on the capture stream; a failed capture leaves the stream and torch's
+        allocator as before it (release_failed_capture), or raises UserError (stop) if it cannot."""
+        stream = torch.cuda.current_stream(self.device)
+        try:
+            # thread_local: under the default "global" mode a CUDA call of another thread during the
+            # capture (the DataLoader's pin-memory thread's cudaHostAlloc, the gpu pipeline's
+            # prefetch thread) fails there with cudaErrorStreamCaptureUnsupported and kills the run;
+            # those threads never touch the capturing stream, so only this thread is restricted
+            with torch.cuda.graph(graph, pool=pool, stream=_capture_stream(self.device),
+                                  capture_error_mode='thread_local'):
+                yield
+        except BaseException as e:
+            # torch.cuda.graph.__exit__ leaves its capture stream current when capture_end()
+            # raises (an invalidated capture): training goes on on the stream it had
+            torch.cuda.set_stream(stream)
+            # training goes on eagerly: this step's graphs go first, so the pool they share with
+            # the failed capture has no live user when that capture's use of it is given back
+            self._graphs.clear()
+            stuck = release_failed_capture(graph, pool, self.device)
+            if stuck:
+                raise utils.UserError(f'--cuda_graph true: a CUDA graph capture failed ({_why(e)}) and torch\'s '
+                                      f'memory allocator could not be restored ({stuck}); rerun with '
+                                      f'--cuda_graph false') from e
+            raise
+
     def _run_graphed(self, samples, targets, hard, update, it):
         key = (tuple(samples.shape), samples.dtype, tuple(targets.shape), hard is None, update)
         entry = self._graphs.get(key)
@@ -297,8 +368,10 @@ class TrainStep:
                 return self._side_stream_eager(samples, targets, hard, update, it)
             try:
                 entry = self._capture(key, samples, targets, hard, update)
+            except utils.UserError:
+                raise
             except Exception as e:  # noqa: BLE001 - any capture failure: train on eagerly
-                self._abandon_graphs(f'{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}')
+                self._abandon_graphs(_why(e))
                 return None
         graph, static_in, static_out = entry
         for dst, src in zip(static_in, (samples, targets, hard)):
@@ -314,20 +387,16 @@ class TrainStep:
         return out
 
     def _side_stream_eager(self, samples, targets, hard, update, it):
-        stream = _capture_stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+        with self._on_capture_stream():
             loss, acc = self._micro(samples, targets, hard, update)
             norm = self._update(set_to_none=not self._graphs) if update else None  # see run()
             self._track(loss, it, norm)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
         return {'loss': loss, 'class_acc': acc, 'grad_norm': norm}
 
     def _capture(self, key, samples, targets, hard, update):
         torch.cuda.synchronize(self.device)
+        device_lr(self.optimizer, self.device)  # filled in place by apply_hparams: replays see it
         for g in self.optimizer.param_groups:
-            if not isinstance(g['lr'], torch.Tensor):
-                g['lr'] = torch.tensor(float(g['lr']), device=self.device)
             if 'capturable' in g:
                 # Adam/AdamW.step() refuses to run under capture unless every group says
                 # capturable=True (Optimizer._accelerator_graph_capture_health_check), fused or
@@ -342,45 +411,93 @@ class TrainStep:
         for p in self._with_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
         static_in = (samples.clone(), targets.clone(), None if hard is None else hard.clone())
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        self._loss_ok = None
-        # thread_local: under the default "global" mode a CUDA call of another thread during the
-        # capture (the DataLoader's pin-memory thread's cudaHostAlloc, the gpu pipeline's
-        # prefetch thread) fails there with cudaErrorStreamCaptureUnsupported and kills the run;
-        # those threads never touch the capturing stream, so only this thread is restricted
-        stream = torch.cuda.current_stream(self.device)
         try:
-            with torch.cuda.graph(graph, pool=self._pool, stream=_capture_stream(self.device),
-                                  capture_error_mode='thread_local'):
+            with self._capturing(graph, self._pool):
                 loss, acc = self._micro(*static_in, update, cache_enabled=False)
                 norm = self._update(set_to_none=False, ema=self.ema_on_device) if update else None
         except BaseException:
-            # torch.cuda.graph.__exit__ leaves its capture stream current when capture_end()
-            # raises (an invalidated capture): training goes on eagerly on the stream it had
-            torch.cuda.set_stream(stream)
+            # nothing ran: the gradients accumulated so far (earlier micro-steps) hold, but a
+            # gradient the captured backward handed out was never computed
+            for p, g in zip(self.params, grads):
+                p.grad = g
             raise
-        self._loss_ok = None
         self._graphs[key] = (graph, static_in, {'loss': loss, 'class_acc': acc, 'grad_norm': norm})
         print(f'CUDA graph captured: input {tuple(samples.shape)}, {"update" if update else "accumulation"} step'
               f'{" (" + self.stage_desc + ")" if self.stage_desc else ""}', flush=True)
         return self._graphs[key]
 
-    def _abandon_graphs(self, why):
-        self.graph_note = f'--cuda_graph: capture failed ({why}); training goes on eagerly'  # benchmarks report it
-        print(self.graph_note, flush=True)
+    def _fall_back(self, note):
+        """Train eagerly from here on: lr back to numbers, capturable off; the gradients and the
+        update's loss record stay (a capture that failed mid-accumulation ran nothing)."""
+        self.graph_note = note  # benchmarks report it
+        print(note, flush=True)
         self.cuda_graph = False
         self._graphs.clear()
-        self._loss_ok = None
-        self.loss_scaler.reset_iteration()
+        host_lr(self.optimizer)
         for g in self.optimizer.param_groups:
-            if isinstance(g['lr'], torch.Tensor):
-                g['lr'] = float(g['lr'])
             if 'capturable' in g:
                 g['capturable'] = False
-        self.optimizer.zero_grad(set_to_none=True)
+
+    def _abandon_graphs(self, why):
+        self._fall_back(f'--cuda_graph: capture failed ({why}); training goes on eagerly')
+        # a capture that failed in the update ran GradScaler.unscale_ (its bookkeeping only)
+        self.loss_scaler.reset_iteration()
+
+
+def _why(e):
+    """An exception as a short one-line reason."""
+    first = str(e).splitlines()[0][:160] if str(e) else ''
+    return f'{type(e).__name__}: {first}'
+
+
+# Graphs whose capture failed: kept alive for the rest of the process.  torch (2.11 and
+# older) leaves a pinned-host-allocator routing entry for such a capture, whose filter
+# refers to the graph object; it must not point to freed memory.  They hold no device memory.
+_FAILED_GRAPHS = []
+
+
+def release_failed_capture(graph, pool, device):
+    """Undo what a failed capture left in torch's CUDA caching allocator; None when done, else why not.
+
+    capture_begin routes allocations on the capture stream to the graph's private pool
+    (beginAllocateToPool, which also counts one use of the pool); capture_end ends that
+    (endAllocateToPool) only after cudaStreamEndCapture succeeded, and the graph gives
+    its use of the pool back only after a successful capture.  So on torch <= 2.11 a
+    failed capture stays listed as underway, and while one is, the allocator defers the
+    free of every block used on a second stream (record_stream: the gpu data path's
+    batches) until no capture is underway, i.e. forever: about one batch per step until
+    the run dies out of memory; and empty_cache() trips an internal assert.  Newer torch
+    ends the routing in capture_end or reset() itself.
+
+    Here: reset() (newer torch cleans up there); then, if allocations are still routed
+    to the pool (endAllocateToPool succeeds: older torch), end that and give back the
+    capture's use of the pool, which nothing else would.  Callers drop every other graph
+    of the pool first, so a release can never free memory a live graph uses.
+    """
+    device = utils.resolved_device(device)
+    _FAILED_GRAPHS.append(graph)
+    try:
+        graph.reset()
+    except Exception:  # noqa: BLE001 - a half-made graph may refuse; the allocator is what matters
+        pass
+    end = getattr(torch._C, '_cuda_endAllocateToPool', None)
+    release = getattr(torch._C, '_cuda_releasePool', None)
+    if end is None or release is None:
+        return 'this torch has no _cuda_endAllocateToPool/_cuda_releasePool'
+    try:
+        end(device.index, pool)
+    except RuntimeError:
+        return None  # "not currently recording to mempool_id": torch ended it already
+    try:
+        release(device.index, pool)
+    except RuntimeError as e:
+        return f'releasePool: {_why(e)}'
+    return None
 
 
 _CAPTURE_STREAMS = {}
@@ -395,7 +512,7 @@ def _capture_stream(device):
     enqueues on from their thread, and their work would then be captured into the training
     graph.  Those (and NCCL's streams) come from the default-priority pool; this one does not.
     """
-    device = _resolved(device)
+    device = utils.resolved_device(device)
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
     return _CAPTURE_STREAMS[device]

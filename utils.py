@@ -364,6 +364,18 @@ class LossScaler:
             self._scaler.load_state_dict(state)
 
 
+def resolved_device(device):
+    """The device with its index: a CUDA device without one is the current device.
+
+    torch.device('cuda') != torch.device('cuda:0'), so two names of one device compare
+    equal only once resolved.
+    """
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        return torch.device('cuda', torch.cuda.current_device())
+    return device
+
+
 def grad_norm(params, norm_type=2.0):
     if not params:
         return torch.tensor(0.0)

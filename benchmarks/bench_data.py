@@ -197,6 +197,9 @@ def measure(own, rest):
                 if r['size'] in step:
                     r['step_ms'] = 1e3 * r['batch'] / step[r['size']]
                     r['device_pct_of_step'] = 100 * r['ms_per_batch'] / r['step_ms']
+                    for order in ORDERS:
+                        ms = r.get(f'ms_per_batch_augment_at_{order}')
+                        r[f'device_pct_of_step_augment_at_{order}'] = None if ms is None else 100 * ms / r['step_ms']
     return {
         'device_side': device_side,
         'host': host_info(), 'data_path': own.data_path, 'images': len(folder) // own.batch * own.batch,
@@ -207,6 +210,9 @@ def measure(own, rest):
     }
 
 
+ORDERS = ('base', 'stage')  # --gpu_augment_at: the published order (the default), the order at B
+
+
 def measure_device(own, rest, folder, pipeline, image_store):
     """The device half of --data_pipeline gpu per batch at each stage's B (ms), and the memory it adds.
 
@@ -214,17 +220,19 @@ def measure_device(own, rest, folder, pipeline, image_store):
     datasets.build_device_transform's GpuDataTransform on the training --device (CUDA: with a
     synchronisation before and after; CPU: CPU tensors, one thread, labelled so), next to
     its crop+resize alone done as it is (batched resampling matmuls) and as a per-sample
-    loop of torch's anti-aliased interpolate (the alternative considered).
+    loop of torch's anti-aliased interpolate (the alternative considered).  Both orders of
+    --gpu_augment_at are timed: ms_per_batch_augment_at_base (crop and RandAugment at the
+    base size, then the Lanczos low-pass to B: the default, so also ms_per_batch) and
+    ms_per_batch_augment_at_stage (crop to B, RandAugment at B); at the base size they do
+    the same work.
     """
     import torch.nn.functional as F
     from pipelines.gpudata import G_BH, G_BW, G_LEFT, G_TOP
     batch = min(own.device_batch, len(folder))
-    plan, loader, bs = training_loader(rest, folder, pipeline, batch, image_store)
     args = train_args(rest + ['--data_pipeline', 'gpu'])
     device = torch.device(args.device if (not args.device.startswith('cuda') or torch.cuda.is_available())
                           else 'cpu')
     cuda = device.type == 'cuda'
-    dt = datasets.build_device_transform(args, device, dataset=loader.dataset)
 
     def timed(fn):
         if cuda:
@@ -243,7 +251,7 @@ def measure_device(own, rest, folder, pipeline, image_store):
             outs.append(F.interpolate(crop, size=(size, size), mode='bicubic', antialias=True, align_corners=False))
         return torch.cat(outs).round_().clamp_(0, 255).to(torch.uint8)
 
-    def stage_batches(epoch):
+    def stage_batches(loader, bs, epoch):
         # the stage's epoch over and over: a folder of a few hundred images holds one batch of
         # --device_batch 256, and the first batch is only the warm-up
         while True:
@@ -255,50 +263,75 @@ def measure_device(own, rest, folder, pipeline, image_store):
             if not got:
                 return
 
+    def time_order(order):
+        plan, loader, bs = training_loader(rest + ['--gpu_augment_at', order], folder, pipeline, batch,
+                                           image_store)
+        dt = datasets.build_device_transform(args, device, dataset=loader.dataset)
+        rows = {}
+        for s in plan.stages:
+            it = stage_batches(loader, bs, s.start_epoch)
+            totals, resample, loop, mem = [], [], [], []
+            for k in range(own.device_batches + 1):
+                try:
+                    x, _ = next(it)
+                except StopIteration:
+                    break
+                if cuda:
+                    torch.cuda.synchronize(device)
+                    base = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                xd = x.to(device, non_blocking=True)
+                _, t_all = timed(lambda: dt(xd))
+                if cuda:
+                    mem.append(torch.cuda.max_memory_allocated(device) - base)
+                if order == ORDERS[0]:
+                    imgs = dt.decode(xd, list(range(len(x))), device)
+                    _, t_res = timed(lambda: dt.crop_resize(imgs, x.geom, x.out_size))
+                    _, t_loop = timed(lambda: per_sample_interpolate(imgs, x.geom, x.out_size))
+                    del imgs
+                else:
+                    t_res = t_loop = float('nan')
+                if k:  # the first batch warms up the decoder, kernels and allocator
+                    totals.append(t_all), resample.append(t_res), loop.append(t_loop)
+            if totals:
+                rows[s.index] = (s, len(x), x.work_size, totals, resample, loop, mem)
+        return rows
+
+    timings = {order: time_order(order) for order in ORDERS}
     rows = []
-    for s in plan.stages:
-        it = stage_batches(s.start_epoch)
-        totals, resample, loop, mem = [], [], [], []
-        for k in range(own.device_batches + 1):
-            try:
-                x, _ = next(it)
-            except StopIteration:
-                break
-            if cuda:
-                torch.cuda.synchronize(device)
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            xd = x.to(device, non_blocking=True)
-            _, t_all = timed(lambda: dt(xd))
-            if cuda:
-                mem.append(torch.cuda.max_memory_allocated(device) - base)
-            imgs = dt.decode(xd, list(range(len(x))), device)
-            _, t_res = timed(lambda: dt.crop_resize(imgs, x.geom, x.out_size))
-            _, t_loop = timed(lambda: per_sample_interpolate(imgs, x.geom, x.out_size))
-            if k:  # the first batch warms up the decoder, kernels and allocator
-                totals.append(t_all), resample.append(t_res), loop.append(t_loop)
-        if not totals:
-            continue
-        n = len(x)
-        rows.append({'index': s.index, 'size': s.size, 'batch': n,
-                     'ms_per_batch': 1e3 * statistics.mean(totals),
-                     'images_per_s': n / statistics.mean(totals),
-                     'resample_ms': 1e3 * statistics.mean(resample),
-                     'per_sample_interpolate_ms': 1e3 * statistics.mean(loop),
-                     'memory_added_mib': max(mem) / 2 ** 20 if mem else None})
+    for index, (s, n, work, totals, resample, loop, mem) in timings[ORDERS[0]].items():
+        row = {'index': index, 'size': s.size, 'batch': n, 'augmented_at': work,
+               'ms_per_batch': 1e3 * statistics.mean(totals),
+               'images_per_s': n / statistics.mean(totals),
+               'resample_ms': 1e3 * statistics.mean(resample),
+               'per_sample_interpolate_ms': 1e3 * statistics.mean(loop),
+               'memory_added_mib': max(mem) / 2 ** 20 if mem else None}
+        for order in ORDERS:
+            other = timings[order].get(index)
+            row[f'ms_per_batch_augment_at_{order}'] = 1e3 * statistics.mean(other[3]) if other else None
+            if other and other[6]:
+                row[f'memory_added_mib_augment_at_{order}'] = max(other[6]) / 2 ** 20
+        stage_ms = row['ms_per_batch_augment_at_stage']
+        row['augment_at_base_over_stage'] = row['ms_per_batch'] / stage_ms if stage_ms else None
+        rows.append(row)
     return {'device': str(device), 'gpu': torch.cuda.get_device_name(device) if cuda else None,
             'threads': torch.get_num_threads(), 'pipeline': pipeline, 'stages': rows}
 
 
 def device_table(d):
     where = f'{d["device"]} ({d["gpu"]})' if d['gpu'] else f'CPU tensors, {d["threads"]} thread(s) -- not a GPU number'
-    lines = [f'Device half of --data_pipeline gpu ({d["pipeline"]}) on {where}: per batch, after one warm-up',
-             f'{"stage":>5} {"B":>4} {"batch":>5} {"ms/batch":>9} {"img/s":>8} {"crop+resize ms":>15} '
-             f'{"per-sample interpolate ms":>26} {"memory added MiB":>17}']
+    lines = [f'Device half of --data_pipeline gpu ({d["pipeline"]}) on {where}: per batch, after one warm-up; '
+             f'ms/batch in the default order (--gpu_augment_at base: augmented at the base size, Lanczos to B), '
+             f'at-B: the same batch augmented at B (--gpu_augment_at stage)',
+             f'{"stage":>5} {"B":>4} {"batch":>5} {"ms/batch":>9} {"at-B ms":>8} {"ratio":>6} {"img/s":>8} '
+             f'{"crop+resize ms":>15} {"per-sample interpolate ms":>26} {"memory added MiB":>17}']
     for r in d['stages']:
         mem = '-' if r['memory_added_mib'] is None else f'{r["memory_added_mib"]:.0f}'
         step = f'  step {r["step_ms"]:.1f} ms: {r["device_pct_of_step"]:.0f}%' if 'step_ms' in r else ''
+        at_b = r.get('ms_per_batch_augment_at_stage')
+        ratio = r.get('augment_at_base_over_stage')
         lines.append(f'{r["index"]:>5} {r["size"]:>4} {r["batch"]:>5} {r["ms_per_batch"]:>9.1f} '
+                     f'{"-" if at_b is None else f"{at_b:.1f}":>8} {"-" if ratio is None else f"{ratio:.2f}x":>6} '
                      f'{r["images_per_s"]:>8.0f} {r["resample_ms"]:>15.1f} {r["per_sample_interpolate_ms"]:>26.1f} '
                      f'{mem:>17}{step}')
     if d.get('step_json'):

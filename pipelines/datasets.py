@@ -228,7 +228,7 @@ def train_transform(args, size, magnitude, lowfreq):
         # file's bytes; decoding and every pixel operation run on the device (pipelines/gpudata.py)
         return gpu_train_transform(size, size if lowfreq == 'none' else args.base_input_size, lowfreq, kw,
                                    aa=None if aa in (None, '', 'none') else aa, re_prob=args.reprob,
-                                   re_count=args.recount)
+                                   re_count=args.recount, augment_at=getattr(args, 'gpu_augment_at', 'base'))
     if getattr(args, 'data_pipeline', 'published') == 'fast':
         # same crop, flip and augmentation, done at the output size; uint8 out, and the
         # normalisation and random erasing happen on the device (pipelines/fastpath.py)

@@ -8,7 +8,7 @@ of ``--data_pipeline fast`` (pipelines/fastpath.py) and timm's per-sample Random
    timm's bilinear/bicubic draw when --train_interpolation random;
 2. the flip (``torch.rand(1) < 0.5``, torchvision's RandomHorizontalFlip);
 3. RandAugment's ops and magnitudes (pipelines.gpu_randaug.RandAugmentParams: the draws
-   of timm's RandAugment at the output size);
+   of timm's RandAugment at the size it runs at);
 4. the random-erasing boxes at the output size (timm's RandomErasing draws, per sample, as
    the published pipeline draws them) and a seed for their noise.
 
@@ -31,10 +31,15 @@ Device side (``GpuDataTransform``, datasets.build_device_transform), per batch, 
 similar crop sizes of at most ``chunk`` images and ``chunk_pixels`` padded box pixels, so
 a batch of originals does not spike device memory: decode
 (``decode_jpegs``, the one decoder call: torchvision's batched nvJPEG on CUDA, libjpeg-turbo
-on the CPU), crop and resize each box to the output size with an anti-aliased separable
-filter as two batched matrix products (``resample_weights``: PIL's convolution-resize
-kernels for the fractional box, so the crop is exact), flip, RandAugment
-(``apply_rand_augment``), normalisation, random erasing, channels_last.  Samples the
+on the CPU), crop and resize each box with an anti-aliased separable filter as two
+batched matrix products (``resample_weights``: PIL's convolution-resize kernels over the
+box alone and PIL's order of the two passes, as timm's crop-then-resize has them), flip,
+RandAugment (``apply_rand_augment``), normalisation, random erasing, channels_last.  At
+Lanczos stages (B below the base size) in the published order (``--gpu_augment_at base``,
+the default) the crop is resampled to the base size and augmented there, then
+``lanczos_resize`` low-passes it to B (curriculum.lowfreq.LanczosResize's PIL resize)
+before normalisation and erasing; ``--gpu_augment_at stage`` crops to B and augments at B
+(the fast path's order).  Samples the
 device decoder rejects at run time (a failed batched call is bisected) are decoded on
 the CPU (counted with the others); a sample no decoder can read raises ``BadImageError``
 naming the file, or with ``--skip_bad_images`` is counted, reported and replaced by the
@@ -45,6 +50,7 @@ Every draw is made per sample in the worker, so the device half is a function of
 batch alone (the erasing noise is seeded from the batch's sample seeds): exact resume
 and replay-buffer refills hold as for the other pipelines.
 """
+import functools
 import hashlib
 import multiprocessing
 import random
@@ -59,10 +65,11 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from pipelines.errors import BadImageError
 from pipelines.fastpath import DRAFT_MARGIN, BatchRandomErasing, LazyImageFolder, _draft_scale
 from pipelines.gpu_randaug import RandAugmentParams, apply_rand_augment, rand_augment_hparams
+from utils import resolved_device
 
 __all__ = ['EncodedImageFolder', 'GpuSampleTransform', 'EncodedBatch', 'collate_encoded', 'decode_jpegs',
-           'resample_weights', 'GpuDataTransform', 'PreparedBatch', 'DevicePrefetcher', 'FILTERS', 'KIND_JPEG',
-           'KIND_RGB']
+           'resample_weights', 'resample_planes', 'lanczos_resize', 'vertical_first', 'GpuDataTransform',
+           'PreparedBatch', 'DevicePrefetcher', 'FILTERS', 'KIND_JPEG', 'KIND_RGB']
 
 KIND_JPEG, KIND_RGB = 0, 1
 # filter ids carried per sample; PIL's names for the three filters the pipeline can draw
@@ -122,19 +129,23 @@ def _gpu_decodable(img: Image.Image) -> bool:
 class GpuSampleTransform:
     """One stage's worker half: (unloaded PIL image from LazyImageFolder) -> a sample record.
 
-    out_size: the size the device resamples to (B, or the base size with --lowfreq fourier).
-    filter_name: the resize filter ('bicubic' below the base size as in the fast path, else
-    the recipe's); random_draw: draw timm's bilinear/bicubic choice (--train_interpolation
-    random), which then picks the filter unless below the base size.
-    ra: a RandAugmentParams or None; erasing: a BatchRandomErasing or None.
+    out_size: the size of the batch the device returns (B, or the base size with --lowfreq
+    fourier); erasing boxes are drawn at it.  work_size: the size the crop is resampled to
+    and RandAugment runs at (default out_size; the base size at Lanczos stages in the
+    published order, where the device low-passes to out_size afterwards).
+    filter_name: the resize filter ('bicubic' for a crop straight to B below the base size,
+    as in the fast path, else the recipe's); random_draw: draw timm's bilinear/bicubic
+    choice (--train_interpolation random), which then picks the filter unless below the base size.
+    ra: a RandAugmentParams (drawn at work_size) or None; erasing: a BatchRandomErasing or None.
     """
 
     def __init__(self, out_size: int, filter_name: str, random_draw: bool = False, ra=None,
                  erasing: Optional[BatchRandomErasing] = None, scale=(0.08, 1.0), ratio=(3. / 4., 4. / 3.),
-                 draft_margin: float = DRAFT_MARGIN):
+                 draft_margin: float = DRAFT_MARGIN, work_size: Optional[int] = None):
         if filter_name not in FILTERS and filter_name != 'random':
             raise ValueError(f'filter must be one of {sorted(FILTERS)} or random, got {filter_name!r}')
         self.size, self.filter_name, self.random_draw = int(out_size), filter_name, random_draw
+        self.work_size = int(work_size or out_size)
         self.ra, self.erasing = ra, erasing
         self.scale, self.ratio, self.draft_margin = tuple(scale), tuple(ratio), draft_margin
         self.num_layers = ra.num_layers if ra is not None else 0
@@ -156,7 +167,7 @@ class GpuSampleTransform:
 
     def payload(self, img: Image.Image, box):
         """(kind, uint8 array, (h, w) of its image, its scale k, decoded here): the bytes to decode or RGB."""
-        s = _draft_scale(min(box[2], box[3]), self.size, self.draft_margin)
+        s = _draft_scale(min(box[2], box[3]), self.work_size, self.draft_margin)
         copies = getattr(img, 'reduced_copies', None)
         if copies is not None and s > 1:
             copy, k = copies.open(s, img.size)
@@ -189,10 +200,12 @@ class GpuSampleTransform:
         er = np.full((self.max_boxes, 4), -1, dtype=np.int32)
         for n, b in enumerate(boxes):
             er[n] = b
-        return {'data': data, 'geom': geom, 'ra': ra, 'erase': er, 'seed': seed, 'cpu': on_cpu, 'size': self.size}
+        return {'data': data, 'geom': geom, 'ra': ra, 'erase': er, 'seed': seed, 'cpu': on_cpu, 'size': self.size,
+                'work': self.work_size}
 
     def __repr__(self):
-        return (f'{self.__class__.__name__}(size={self.size}, filter={self.filter_name}, '
+        work = f', augmented at {self.work_size}' if self.work_size != self.size else ''
+        return (f'{self.__class__.__name__}(size={self.size}{work}, filter={self.filter_name}, '
                 f'randaugment={self.ra is not None}, erasing={self.erasing})')
 
 
@@ -203,13 +216,16 @@ class EncodedBatch:
     (N, G_COLS); ra: float64 (N, layers, K) from gpu_randaug.RandAugmentParams, or None;
     erase: int32 (N, boxes, 4), -1 for none; seeds: int64 (N,).  ``device`` is where the
     decoded batch goes; the payloads stay in host memory, where decoders read them.
+    out_size: the side of the returned batch; work_size: the side the crops are resampled
+    to and augmented at (a Lanczos low-pass to out_size follows when they differ).
     """
 
-    __slots__ = ('data', 'offsets', 'geom', 'ra', 'erase', 'seeds', 'out_size', 'device', 'has_erase')
+    __slots__ = ('data', 'offsets', 'geom', 'ra', 'erase', 'seeds', 'out_size', 'device', 'has_erase', 'work_size')
 
-    def __init__(self, data, offsets, geom, ra, erase, seeds, out_size, device=None, has_erase=None):
+    def __init__(self, data, offsets, geom, ra, erase, seeds, out_size, device=None, has_erase=None, work_size=None):
         self.data, self.offsets, self.geom, self.ra = data, offsets, geom, ra
         self.erase, self.seeds, self.out_size = erase, seeds, int(out_size)
+        self.work_size = int(work_size or out_size)
         self.device = torch.device('cpu') if device is None else torch.device(device)
         # decided on the host, where the boxes are made: no device synchronisation later
         self.has_erase = bool((erase[..., 0] >= 0).any()) if has_erase is None else has_erase
@@ -226,7 +242,7 @@ class EncodedBatch:
         # DataLoader(pin_memory=True) calls this in its pinning thread
         return EncodedBatch(self.data.pin_memory(), self.offsets, self.geom, None if self.ra is None else
                             self.ra.pin_memory(), self.erase.pin_memory(), self.seeds, self.out_size, self.device,
-                            self.has_erase)
+                            self.has_erase, self.work_size)
 
     def to(self, device, non_blocking=False):
         """The erasing boxes to `device` (used there); the bytes, the geometry, the RandAugment
@@ -234,7 +250,7 @@ class EncodedBatch:
         read them (no device-to-host synchronisation)."""
         device = torch.device(device)
         return EncodedBatch(self.data, self.offsets, self.geom, self.ra, to_device(self.erase, device),
-                            self.seeds, self.out_size, device, self.has_erase)
+                            self.seeds, self.out_size, device, self.has_erase, self.work_size)
 
     def payload(self, i: int) -> torch.Tensor:
         return self.data[int(self.offsets[i]):int(self.offsets[i + 1])]
@@ -257,7 +273,7 @@ def collate_encoded(samples, cpu_counter=None):
             cpu_counter.value += n_cpu
     out_size = recs[0]['size']
     targets = torch.tensor([t for _, t in samples], dtype=torch.int64)
-    return EncodedBatch(data, offsets, geom, ra, erase, seeds, out_size), targets
+    return EncodedBatch(data, offsets, geom, ra, erase, seeds, out_size, work_size=recs[0].get('work')), targets
 
 
 class EncodedCollate:
@@ -288,6 +304,17 @@ def _filter_decode_deprecation() -> None:
     warnings.filterwarnings('ignore', message=_DEPRECATION, category=DeprecationWarning, module='torchvision')
 
 
+_DECODE_STREAMS = {}
+
+
+def _decode_stream(device: torch.device):
+    """The stream the device decoder's outputs are allocated on: one per device, nothing else runs there."""
+    device = resolved_device(device)
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    return _DECODE_STREAMS[device]
+
+
 def decode_jpegs(payloads: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
     """Decode JPEG byte tensors (on the host) to RGB uint8 (3, H, W) on `device`: the one decoder call.
 
@@ -296,25 +323,40 @@ def decode_jpegs(payloads: List[torch.Tensor], device: torch.device) -> List[tor
     CPU.  TorchCodec, which torchvision 0.29 points to, was measured and not chosen
     (README "Performance"); it is used when torchvision no longer has the decoder.  Raises
     RuntimeError when the decoder rejects an input.
+
+    On CUDA the decoder allocates its outputs on the caller's stream but writes them from
+    its own stream (and nvJPEG's hardware engine ignores stream order), without waiting
+    for the caller's stream: a block freed on the caller's stream while queued kernels
+    still read it (the previous chunk's images, resampling buffers) could be handed to
+    the decoder and overwritten early -- silent corruption (pytorch/vision#9606,
+    meta-pytorch/torchcodec#1634).  So the decoder is called with a stream of its own
+    current (_decode_stream): the caching allocator hands a stream only blocks freed on
+    that same stream, and there only images this function returned, each marked as used
+    on the caller's stream (record_stream), so their blocks come back only once the
+    caller's kernels are done with them.  The caller's stream then waits for the decode
+    stream (no host wait; the decoder's own wait for its stream stays in it).  Were the
+    pooled stream the caller's own, the caller's stream is drained first instead.
     """
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
+        mode = ImageReadMode.RGB
     except ImportError:  # a torchvision without its decoders: TorchCodec's takes the same call
         from torchcodec.decoders import decode_jpeg
-        return decode_jpeg(payloads, mode='RGB', device=device)
+        mode = 'RGB'
     _filter_decode_deprecation()
-    if device.type == 'cuda':
-        # torchvision's CUDA decoder allocates its outputs on the caller's stream but writes
-        # them from its own stream (and nvJPEG's hardware engine ignores stream order), without
-        # waiting for the caller's stream: a block freed there while queued kernels still read
-        # it (the previous chunk's images, resampling buffers) can be handed to the decoder and
-        # overwritten early -- silent corruption (pytorch/vision#9606, meta-pytorch/torchcodec
-        # #1634).  Nothing is queued on this stream once it is drained.  The decode itself
-        # waits on the host for its stream anyway; with --gpu_prefetch (the default on CUDA)
-        # this is the helper thread's own stream, not the training step's.
-        torch.cuda.current_stream(device).synchronize()
-        return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
-    return decode_jpeg(payloads, mode=ImageReadMode.RGB)
+    if device.type != 'cuda':
+        return list(decode_jpeg(payloads, mode=mode, device=device))
+    caller = torch.cuda.current_stream(device)
+    stream = _decode_stream(device)
+    if stream == caller:
+        caller.synchronize()
+        return list(decode_jpeg(payloads, mode=mode, device=device))
+    with torch.cuda.stream(stream):
+        out = list(decode_jpeg(payloads, mode=mode, device=device))
+    caller.wait_stream(stream)
+    for img in out:
+        img.record_stream(caller)
+    return out
 
 
 def _kernel(filt: int, x: torch.Tensor) -> torch.Tensor:
@@ -366,6 +408,78 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: torch.T
     w = w * ((x >= lo[..., None]) & (x < hi[..., None]))
     total = w.sum(-1, keepdim=True)
     return w / torch.where(total == 0, torch.ones_like(total), total)
+
+
+@functools.lru_cache(maxsize=None)
+def _pillow_may_go_vertical_first() -> bool:
+    """Whether this Pillow runs the vertical pass of a resize first when the height shrinks much
+    more than the width (Pillow 13, python-pillow/Pillow#9549; before, always horizontal first).
+    Found by trying it on a small image where the two orders differ."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.integers(0, 2, (40, 10, 3)) * 255).astype(np.uint8))
+    one = np.asarray(img.resize((8, 5), Image.BILINEAR))
+    vertical = np.asarray(img.resize((10, 5), Image.BILINEAR).resize((8, 5), Image.BILINEAR))
+    horizontal = np.asarray(img.resize((8, 40), Image.BILINEAR).resize((8, 5), Image.BILINEAR))
+    return np.array_equal(one, vertical) and not np.array_equal(one, horizontal)
+
+
+def vertical_first(in_w: torch.Tensor, in_h: torch.Tensor, out: int) -> torch.Tensor:
+    """Per image (host tensors of its sides), whether PIL resizes it to out x out vertical pass first.
+
+    The order matters: each pass rounds to 8 bits, and a vertical pass first differs by up
+    to ~17 grey levels at sharp edges (Lanczos).  Pillow 13 goes vertical first when the
+    height shrinks by more than twice what the width does (found on 600 random sizes).
+    """
+    if not _pillow_may_go_vertical_first():
+        return torch.zeros(in_h.shape, dtype=torch.bool)
+    return (in_h > out) & ((in_h - out) > 2 * (in_w - out))
+
+
+def resample_planes(x: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor, vfirst: torch.Tensor) -> torch.Tensor:
+    """PIL's separable resize as batched matrix products: (n, 3, h, w) -> (n, 3, out, out) float32 integers.
+
+    wy: (n, out, h), wx: (n, out, w) from resample_weights (or broadcastable (1, ...));
+    vfirst: host bool (n,), the pass order (vertical_first).  Each pass is rounded to 8 bits
+    and clipped, as PIL's intermediate image is (it matters for bicubic/Lanczos overshoot).
+    """
+    def h_then_v(x, wy, wx):
+        x = torch.matmul(x, wx.transpose(1, 2).unsqueeze(1)).round_().clamp_(0, 255)
+        return torch.matmul(wy.unsqueeze(1), x)
+
+    def v_then_h(x, wy, wx):
+        x = torch.matmul(wy.unsqueeze(1), x).round_().clamp_(0, 255)
+        return torch.matmul(x, wx.transpose(1, 2).unsqueeze(1))
+
+    if not vfirst.any():
+        out = h_then_v(x, wy, wx)
+    elif vfirst.all():
+        out = v_then_h(x, wy, wx)
+    else:
+        n = x.shape[0]
+        out = x.new_empty(n, x.shape[1], wy.shape[1], wx.shape[1])
+        wy, wx = wy.expand(n, -1, -1), wx.expand(n, -1, -1)
+        for flag, fn in ((False, h_then_v), (True, v_then_h)):
+            rows = torch.nonzero(vfirst == flag).view(-1)  # host
+            idx = to_device(rows, x.device)
+            out.index_copy_(0, idx, fn(x.index_select(0, idx), wy.index_select(0, idx), wx.index_select(0, idx)))
+    return out.round_().clamp_(0, 255)
+
+
+def lanczos_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (n, 3, S, S) -> (n, 3, size, size) as PIL's img.resize((size, size), LANCZOS) of each image
+    (curriculum.lowfreq.LanczosResize, EfficientTrain++'s low-pass), to PIL's rounding."""
+    n, _, h, w = x.shape
+    if (h, w) == (size, size):
+        return x
+    dev = x.device
+
+    def weights(length):
+        f64 = torch.tensor([float(length)], dtype=torch.float64)
+        return resample_weights(torch.zeros(1, dtype=torch.float64), f64, f64, size, length, [FILTERS['lanczos']],
+                                dev)
+
+    vfirst = vertical_first(torch.full((n,), w), torch.full((n,), h), size)
+    return resample_planes(x.float(), weights(h), weights(w), vfirst).to(torch.uint8)
 
 
 class GpuDataTransform(torch.nn.Module):
@@ -475,16 +589,16 @@ class GpuDataTransform(torch.nn.Module):
         """
         dev = images[0].device
         filt = [int(f) for f in geom[:, G_FILTER].tolist()]
-        support = torch.tensor([_SUPPORT[f] for f in filt], dtype=torch.float64)
         top, left, bh, bw = geom[:, G_TOP], geom[:, G_LEFT], geom[:, G_BH], geom[:, G_BW]
         hh, ww = geom[:, G_H], geom[:, G_W]
-        # integer window holding every tap: the box widened by the kernel's (scaled) support
-        sy = support * (bh / size).clamp_min(1.0) + 1
-        sx = support * (bw / size).clamp_min(1.0) + 1
-        y0 = torch.clamp(torch.floor(top - sy), min=0)
-        y1 = torch.minimum(torch.ceil(top + bh + sy), hh)
-        x0 = torch.clamp(torch.floor(left - sx), min=0)
-        x1 = torch.minimum(torch.ceil(left + bw + sx), ww)
+        # the window is the box itself (the pixels it covers): timm crops, then resizes the crop
+        # (torchvision's resized_crop), so no filter tap reaches outside the box; resample_weights
+        # drops the taps outside the window and renormalises, as PIL's resize does at an
+        # image's edge.  (PIL's resize(box=...) would take them from the surrounding pixels.)
+        y0 = torch.clamp(torch.floor(top), min=0)
+        y1 = torch.minimum(torch.ceil(top + bh), hh)
+        x0 = torch.clamp(torch.floor(left), min=0)
+        x1 = torch.minimum(torch.ceil(left + bw), ww)
         wins = torch.stack([y0, y1, x0, x1], 1).long().tolist()
         eh = max(b - a for a, b, _, _ in wins)
         ew = max(d - c for _, _, c, d in wins)
@@ -493,17 +607,14 @@ class GpuDataTransform(torch.nn.Module):
             buf[n, :, :b - a, :d - c] = img[:, a:b, c:d]
         wy = resample_weights(top - y0, bh, y1 - y0, size, eh, filt, dev)     # (n, size, eh)
         wx = resample_weights(left - x0, bw, x1 - x0, size, ew, filt, dev)    # (n, size, ew)
-        # horizontal pass first, rounded to 8 bits as PIL's intermediate image is (it matters
-        # for bicubic/Lanczos overshoot): (n, 3, eh, ew) @ (n, 1, ew, size), then (n, 1, size, eh) @ that
-        x = torch.matmul(buf, wx.transpose(1, 2).unsqueeze(1)).round_().clamp_(0, 255)
-        x = torch.matmul(wy.unsqueeze(1), x)
-        return x.round_().clamp_(0, 255).to(torch.uint8)
+        # PIL resizes the cropped image: its pass order follows the crop's sides
+        return resample_planes(buf, wy, wx, vertical_first(x1 - x0, y1 - y0, size)).to(torch.uint8)
 
     def chunks(self, geom: torch.Tensor) -> List[List[int]]:
         """Sample rows in chunks of similar crop boxes (the padded buffer wastes little), each at
         most `chunk` images and, past its first image, `chunk_pixels` padded box pixels: a chunk
         of large crops of large originals is cut short instead of spiking device memory."""
-        area = (geom[:, G_BH].ceil() + 8) * (geom[:, G_BW].ceil() + 8)  # the box and its filter margin
+        area = (geom[:, G_BH].ceil() + 1) * (geom[:, G_BW].ceil() + 1)  # the pixels the box covers
         out, cur, biggest = [], [], 0.0
         for i in torch.argsort(area).tolist():
             a = float(area[i])
@@ -517,9 +628,9 @@ class GpuDataTransform(torch.nn.Module):
         return out
 
     def images(self, batch: EncodedBatch) -> torch.Tensor:
-        """Decoded, cropped, resized and flipped uint8 (N, 3, B, B), chunk by chunk."""
+        """Decoded, cropped, resized (to the batch's work size) and flipped uint8 (N, 3, S, S), chunk by chunk."""
         device = batch.device
-        n, size = len(batch), batch.out_size
+        n, size = len(batch), batch.work_size
         geom_cpu = batch.geom
         out = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device)
         for rows in self.chunks(geom_cpu):
@@ -566,11 +677,13 @@ class GpuDataTransform(torch.nn.Module):
         if not isinstance(batch, EncodedBatch):
             raise TypeError(f'GpuDataTransform expects an EncodedBatch from --data_pipeline gpu, got '
                             f'{type(batch).__name__}')
-        if self.mean.device != batch.device:
+        if self.mean.device != resolved_device(batch.device):  # 'cuda' is the current CUDA device
             self.to(batch.device)
         x = self.images(batch)
         if batch.ra is not None:
             x = apply_rand_augment(x, batch.ra, self.fill)  # params on the host: planned there
+        # the published EfficientTrain++ order: augmented at the base size, then low-passed to B
+        x = lanczos_resize(x, batch.out_size)
         x = x.float().div_(255).sub_(self.mean).div_(self.std)
         x = self.erase(x, batch)
         # last: erasing's masked writes give a contiguous NCHW result
@@ -685,14 +798,24 @@ class DevicePrefetcher:
 
 
 def gpu_train_transform(size: int, base_size: int, lowfreq: str, timm_kwargs: dict, aa: Optional[str],
-                        re_prob: float, re_count: int):
-    """One stage's worker transform, with the draws of fastpath.fast_train_transform plus per-sample erasing."""
+                        re_prob: float, re_count: int, augment_at: str = 'base'):
+    """One stage's worker transform, with the draws of fastpath.fast_train_transform plus per-sample erasing.
+
+    Below the base size with --lowfreq lanczos (EfficientTrain++), augment_at 'base' is the
+    published order (datasets.train_transform's CPU pipeline): crop and resize to the base
+    size with the recipe's filter, flip, RandAugment at the base size, then the device
+    low-passes to B with Lanczos (GpuDataTransform).  'stage' crops straight to B (bicubic,
+    as the fast path does) and augments at B: less work, not the published pixels.
+    """
+    if augment_at not in ('base', 'stage'):
+        raise ValueError(f"augment_at must be 'base' or 'stage', got {augment_at!r}")
     out = base_size if lowfreq == 'fourier' else size
     interp = timm_kwargs.get('interpolation', 'bilinear')
     below_base = lowfreq == 'lanczos' and size < base_size
+    work = base_size if below_base and augment_at == 'base' else out
     ra = None
     if aa:
-        ra = RandAugmentParams(aa, out, rand_augment_hparams(out, timm_kwargs['mean'], interp))
+        ra = RandAugmentParams(aa, work, rand_augment_hparams(work, timm_kwargs['mean'], interp))
     erasing = BatchRandomErasing(re_prob, mode='const', max_count=re_count) if re_prob > 0 else None
-    return GpuSampleTransform(out, 'bicubic' if below_base else interp, random_draw=interp == 'random', ra=ra,
-                              erasing=erasing)
+    filt = 'bicubic' if below_base and work == out else interp
+    return GpuSampleTransform(out, filt, random_draw=interp == 'random', ra=ra, erasing=erasing, work_size=work)

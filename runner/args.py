@@ -289,6 +289,11 @@ def add_perf_args(parser):
                       help='capture the whole training step (forward, backward, clipping, fused optimizer step, '
                            'loss scaling, EMA on the GPU) in a CUDA graph once per stage shape and replay it; '
                            'where a setting cannot be captured one line says why and training goes on eagerly')
+    perf.add_argument('--gpu_augment_at', default='base', choices=['base', 'stage'],
+                      help='with --data_pipeline gpu at Lanczos stages (B below the base size, the EfficientTrain++ '
+                           'default): base: crop and RandAugment at the base size, then the Lanczos low-pass to B, '
+                           'on the device (the published order); stage: crop to B and RandAugment at B (less work, '
+                           'not the published pixels)')
     perf.add_argument('--gpu_prefetch', default='auto', choices=['auto', 'true', 'false'],
                       help='with --data_pipeline gpu: finish the next batch on the device (decode, augment; its '
                            'own CUDA stream and thread) while the current one trains; auto: on CUDA devices')

@@ -47,7 +47,7 @@ RESUME_CHECKED = (
     'curriculum', 'curriculum_file', 'base_input_size', 'input_size', 'lowfreq', 'replay_times',
     'replay_buffer_size', 'replay_preset', 'stage_batch', 'max_micro_batch',
     'data_set', 'synth_classes', 'synth_per_class', 'synth_val_per_class', 'synth_image_size', 'synth_seed',
-    'seed', 'data_pipeline', 'use_amp', 'amp_dtype',
+    'seed', 'data_pipeline', 'gpu_augment_at', 'use_amp', 'amp_dtype',
 )
 # The flags the plan is built from, and the parts of the plan (summary keys, top level or per
 # stage) overriding each may change; None: any part. Overriding --epochs, say, lets the stage
@@ -71,6 +71,7 @@ _INERT_UNLESS = {
     'amp_dtype': lambda a: a.get('use_amp'),
     'model_ema_decay': lambda a: a.get('model_ema'),
     'remode': lambda a: a.get('reprob'), 'recount': lambda a: a.get('reprob'),
+    'gpu_augment_at': lambda a: a.get('data_pipeline') == 'gpu',
     # training without a curriculum is at --input_size, with one its stages end at --base_input_size
     'input_size': lambda a: a.get('curriculum') == 'none' and not a.get('curriculum_file'),
     'base_input_size': lambda a: a.get('curriculum') != 'none' or bool(a.get('curriculum_file')),

@@ -108,9 +108,10 @@ def stage_record(plan, epoch):
 
 def warm_shape(args, step, stage, nb_classes):
     """The stage's input for TrainStep.warm_up at its first epoch on a GPU (cuDNN autotuning of
-    the new shapes while the loader starts), else None.  Not with --cuda_graph, whose eager
-    warm-up updates do the same, nor without cudnn.benchmark (nothing to tune)."""
-    if step.device.type != 'cuda' or step.warmed or step.cuda_graph or not torch.backends.cudnn.benchmark:
+    the new shapes while the loader starts), else None.  With --cuda_graph always: warm_up then
+    also tries a capture before the stage's first batch (TrainStep.probe_capture); without it
+    not when cudnn.benchmark is off (nothing to tune)."""
+    if step.device.type != 'cuda' or step.warmed or not (step.cuda_graph or torch.backends.cudnn.benchmark):
         return None
     step.warmed = True
     return (stage.batch_size, 3, stage.size, stage.size), nb_classes, args.channels_last

@@ -5,7 +5,7 @@ import timm
 import torch
 
 import main as main_mod
-from optim_factory import apply_hparams, create_optimizer, param_groups
+from optim_factory import apply_hparams, create_optimizer, device_lr, host_lr, param_groups
 
 
 def scales_by_name(model, decay):
@@ -89,6 +89,49 @@ def test_apply_hparams_scales_lr_and_wd_per_group():
     for g in opt.param_groups:
         assert g['lr'] == pytest.approx(1e-3 * g['lr_scale'])
         assert g['weight_decay'] == pytest.approx(0.1 * g['wd_scale'])
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ATen operators dispatched (one kernel launch each on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_device_lr_is_written_by_one_kernel_for_every_group():
+    """Issue 18, 2d: ConvNeXt-T with layer decay has 16 groups; once lr lives on the device (a captured
+    step), apply_hparams writes all of them with one operator instead of one fill_ per group, and the
+    values are those of the eager path (lr * lr_scale in Python floats, rounded to float32 once)."""
+    m = timm.create_model('convnext_tiny', num_classes=10)
+    groups = param_groups(m, 0.05, 0.8)
+    for g in groups:
+        g.pop('param_names')
+    opt = torch.optim.AdamW(groups, lr=1e-3, fused=True)
+    n = len(opt.param_groups)
+    assert n == 16
+    with _CountOps() as c:
+        apply_hparams(opt, 4e-3, 0.05)
+    assert c.ops == []  # Python floats: nothing on the device
+    eager = [g['lr'] for g in opt.param_groups]
+    device_lr(opt, torch.device('cpu'))
+    views = [g['lr'] for g in opt.param_groups]
+    with _CountOps() as c:
+        apply_hparams(opt, 4e-3, 0.05)
+    assert c.ops == ['aten.mul.out']  # before issue 18: n x aten.fill_.Scalar
+    assert all(g['lr'] is v for g, v in zip(opt.param_groups, views))  # in place: a graph keeps reading them
+    assert [float(v) for v in views] == [float(torch.tensor(e, dtype=torch.float32)) for e in eager]
+    assert [g['weight_decay'] for g in opt.param_groups] == [0.05 * g['wd_scale'] for g in opt.param_groups]
+    device_lr(opt, torch.device('cpu'))  # idempotent
+    assert all(g['lr'] is v for g, v in zip(opt.param_groups, views))
+    host_lr(opt)
+    assert [type(g['lr']) for g in opt.param_groups] == [float] * n
+    apply_hparams(opt, 4e-3, 0.05)
+    assert [g['lr'] for g in opt.param_groups] == eager
 
 
 @pytest.mark.parametrize('opt', ['adamw', 'sgd', 'lamb'])

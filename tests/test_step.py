@@ -9,6 +9,7 @@ import torch
 import engine
 import main as main_mod
 from runner.checkpoint import plain_lr
+from runner.stage import warm_shape
 import utils
 from engine import TrainStep, TrainingDiverged, train_one_epoch
 
@@ -310,48 +311,112 @@ class _FakeStream:
         pass
 
 
-def _fake_cuda(monkeypatch, fail_capture=False):
+def _fake_cuda(monkeypatch, fail_capture=False, torch_ends_routing=False):
     """torch.cuda's stream/graph calls of TrainStep's --cuda_graph path, faked so its Python side runs on a
-    CPU: the "capture" runs the step once eagerly (a real one only records it); replay() does nothing."""
+    CPU.  As on a GPU, a capture computes nothing: its body runs (the Python side) and every value it wrote
+    (weights, gradients, optimizer state, the loss record) is put back at its end; replay() runs the step's
+    captured code again (_micro, and _update for an update graph) on the graph's static inputs.
+
+    fail_capture: True, or a predicate of the capture's number (0, 1, ...): that capture raises in its
+    __exit__ (capture_end).  The caching allocator's routing to the capture's pool is modelled as torch
+    2.11 does it: begun at capture start, ended only by a capture that succeeds (torch_ends_routing=True:
+    also by a failed one, as newer torch does)."""
     log = []
+    routed = set()
+    captures = []
+    fails = fail_capture if callable(fail_capture) else (lambda n: fail_capture)
 
     class Graph:
         def replay(self):
             log.append('replay')
+            step = _STATE['step']
+            for key, (graph, static_in, static_out) in step._graphs.items():
+                if graph is self:
+                    loss, _ = step._micro(*static_in, key[-1], cache_enabled=False)
+                    static_out['loss'].copy_(loss)  # a replay writes its outputs in place
+                    if key[-1]:
+                        static_out['grad_norm'].copy_(step._update(set_to_none=False, ema=step.ema_on_device))
+
+        def reset(self):
+            log.append('reset')
 
     class Capture:
         def __init__(self, graph, pool=None, stream=None, capture_error_mode='global'):
             log.append(('capture', capture_error_mode, stream))
+            self.pool, self.number = pool, len(captures)
+            captures.append(self)
 
         def __enter__(self):
+            routed.add(self.pool)
+            self.saved = [(t, t.detach().clone()) for t in _tensors(_STATE['step'])]
             return None
 
         def __exit__(self, *exc):
-            if fail_capture and exc[0] is None:
+            with torch.no_grad():
+                for t, v in self.saved:
+                    t.copy_(v)
+            if fails(self.number) and exc[0] is None:
+                if torch_ends_routing:
+                    routed.discard(self.pool)
                 raise RuntimeError('operation not permitted when stream is capturing')
+            if exc[0] is None:
+                routed.discard(self.pool)
             return False
+
+    def end(index, pool):
+        if pool not in routed:
+            raise RuntimeError('endAllocatePool: not currently recording to mempool_id')
+        routed.discard(pool)
+        log.append(('endAllocateToPool', pool))
 
     current, side = _FakeStream(), _FakeStream()
     monkeypatch.setattr(engine, 'graph_blocker', lambda *a, **k: None)
     monkeypatch.setattr(engine, '_capture_stream', lambda device: side)
+    monkeypatch.setattr(engine, '_FAILED_GRAPHS', [])
     monkeypatch.setattr(torch.cuda, 'stream', lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, 'current_stream', lambda device=None: current)
     monkeypatch.setattr(torch.cuda, 'set_stream', lambda s: log.append(('set_stream', s)))
     monkeypatch.setattr(torch.cuda, 'synchronize', lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, 'graph_pool_handle', lambda: 'pool')
+    monkeypatch.setattr(torch.cuda, 'graph_pool_handle', lambda: ('pool', len(captures)))
     monkeypatch.setattr(torch.cuda, 'CUDAGraph', Graph)
     monkeypatch.setattr(torch.cuda, 'graph', Capture)
+    monkeypatch.setattr(torch._C, '_cuda_endAllocateToPool', end, raising=False)
+    monkeypatch.setattr(torch._C, '_cuda_releasePool', lambda index, pool: log.append(('releasePool', pool)),
+                        raising=False)
     monkeypatch.setattr(engine, '_is_ddp', lambda m: False)
-    return log, current, side
+    return log, current, side, routed
+
+
+_STATE = {}
+
+
+def _tensors(step):
+    """Every tensor a step writes: weights, their gradients, the optimizer's state, the loss record."""
+    opt = step.optimizer
+    out = [step._loss_ok]
+    for g in opt.param_groups:
+        for p in g['params']:
+            out.append(p)
+            if p.grad is not None:
+                out.append(p.grad)
+            out.extend(v for v in opt.state[p].values() if isinstance(v, torch.Tensor))
+    return out
+
+
+def _graphed_step(**kw):
+    step = _tiny_step(cuda_graph=True, **kw)
+    _STATE['step'] = step
+    return step
 
 
 @pytest.mark.parametrize('fail', [False, True], ids=['captured', 'capture_fails'])
 def test_cuda_graph_capture_plumbing(monkeypatch, fail):
     """What a capture needs besides the kernels: eager warm-up updates on the side stream first, then lr in
     device tensors filled in place, capturable=True (Adam/AdamW refuse capture without it), gradients that
-    stay allocated, thread-local capture mode; a failed capture restores all that and the stream."""
-    log, current, side = _fake_cuda(monkeypatch, fail_capture=fail)
-    step = _tiny_step(cuda_graph=True, graph_warmup=2)
+    stay allocated, thread-local capture mode; a failed capture restores all that and the stream, and
+    hands the allocator back (routing to its pool ended, the pool's use released: issue 18)."""
+    log, current, side, routed = _fake_cuda(monkeypatch, fail_capture=fail)
+    step = _graphed_step(graph_warmup=2)
     opt = step.optimizer
     assert step.cuda_graph and step.graph_note is None
     x, y = _batches(1)[0]
@@ -362,7 +427,7 @@ def test_cuda_graph_capture_plumbing(monkeypatch, fail):
     assert torch.isfinite(out['loss'])
     assert log[0] == ('capture', 'thread_local', side)
     if not fail:
-        assert log[1:] == ['replay'] and len(step._graphs) == 1
+        assert log[1:] == ['replay'] and len(step._graphs) == 1 and not routed
         lr = opt.param_groups[0]['lr']
         assert isinstance(lr, torch.Tensor) and opt.param_groups[0]['capturable']
         assert all(p.grad is not None and not p.grad.any() for p in step.model.parameters())
@@ -374,13 +439,152 @@ def test_cuda_graph_capture_plumbing(monkeypatch, fail):
         step.zero_grad()
         assert all(p.grad is not None for p in step.model.parameters())  # in place: the graph holds them
     else:
-        assert log[1] == ('set_stream', current)  # torch.cuda.graph's __exit__ left its stream current
+        pool = ('pool', 0)
+        assert log[1:5] == [('set_stream', current), 'reset', ('endAllocateToPool', pool), ('releasePool', pool)]
+        assert not routed  # the allocator routes nothing to the failed capture's pool any more
         assert not step.cuda_graph and 'capture failed (RuntimeError: operation not permitted' in step.graph_note
         assert isinstance(opt.param_groups[0]['lr'], float) and not opt.param_groups[0]['capturable']
         before = [p.detach().clone() for p in step.model.parameters()]
         step.run(x, y, None, True, 3)  # eager from now on
-        assert len(log) == 2
+        assert len(log) == 5
         assert not all(torch.equal(a, p) for a, p in zip(before, step.model.parameters()))
+
+
+def test_a_failed_capture_torch_already_cleaned_is_not_released_twice(monkeypatch):
+    """Newer torch ends the routing (and releases the pool) itself: a second release would free a pool
+    under live graphs, so endAllocateToPool's "not recording" means: nothing to give back."""
+    log, current, side, routed = _fake_cuda(monkeypatch, fail_capture=True, torch_ends_routing=True)
+    step = _graphed_step(graph_warmup=1)
+    x, y = _batches(1)[0]
+    step.run(x, y, None, True, 0)
+    step.run(x, y, None, True, 1)
+    assert not step.cuda_graph and not routed
+    assert not any(e[0] in ('endAllocateToPool', 'releasePool') for e in log if isinstance(e, tuple))
+
+
+@pytest.mark.parametrize('where', ['trial', 'training'])
+def test_an_allocator_that_cannot_be_restored_stops_the_run_in_one_line(monkeypatch, where):
+    log, current, side, routed = _fake_cuda(monkeypatch, fail_capture=True)
+
+    def release(index, pool):
+        raise RuntimeError('use_count INTERNAL ASSERT FAILED')
+    monkeypatch.setattr(torch._C, '_cuda_releasePool', release, raising=False)
+    step = _graphed_step(graph_warmup=1)
+    x, y = _batches(1)[0]
+    with pytest.raises(utils.UserError) as e:
+        if where == 'trial':
+            step.warm_up((4, 3, 2, 2), 3)
+        else:
+            step.run(x, y, None, True, 0)
+            step.run(x, y, None, True, 1)
+    msg = str(e.value)
+    assert '\n' not in msg and msg.startswith('--cuda_graph true: a CUDA graph capture failed')
+    assert msg.endswith('rerun with --cuda_graph false')
+
+
+@pytest.mark.parametrize('fail', [False, True], ids=['probe_passes', 'probe_fails'])
+def test_a_trial_capture_before_training_decides_eager_or_graphed(monkeypatch, fail):
+    """Issue 18, 2a: warm_up (before a stage's first batch) captures the forward and backward once into a
+    throw-away graph and pool; a failure there gives the allocator back and trains eagerly from the start,
+    and either way nothing of training changed (weights, gradients, the random stream)."""
+    log, current, side, routed = _fake_cuda(monkeypatch, fail_capture=fail)
+    step = _graphed_step()
+    weights = [p.detach().clone() for p in step.model.parameters()]
+    rng = torch.get_rng_state()
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        step.warm_up((4, 3, 2, 2), 3)
+    assert log[0] == ('capture', 'thread_local', side)
+    assert _same(weights, [p.detach() for p in step.model.parameters()])
+    assert all(p.grad is None for p in step.model.parameters())
+    assert torch.equal(rng, torch.get_rng_state()) and not routed
+    if fail:
+        pool = ('pool', 0)
+        assert ('endAllocateToPool', pool) in log and ('releasePool', pool) in log
+        assert not step.cuda_graph
+        assert step.graph_note.startswith('--cuda_graph: a trial capture before training failed (RuntimeError')
+        assert out.getvalue() == step.graph_note + '\n'
+    else:
+        assert step.cuda_graph and step.graph_note is None and not step._graphs
+    x, y = _batches(1)[0]
+    step.run(x, y, None, True, 0)  # training starts (eagerly, or with the graph's warm-up updates)
+    assert not _same(weights, [p.detach() for p in step.model.parameters()])
+
+
+def test_warm_shape_is_given_to_graphed_steps_for_their_trial_capture(monkeypatch):
+    from types import SimpleNamespace
+    args = SimpleNamespace(channels_last=False)
+    stage = SimpleNamespace(batch_size=8, size=96)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    plain = SimpleNamespace(device=torch.device('cuda'), warmed=False, cuda_graph=False)
+    assert warm_shape(args, plain, stage, 10) is None  # nothing to tune
+    graphed = SimpleNamespace(device=torch.device('cuda'), warmed=False, cuda_graph=True)
+    assert warm_shape(args, graphed, stage, 10) == ((8, 3, 96, 96), 10, False)
+    assert graphed.warmed and warm_shape(args, graphed, stage, 10) is None  # once per step
+
+
+def _poisonable(criterion):
+    """criterion, except that a batch with a negative target has a NaN loss whose gradient is finite (only
+    the loss check can tell); decided on the device, so a captured graph sees it per replay."""
+    def loss(out, y):
+        bad = (y < 0).any()
+        return criterion(out, y.clamp(min=0)) + torch.where(bad, float('nan'), 0.0)
+    return loss
+
+
+def _accumulate(monkeypatch, graph, fail=None, update_freq=3, n=12, poison_loss_at=()):
+    """n micro-steps of update_freq with a fake capture (graph) or eagerly; the weights after each update."""
+    if graph:
+        _fake_cuda(monkeypatch, fail_capture=fail or False)
+    torch.manual_seed(0)
+    step = _graphed_step(graph_warmup=1, update_freq=update_freq) if graph else _tiny_step(update_freq=update_freq)
+    step.criterion = _poisonable(step.criterion)
+    weights = []
+    with contextlib.redirect_stdout(io.StringIO()):
+        for it, (x, y) in enumerate(_batches(n)):
+            if it in poison_loss_at:
+                y = y.clone()
+                y[0] = -1
+            if it % update_freq == 0:
+                engine.apply_hparams(step.optimizer, 0.1, 0.0)
+            update = (it + 1) % update_freq == 0
+            step.run(x, y, None, update, it)
+            if update:
+                weights.append([p.detach().clone() for p in step.model.parameters()])
+    return step, weights
+
+
+def _same(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_a_capture_failing_mid_accumulation_keeps_the_gradients_accumulated(monkeypatch):
+    """Issue 18, 2c: micro-steps 3 and 4 accumulate through the captured accumulation graph, the update
+    graph's capture at micro-step 5 fails: the update still holds all three micro-steps, as the eager
+    run's does."""
+    _, eager = _accumulate(monkeypatch, graph=False)
+    monkeypatch.undo()
+    # captures: 0 = accumulation graph (micro-step 3), 1 = update graph (micro-step 5): fails
+    step, got = _accumulate(monkeypatch, graph=True, fail=lambda n: n == 1)
+    assert not step.cuda_graph and 'capture failed' in step.graph_note
+    for a, b in zip(eager, got):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+    assert not _same(eager[0], eager[1])
+
+
+@pytest.mark.parametrize('graph', [False, True], ids=['eager', 'captured'])
+def test_every_micro_steps_loss_decides_the_update(monkeypatch, graph):
+    """Issue 18, 2b: a non-finite loss in any micro-step of an update skips the update, also when that
+    micro-step is a replayed accumulation graph and the update another graph: the record is one device
+    bool written in place, which both graphs share."""
+    step, w = _accumulate(monkeypatch, graph=graph, poison_loss_at=(4,))  # micro-steps 3-5: update 1
+    if graph:
+        assert step.cuda_graph and len(step._graphs) == 2  # micro-step 4 was a replay
+    assert _same(w[0], w[1])  # skipped
+    assert not _same(w[1], w[2]) and not _same(w[2], w[3])  # later updates go on
+    assert int(step.bad_step) == 4
+    flag = step._loss_ok
+    assert flag.dtype == torch.bool and bool(flag)  # reset in place by every update
 
 
 def test_fused_sgd_skipped_first_update_leaves_a_zero_momentum():
@@ -405,6 +609,6 @@ def test_fused_sgd_skipped_first_update_leaves_a_zero_momentum():
 def test_ema_on_a_cuda_device_without_an_index_counts_as_on_the_device(monkeypatch):
     """--device cuda (no index) and an EMA on cuda:0 are the same device: the EMA goes into the graph."""
     monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
-    assert engine._resolved('cuda') == engine._resolved(torch.device('cuda', 0)) == torch.device('cuda', 0)
-    assert engine._resolved('cuda:1') == torch.device('cuda', 1)
-    assert engine._resolved('cpu') == torch.device('cpu')
+    assert utils.resolved_device('cuda') == utils.resolved_device(torch.device('cuda', 0)) == torch.device('cuda', 0)
+    assert utils.resolved_device('cuda:1') == torch.device('cuda', 1)
+    assert utils.resolved_device('cpu') == torch.device('cpu')
