@@ -99,7 +99,11 @@ write_summary() {
 CHILD=
 stop_suite() {
     trap - TERM INT
-    if [ -n "$CHILD" ]; then kill -TERM "$CHILD" 2>/dev/null; wait "$CHILD" 2>/dev/null; fi
+    if [ -n "$CHILD" ]; then
+        kill -TERM "$CHILD" 2>/dev/null
+        wait "$CHILD" 2>/dev/null
+        record "${STEP[@]}" 143   # the step in progress, stopped
+    fi
     echo "suite stopped by a signal after $SECONDS s"
     write_summary
     exit 143
@@ -107,19 +111,23 @@ stop_suite() {
 trap stop_suite TERM INT
 trap 'rm -rf "$SCRATCH"' EXIT
 
+record() {  # record NAME LIMIT T0 COMMAND RC: one line of $OUT/steps.tsv
+    printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$5" "$((SECONDS - $3))" "$4" >> "$OUT/steps.tsv"
+}
+
 step() {  # step NAME COMMAND...: COMMAND under NAME's limit, its output in $OUT/NAME.txt
     local name=$1 limit rc t0
     shift
     limit=$(limit_of "$name") || { echo "gpu_suite: step $name has no row in the limit table"; exit 2; }
     echo "=== $name (limit ${limit}s): $*"
     t0=$SECONDS
+    STEP=("$name" "$limit" "$t0" "$(printf '%q ' "$@")")
     timeout -k 5 "$limit" "$@" > "$OUT/$name.txt" 2>&1 &
     CHILD=$!
     wait "$CHILD"
     rc=$?
     CHILD=
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$limit" "$rc" "$((SECONDS - t0))" "$(printf '%q ' "$@")" \
-        >> "$OUT/steps.tsv"
+    record "${STEP[@]}" "$rc"
     echo "rc=$rc after $((SECONDS - t0)) s"
     grep -v -E '^(W|I)[0-9]{4} ' "$OUT/$name.txt" | grep -v -E '^(Epoch|Test)' | tail -n 22
     write_summary

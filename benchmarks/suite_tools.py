@@ -208,10 +208,13 @@ class Results:
                     return f'not measured ({self.errors[name]})'
                 if st is None:
                     return f'not measured (step {name} not run)'
-                rc = st['rc']
-                why = ' timed out' if rc in ('124', '137') else ''
-                return f'not measured (step {name} rc={rc}{why})'
+                return f'not measured (step {name} rc={st["rc"]}{_why(st["rc"])})'
         return None
+
+
+def _why(rc):
+    """What an exit status of a step means, where the suite gives it one."""
+    return {'124': ' timed out', '137': ' killed: time limit or memory', '143': ' stopped by a signal'}.get(rc, '')
 
 
 def _f(v, fmt='.1f', suffix=''):
@@ -527,7 +530,7 @@ def summary(a):
              '', '## Steps', '']
     body = []
     for name, st in res.steps.items():
-        body.append([name, st['limit'], st['rc'] + (' (timed out)' if st['rc'] in ('124', '137') else ''),
+        body.append([name, st['limit'], st['rc'] + (f' ({_why(st["rc"]).strip()})' if _why(st['rc']) else ''),
                      st['seconds'], _result_line(a.out, name, st['rc'])])
     lines += _table(['step', 'limit s', 'rc', 's', 'result'], body) if body else ['no step has run']
     lines += ['', '## Ratios for README "Performance"', ''] + ratios_table(res)
