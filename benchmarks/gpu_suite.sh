@@ -4,7 +4,7 @@
 # ResNet-50, --data_pipeline gpu with --cuda_graph true next to the fast path eagerly; (b) the
 # step per B for ResNet-50 and DeiT-S, eager and captured, with the plain reference; (c) the GPU
 # data path's device half per batch.  Each step runs under its own time limit (`timeout`:
-# SIGTERM, then SIGKILL 5 s later; bench_e2e.py ends its training processes on either), and a
+# SIGTERM, then SIGKILL 5 s later; bench_e2e.py ends its training processes on the first), and a
 # step that fails or runs out of time costs only its own figures.  summary.md is rewritten
 # after every step (and on the way out): every figure, or "not measured (step X rc=N)".
 #
@@ -15,7 +15,7 @@
 #
 # PYTHON (default python3) runs every step; the suite stops at once, with one line, if it lacks
 # torch, torchvision, timm, tensorboardX or (MODE=gpu) a CUDA device.  BUDGET_S (default 540,
-# the table's total) scales every limit in proportion.  DATA: an image folder of the 200 sample
+# the budget the limit table below is written for) scales every limit in proportion.  DATA: an image folder of the 200 sample
 # images; on a lent machine it must be inside the checkout (../shared does not travel):
 # benchmarks/prepare_device.sh copies it to data/imagenet-samples (git-ignored, carried).
 set -u
@@ -80,11 +80,21 @@ command -v "$PYTHON" >/dev/null 2>&1 || {
 }
 mkdir -p "$OUT" || exit 1
 : > "$OUT/steps.tsv"
+# results of an earlier run into the same OUT must not pass for this run's
+for name in $(awk 'NF { print $1 }' <<<"$LIMITS"); do
+    rm -rf "$OUT/$name.json" "$OUT/$name.txt" "$OUT/${name}_runs"
+done
+rm -f "$SUMMARY"
 export PYTHONUNBUFFERED=1
 CMDLINE="MODE=$MODE BUDGET_S=$BUDGET_S OUT=$OUT DATA=$DATA PYTHON=$PYTHON bash benchmarks/gpu_suite.sh"
 [ -n "${SUITE_CALLER:-}" ] && CMDLINE="$SUITE_CALLER, which ran: $CMDLINE"
-"$PYTHON" benchmarks/suite_tools.py check --mode "$MODE" --out "$OUT" --budget_s "$BUDGET_S" \
-    --command "$CMDLINE" || exit 1
+timeout -k 5 60 "$PYTHON" benchmarks/suite_tools.py check --mode "$MODE" --out "$OUT" --budget_s "$BUDGET_S" \
+    --command "$CMDLINE"
+rc=$?
+if [ "$rc" != 0 ]; then
+    [ "$rc" = 124 ] && echo "gpu_suite: $PYTHON took over 60 s to import torch and start CUDA: is the GPU usable?"
+    exit 1
+fi
 
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX") || exit 1   # links and store: not results
 FINAL=
@@ -142,7 +152,7 @@ limit_e2e() {  # bench_e2e's per-process guard, inside the step's limit so it re
 # images on the CPU, a check that every step runs and reports, not a speed).
 if [ "$MODE" = cpu-dry ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    COPIES=2
+    REPLICATE=(--copies 2 --max_images 16)   # 8 steps of 4 per epoch, whatever DATA holds
     # mixed precision off: CPU autocast (fp16 above all) is many times slower than fp32 here
     STEP_SIZE=(--base_input_size 64 --batch_size 8 --device cpu --bench_steps 2 --bench_warmup 1 --threads 1
                --amp false)
@@ -152,7 +162,7 @@ if [ "$MODE" = cpu-dry ]; then
               --batch_size 4 --num_workers 1 --pin_mem false --device cpu --print_freq 2 --use_amp false)
     DATA_SIZE=(--base_input_size 64 --batch 8 --device cpu --device_batch 16 --device_batches 1)
 else
-    COPIES=25
+    REPLICATE=(--copies 25)
     # AMP: forced for ResNet-50 (its recipe trains in fp32), DeiT-S's recipe has it (bf16 here)
     STEP_SIZE=(--batch_size 256 --device cuda --bench_steps 15 --bench_warmup 5)
     R50=(--model resnet50 "${STEP_SIZE[@]}" --amp true)
@@ -170,7 +180,7 @@ step cuda_tests "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests
 
 # (a) end to end: the same etpp run and its baseline, with the GPU data path and the captured
 # step, then with the CPU fast path and the eager step; both read one image store
-step e2e_data "$PYTHON" benchmarks/suite_tools.py replicate --data_path "$DATA" --copies "$COPIES" \
+step e2e_data "$PYTHON" benchmarks/suite_tools.py replicate --data_path "$DATA" "${REPLICATE[@]}" \
     --out "$SCRATCH/e2e_folder" --store "$SCRATCH/e2e_store" --workers "$(nproc)"
 E2E=(--data_set image_folder --data_path "$SCRATCH/e2e_folder" --eval_data_path "$SCRATCH/e2e_folder"
      --image_store "$SCRATCH/e2e_store" --curriculum etpp --channels_last true "${E2E_SIZE[@]}")

@@ -22,7 +22,8 @@ import statistics
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, cpu_name  # the benchmarks' host description (imports no torch)
+
 NEEDED = ('torch', 'torchvision', 'timm', 'tensorboardX')
 CARRY_HINT = ('carry them as wheels: run `bash benchmarks/prepare_device.sh` where pip works, carry .whl '
               '(and data/imagenet-samples) and start the suite with `bash benchmarks/device_suite.sh`, '
@@ -41,17 +42,6 @@ def _pinned(name):
     except OSError:
         pass
     return None
-
-
-def _cpu_name():
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _driver():
@@ -87,7 +77,7 @@ def check(a):
         return 1
     import torch
     host = {'python_version': platform.python_version(), 'executable': sys.executable, **versions,
-            'cuda': torch.version.cuda, 'cpu': _cpu_name(), 'cpu_count': os.cpu_count(),
+            'cuda': torch.version.cuda, 'cpu': cpu_name(), 'cpu_count': os.cpu_count(),
             'cpus_usable': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}
     if gpu:
         props = torch.cuda.get_device_properties(0)
@@ -134,16 +124,14 @@ def replicate(a):
     if a.copies < 1:
         print('gpu_suite: replicate --copies must be at least 1', flush=True)
         return 2
+    files = [(c, name) for c in classes for name in sorted(os.listdir(os.path.join(src, c)))]
+    files = files[:a.max_images] if a.max_images else files
     shutil.rmtree(a.out, ignore_errors=True)
-    n = 0
-    for c in classes:
-        os.makedirs(os.path.join(a.out, c))
-        for name in sorted(os.listdir(os.path.join(src, c))):
-            target = os.path.join(src, c, name)
-            for k in range(a.copies):
-                os.symlink(target, os.path.join(a.out, c, f'r{k}_{name}'))
-                n += 1
-    print(f'{n} links to the {n // a.copies} files of {a.data_path} in {a.out}', flush=True)
+    for c, name in files:
+        os.makedirs(os.path.join(a.out, c), exist_ok=True)
+        for k in range(a.copies):
+            os.symlink(os.path.join(src, c, name), os.path.join(a.out, c, f'r{k}_{name}'))
+    print(f'{len(files) * a.copies} links to {len(files)} files of {a.data_path} in {a.out}', flush=True)
     if a.store:
         sys.path.insert(0, os.path.join(ROOT, 'scripts'))
         import build_image_store
@@ -343,7 +331,7 @@ def ratios_table(res):
             if not miss and g_name in need and fallback:
                 text += f' (NOT captured: {"; ".join(fallback)})'
             rows.append((f'{model} step per B: {what}', text, ', '.join(need)))
-    dev, means, fields = _data_view(res)
+    _, means, fields = _data_view(res)
     miss = res.missing('data_gpu')
     if miss or not means:
         rows.append(('GPU data path, device half: ms per batch (share of the training step)',
@@ -577,6 +565,7 @@ def main(argv=None):
     r = sub.add_parser('replicate', help='a folder of links to each image of DATA, and its image store')
     r.add_argument('--data_path', required=True, help='an image folder (class folders of images)')
     r.add_argument('--copies', type=int, default=25, help='links per image')
+    r.add_argument('--max_images', type=int, default=None, help='link only the first N files (class by class)')
     r.add_argument('--out', required=True, help='the folder of links (replaced)')
     r.add_argument('--store', default=None, help='also build its image store here (replaced)')
     r.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='processes of the store build')
