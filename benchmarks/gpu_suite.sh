@@ -63,14 +63,26 @@ esac
 [ "$MODE" = cpu-dry ] && export CUDA_VISIBLE_DEVICES=
 
 limit_of() {  # limit_of NAME: the step's limit in whole seconds at BUDGET_S (at least 1)
-    awk -v n="$1" -v b="$BUDGET_S" -v f="$FULL_S" \
-        '$1 == n { x = int($2 * b / f); print (x < 1 ? 1 : x); found = 1 } END { exit !found }' <<<"$LIMITS"
+    local name share rest
+    while read -r name share rest; do
+        if [ "$name" = "$1" ]; then
+            share=$((share * BUDGET_S / FULL_S))
+            echo $((share < 1 ? 1 : share))
+            return 0
+        fi
+    done <<<"$LIMITS"
+    return 1
 }
 
 if [ "$MODE" = plan ]; then
-    awk -v b="$BUDGET_S" -v f="$FULL_S" 'NF { x = int($2 * b / f); x = (x < 1 ? 1 : x); t += x; s += $2
-        printf "%-16s %4d s  (share %3d s)\n", $1, x, $2 } END { printf "%-16s %4d s  (share %3d of %d s)\n", "total", t, s, f }' \
-        <<<"$LIMITS"
+    total=0 shares=0
+    while read -r name share rest; do
+        [ -n "$name" ] || continue
+        limit=$(limit_of "$name")
+        printf '%-16s %4d s  (share %3d s)\n' "$name" "$limit" "$share"
+        total=$((total + limit)) shares=$((shares + share))
+    done <<<"$LIMITS"
+    printf '%-16s %4d s  (share %3d of %d s)\n' total "$total" "$shares" "$FULL_S"
     exit 0
 fi
 
@@ -81,9 +93,9 @@ command -v "$PYTHON" >/dev/null 2>&1 || {
 mkdir -p "$OUT" || exit 1
 : > "$OUT/steps.tsv"
 # results of an earlier run into the same OUT must not pass for this run's
-for name in $(awk 'NF { print $1 }' <<<"$LIMITS"); do
-    rm -rf "$OUT/$name.json" "$OUT/$name.txt" "$OUT/${name}_runs"
-done
+while read -r name rest; do
+    [ -n "$name" ] && rm -rf "$OUT/$name.json" "$OUT/$name.txt" "$OUT/${name}_runs"
+done <<<"$LIMITS"
 rm -f "$SUMMARY"
 export PYTHONUNBUFFERED=1
 CMDLINE="MODE=$MODE BUDGET_S=$BUDGET_S OUT=$OUT DATA=$DATA PYTHON=$PYTHON bash benchmarks/gpu_suite.sh"
