@@ -364,8 +364,10 @@ def _steady_by_size(e):
 
 
 def e2e_section(res):
-    lines = ['### End to end: etpp vs its baseline, ResNet-50 (bench_e2e.py)', '']
     runs = [(n, l, res.get(n)) for n, l in E2E]
+    argv = next((e['argv'] for _, _, e in runs if e and e.get('argv')), [])
+    model = argv[argv.index('--model') + 1] if '--model' in argv[:-1] else 'resnet50'
+    lines = [f'### End to end: etpp vs its baseline, {model} (bench_e2e.py)', '']
     head = ['', *(f'{l} ({n})' for n, l, _ in runs)]
 
     def cell(e, n, fn):
