@@ -96,9 +96,12 @@ def _raise_on_sigterm(signum, frame):
 
 
 def run(argv, out_dir, timeout=None):
-    """Train in a fresh process; returns (its log.txt records, wall seconds of the whole process).
+    """Train in a fresh process; returns (its log.txt records, wall seconds of the whole process, its notes).
 
-    The process and everything below it are ended on every way out of this function.
+    The notes are the lines in which the step says how it runs (`--cuda_graph: not captured
+    (...)`, a capture that failed): a captured run that fell back to eager is then visible in
+    the results.  Its whole output is kept as output.txt next to its log.txt.  The process
+    and everything below it are ended on every way out of this function.
     """
     cmd = [sys.executable, os.path.join(ROOT, 'main.py'), *argv, '--output_dir', out_dir, '--disable_eval', 'true',
            '--save_ckpt', 'false', '--log_dir', 'none']
@@ -116,12 +119,18 @@ def run(argv, out_dir, timeout=None):
             signal_run(proc, signal.SIGKILL)
             proc.wait()
     wall = time.perf_counter() - t0
+    try:
+        with open(os.path.join(out_dir, 'output.txt'), 'w', encoding='utf-8') as f:
+            f.write(out)
+    except OSError:  # the run failed before making its folder: its tail is in the error below
+        pass
     if proc.returncode != 0:
         tail = '\n'.join(out.splitlines()[-15:])
         raise SystemExit(f'training failed (exit {proc.returncode}): {" ".join(cmd)}\n{tail}')
     with open(os.path.join(out_dir, 'log.txt'), encoding='utf-8') as f:
         records = [json.loads(line) for line in f]
-    return [r for r in records if 'train_time_s' in r], wall
+    notes = sorted({line.strip() for line in out.splitlines() if line.startswith('--cuda_graph:')})
+    return [r for r in records if 'train_time_s' in r], wall, notes
 
 
 def steady_rates(records):
@@ -178,8 +187,8 @@ def measure(own, rest):
                                                  '--epochs', str(run_epochs)]
     with tempfile.TemporaryDirectory(prefix='bench-e2e-') as tmp:
         root = own.keep or tmp
-        curr_log, curr_wall = run(rest, os.path.join(root, 'curriculum'), own.run_timeout)
-        base_log, base_wall = run(base_argv, os.path.join(root, 'baseline'), own.run_timeout)
+        curr_log, curr_wall, curr_notes = run(rest, os.path.join(root, 'curriculum'), own.run_timeout)
+        base_log, base_wall, base_notes = run(base_argv, os.path.join(root, 'baseline'), own.run_timeout)
     base_times = [r['train_time_s'] for r in base_log]
     per_base_epoch = sum(base_times[1:]) / (len(base_times) - 1) if len(base_times) > 1 else base_times[0]
     base_total = base_times[0] + per_base_epoch * (base_epochs - 1)
@@ -216,7 +225,8 @@ def measure(own, rest):
             'measured': base_total / curr_total, 'curriculum_s': curr_total, 'baseline_s': base_total,
             'baseline_epoch_s': per_base_epoch, 'process_wall_s': {'curriculum': curr_wall, 'baseline': base_wall},
             'baseline_steady_img_s': base_rate, 'epoch_start_s': epoch_start, 'switch_costs_s': switch_costs,
-            'projection': project(args, own, rates, base_rate, switch_costs), 'stages': stages}
+            'projection': project(args, own, rates, base_rate, switch_costs), 'stages': stages,
+            'notes': {'curriculum': curr_notes, 'baseline': base_notes}}
 
 
 def table(res):
@@ -253,6 +263,8 @@ def table(res):
     elif pr:
         lines.append(f'projection of the full run: no steady rate for stages {pr.get("missing_stages")} or the '
                      f'baseline (raise the epochs or lower --print_freq so each epoch has reads past its start)')
+    for name, notes in (res.get('notes') or {}).items():
+        lines += [f'{name} run: {note}' for note in notes]
     return '\n'.join(lines)
 
 

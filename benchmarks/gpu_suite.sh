@@ -1,27 +1,119 @@
 #!/usr/bin/env bash
-# The measurements behind README "Performance", within 9 minutes on one GPU, in priority
-# order; each step has its own time limit (`timeout` sends SIGTERM, then SIGKILL 10 s
-# later; bench_e2e.py ends its training processes on either), so a slow step does not
-# cost the ones after it.  Every number stays under $OUT (one .txt and one .json per step).
+# The measurements behind README "Performance" in one call of at most 10 minutes on a lent GPU
+# machine, in order of value: the CUDA-only tests, then (a) end to end, etpp vs its baseline,
+# ResNet-50, --data_pipeline gpu with --cuda_graph true next to the fast path eagerly; (b) the
+# step per B for ResNet-50 and DeiT-S, eager and captured, with the plain reference; (c) the GPU
+# data path's device half per batch.  Each step runs under its own time limit (`timeout`:
+# SIGTERM, then SIGKILL 5 s later; bench_e2e.py ends its training processes on the first), and a
+# step that fails or runs out of time costs only its own figures.  summary.md is rewritten
+# after every step (and on the way out): every figure, or "not measured (step X rc=N)".
 #
-#   OUT=out/gpu DATA=/path/to/imagenet-samples bash benchmarks/gpu_suite.sh
-#   MODE=cpu-dry OUT=/tmp/dry bash benchmarks/gpu_suite.sh     # the same steps, tiny, on the CPU
-#   EXTRA=1 ...                                                 # then the longer compile/data steps
+#   bash benchmarks/device_suite.sh                   # on a lent machine: wheels, suite, files back
+#   OUT=out/gpu DATA=data/imagenet-samples bash benchmarks/gpu_suite.sh
+#   MODE=cpu-dry OUT=/tmp/dry DATA=../shared/data/imagenet-samples bash benchmarks/gpu_suite.sh
+#   MODE=plan bash benchmarks/gpu_suite.sh            # each step's limit at this BUDGET_S, nothing run
 #
-# Before it, on the same machine (about 30 s): the CUDA-only tests of the captured step and
-# the GPU data path, which the suite's numbers depend on:
-#   python -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_gpudata.py -k 'cuda or graph'
-# DATA must be inside the checkout on a lent device machine (../shared beside it does not
-# travel): copy the samples to data/imagenet-samples (ignored by git) and carry that path.
-#
-# Order: the step per B (issue 12), the GPU data path's two halves next to that step
-# (issue 13), then end to end with --data_pipeline gpu reading an image store.
+# PYTHON (default python3) runs every step; the suite stops at once, with one line, if it lacks
+# torch, torchvision, timm, tensorboardX or (MODE=gpu) a CUDA device.  BUDGET_S (default 540,
+# the budget the limit table below is written for) scales every limit in proportion.  DATA: an image folder of the 200 sample
+# images; on a lent machine it must be inside the checkout (../shared does not travel):
+# benchmarks/prepare_device.sh copies it to data/imagenet-samples (git-ignored, carried).
 set -u
-OUT=${OUT:-out/gpu_suite}
-DATA=${DATA:-../shared/data/imagenet-samples}
+PYTHON=${PYTHON:-python3}
 MODE=${MODE:-gpu}
-mkdir -p "$OUT"
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+OUT=$(absolute "${OUT:-out/gpu_suite}")
+if [ -z "${DATA:-}" ]; then
+    DATA=$ROOT/data/imagenet-samples
+    [ -d "$DATA" ] || DATA=$ROOT/../shared/data/imagenet-samples
+fi
+DATA=$(absolute "$DATA")
+SUMMARY=$(absolute "${SUMMARY:-$OUT/summary.md}")
+case $PYTHON in */*) PYTHON=$(absolute "$PYTHON") ;; esac
+cd "$ROOT" || exit 1
+
+# The limit table: each step's share, in seconds at the full budget of 540 s (the 10-minute
+# device command less the wheels' install, the interpreter check, and every step's 5-s kill
+# grace).  A new step adds its row here (the suite refuses a step without one); the rows must
+# sum to at most 540 (tests/test_gpu_suite.py checks it).  Free today: 65 s, meant for two
+# short steps to come (bench_step at several per-GPU batch sizes; an MAE ViT-B step per B).
+FULL_S=540
+LIMITS="
+cuda_tests      60  the CUDA-only tests: pytest -m cuda (tests/conftest.py marks them)
+e2e_data        20  25 links to each sample image (5000 files) and their image store
+e2e_gpu_graph  105  (a) bench_e2e: etpp vs baseline, --data_pipeline gpu --cuda_graph true
+e2e_fast_eager  90  (a) bench_e2e: the same runs, --data_pipeline fast --cuda_graph false
+r50_eager       45  (b) bench_step ResNet-50 per B, eager, with the plain reference (eager, captured)
+r50_graph       30  (b) bench_step ResNet-50 per B, --cuda_graph true
+deit_eager      50  (b) bench_step DeiT-S per B, eager, with the plain reference
+deit_graph      30  (b) bench_step DeiT-S per B, --cuda_graph true
+data_gpu        45  (c) bench_data: worker half per CPU-second, device half ms per batch
+"
+case $MODE in
+    gpu|plan) BUDGET_S=${BUDGET_S:-$FULL_S} ;;
+    # tiny steps on a shared CPU: the limits only stop a hang, so twice the table
+    cpu-dry) BUDGET_S=${BUDGET_S:-$((2 * FULL_S))} ;;
+    *) echo "gpu_suite: MODE=$MODE: use gpu (default), cpu-dry or plan"; exit 2 ;;
+esac
+case $BUDGET_S in
+    ''|*[!0-9]*|0) echo "gpu_suite: BUDGET_S=$BUDGET_S: give whole seconds (> 0), e.g. BUDGET_S=540"; exit 2 ;;
+esac
+# cpu-dry is the CPU check everywhere: a GPU, if there is one, stays out of it
+[ "$MODE" = cpu-dry ] && export CUDA_VISIBLE_DEVICES=
+
+limit_of() {  # limit_of NAME: the step's limit in whole seconds at BUDGET_S (at least 1)
+    local name share rest
+    while read -r name share rest; do
+        if [ "$name" = "$1" ]; then
+            share=$((share * BUDGET_S / FULL_S))
+            echo $((share < 1 ? 1 : share))
+            return 0
+        fi
+    done <<<"$LIMITS"
+    return 1
+}
+
+if [ "$MODE" = plan ]; then
+    total=0 shares=0
+    while read -r name share rest; do
+        [ -n "$name" ] || continue
+        limit=$(limit_of "$name")
+        printf '%-16s %4d s  (share %3d s)\n' "$name" "$limit" "$share"
+        total=$((total + limit)) shares=$((shares + share))
+    done <<<"$LIMITS"
+    printf '%-16s %4d s  (share %3d of %d s)\n' total "$total" "$shares" "$FULL_S"
+    exit 0
+fi
+
+command -v "$PYTHON" >/dev/null 2>&1 || {
+    echo "gpu_suite: no interpreter '$PYTHON' on PATH: set PYTHON to the python that has torch (python3 on the lent machines)"
+    exit 1
+}
+mkdir -p "$OUT" || exit 1
+: > "$OUT/steps.tsv"
+# results of an earlier run into the same OUT must not pass for this run's
+while read -r name rest; do
+    [ -n "$name" ] && rm -rf "$OUT/$name.json" "$OUT/$name.txt" "$OUT/${name}_runs"
+done <<<"$LIMITS"
+rm -f "$SUMMARY"
 export PYTHONUNBUFFERED=1
+CMDLINE="MODE=$MODE BUDGET_S=$BUDGET_S OUT=$OUT DATA=$DATA PYTHON=$PYTHON bash benchmarks/gpu_suite.sh"
+[ -n "${SUITE_CALLER:-}" ] && CMDLINE="$SUITE_CALLER, which ran: $CMDLINE"
+timeout -k 5 60 "$PYTHON" benchmarks/suite_tools.py check --mode "$MODE" --out "$OUT" --budget_s "$BUDGET_S" \
+    --command "$CMDLINE"
+rc=$?
+if [ "$rc" != 0 ]; then
+    [ "$rc" = 124 ] && echo "gpu_suite: $PYTHON took over 60 s to import torch and start CUDA: is the GPU usable?"
+    exit 1
+fi
+
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX") || exit 1   # links and store: not results
+FINAL=
+write_summary() {
+    timeout -k 2 30 "$PYTHON" benchmarks/suite_tools.py summary --out "$OUT" --summary "$SUMMARY" $FINAL \
+        || echo "gpu_suite: summary.md not written (rc=$?)"
+}
 
 # A TERM or Ctrl-C to this script ends the running step too: `timeout` runs its command in a
 # process group of its own (out of reach of the terminal's Ctrl-C) and passes a TERM it gets on
@@ -29,104 +121,106 @@ export PYTHONUNBUFFERED=1
 CHILD=
 stop_suite() {
     trap - TERM INT
-    if [ -n "$CHILD" ]; then kill -TERM "$CHILD" 2>/dev/null; wait "$CHILD" 2>/dev/null; fi
+    if [ -n "$CHILD" ]; then
+        kill -TERM "$CHILD" 2>/dev/null
+        wait "$CHILD" 2>/dev/null
+        record "${STEP[@]}" 143   # the step in progress, stopped
+    fi
     echo "suite stopped by a signal after $SECONDS s"
+    write_summary
     exit 143
 }
 trap stop_suite TERM INT
+trap 'rm -rf "$SCRATCH"' EXIT
 
-step() {  # step NAME LIMIT_S ARGS...: one benchmark, its output kept in $OUT/NAME.txt
-    local name=$1 limit=$2 rc
-    shift 2
+record() {  # record NAME LIMIT T0 COMMAND RC: one line of $OUT/steps.tsv
+    printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$5" "$((SECONDS - $3))" "$4" >> "$OUT/steps.tsv"
+}
+
+step() {  # step NAME COMMAND...: COMMAND under NAME's limit, its output in $OUT/NAME.txt
+    local name=$1 limit rc t0
+    shift
+    limit=$(limit_of "$name") || { echo "gpu_suite: step $name has no row in the limit table"; exit 2; }
     echo "=== $name (limit ${limit}s): $*"
-    local t0=$SECONDS
-    timeout -k 10 "$limit" python "$@" > "$OUT/$name.txt" 2>&1 &
+    t0=$SECONDS
+    STEP=("$name" "$limit" "$t0" "$(printf '%q ' "$@")")
+    timeout -k 5 "$limit" "$@" > "$OUT/$name.txt" 2>&1 &
     CHILD=$!
     wait "$CHILD"
     rc=$?
     CHILD=
+    record "${STEP[@]}" "$rc"
     echo "rc=$rc after $((SECONDS - t0)) s"
     grep -v -E '^(W|I)[0-9]{4} ' "$OUT/$name.txt" | grep -v -E '^(Epoch|Test)' | tail -n 22
+    write_summary
+}
+limit_e2e() {  # bench_e2e's per-process guard, inside the step's limit so it reports in one line
+    local l
+    l=$(limit_of "$1")
+    echo $((l > 10 ? l - 5 : l))
 }
 
+# Every step runs the same code in both modes; only the sizes differ (cpu-dry: tiny models and
+# images on the CPU, a check that every step runs and reports, not a speed).
 if [ "$MODE" = cpu-dry ]; then
-    # Tiny models and steps on the CPU: checks that every step runs and reports, not speed.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    R50=(--model resnet18 --curriculum etpp --base_input_size 64 --batch_size 8 --device cpu --bench_steps 2
-         --bench_warmup 1 --threads 1)
-    DEIT=(--model deit_tiny_patch16_224 --curriculum etpp --base_input_size 64 --batch_size 8 --device cpu
-          --bench_steps 2 --bench_warmup 1 --threads 1)
-    E2E=(--data_set SYNTH --synth_classes 2 --synth_per_class 32 --synth_image_size 72 --model resnet18
-         --curriculum etpp --base_input_size 64 --epochs 2 --baseline_epochs 3 --baseline_run_epochs 2
-         --batch_size 8 --device cpu --num_workers 1 --pin_mem false --print_freq 2 --run_timeout 200)
-    DATA_GPU=(--device cpu --device_batch 16 --device_batches 1 --base_input_size 64)
-    LIMIT_STEP=120
-    LIMIT_DATA=120
-    LIMIT_E2E=240
+    REPLICATE=(--copies 2 --max_images 16)   # 8 steps of 4 per epoch, whatever DATA holds
+    # mixed precision off: CPU autocast (fp16 above all) is many times slower than fp32 here
+    STEP_SIZE=(--base_input_size 64 --batch_size 8 --device cpu --bench_steps 2 --bench_warmup 1 --threads 1
+               --amp false)
+    R50=(--model resnet18 "${STEP_SIZE[@]}")
+    DEIT=(--model deit_tiny_patch16_224 "${STEP_SIZE[@]}")
+    E2E_SIZE=(--model resnet18 --base_input_size 64 --epochs 2 --baseline_epochs 3 --baseline_run_epochs 2
+              --batch_size 4 --num_workers 1 --pin_mem false --device cpu --print_freq 2 --use_amp false)
+    DATA_SIZE=(--base_input_size 64 --batch 8 --device cpu --device_batch 16 --device_batches 1)
 else
-    python -c 'import torch, timm, torchvision, PIL; print("torch", torch.__version__, "timm", timm.__version__,
-      "torchvision", torchvision.__version__, "PIL", PIL.__version__, torch.cuda.get_device_name())'
-    R50=(--model resnet50 --curriculum etpp --batch_size 256 --data_pipeline fast --device cuda --amp true
-         --channels_last true --cudnn_benchmark true --bench_steps 15 --bench_warmup 5)
-    DEIT=(--model deit_small_patch16_224 --curriculum etpp --batch_size 256 --data_pipeline fast --device cuda
-          --amp_dtype bfloat16 --bench_steps 15 --bench_warmup 5)
-    # etpp at E=6 against a 9-epoch baseline (3 run, the rest extrapolated), ResNet-50, AMP,
-    # on 25 links to each sample image (5000 files) with an image store, the GPU data path,
-    # the host's CPUs as loader workers
-    E2E=(--data_set image_folder --data_path "$OUT/e2e_folder" --eval_data_path "$OUT/e2e_folder" --model resnet50
-         --curriculum etpp --epochs 6 --baseline_epochs 9 --baseline_run_epochs 3 --batch_size 256 --use_amp true
-         --channels_last true --data_pipeline gpu --image_store "$OUT/e2e_store" --num_workers "$(nproc)"
-         --device cuda --print_freq 5 --run_timeout 100)
-    DATA_GPU=(--device cuda --device_batch 256 --device_batches 3)
-    LIMIT_STEP=70
-    LIMIT_DATA=60
-    LIMIT_E2E=200
+    REPLICATE=(--copies 25)
+    # AMP: forced for ResNet-50 (its recipe trains in fp32), DeiT-S's recipe has it (bf16 here)
+    STEP_SIZE=(--batch_size 256 --device cuda --bench_steps 15 --bench_warmup 5)
+    R50=(--model resnet50 "${STEP_SIZE[@]}" --amp true)
+    DEIT=(--model deit_small_patch16_224 "${STEP_SIZE[@]}")
+    # etpp at E=6 (14 data epochs at B = 96, 160, 224) against a 9-epoch baseline (3 run, the
+    # rest extrapolated), 19 steps of 256 per epoch, the host's CPUs as loader workers
+    E2E_SIZE=(--model resnet50 --epochs 6 --baseline_epochs 9 --baseline_run_epochs 3 --batch_size 256
+              --num_workers "$(nproc)" --device cuda --print_freq 5 --use_amp true)
+    DATA_SIZE=(--device cuda --device_batch 256 --device_batches 3)
 fi
 
-# 1-4: the step per B, this project eager and captured, with the plain reference (eager and
-# one CUDA graph) in the same run
-step r50_eager "$LIMIT_STEP" benchmarks/bench_step.py "${R50[@]}" --json "$OUT/r50_eager.json"
-step r50_graph "$LIMIT_STEP" benchmarks/bench_step.py "${R50[@]}" --cuda_graph true --reference false \
+# The CUDA-only tests first: the figures below rely on the captured step and the GPU data path
+# (on a CPU every selected test skips; the step then checks that the selection finds them).
+step cuda_tests "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests
+
+# (a) end to end: the same etpp run and its baseline, with the GPU data path and the captured
+# step, then with the CPU fast path and the eager step; both read one image store
+step e2e_data "$PYTHON" benchmarks/suite_tools.py replicate --data_path "$DATA" "${REPLICATE[@]}" \
+    --out "$SCRATCH/e2e_folder" --store "$SCRATCH/e2e_store" --workers "$(nproc)"
+E2E=(--data_set image_folder --data_path "$SCRATCH/e2e_folder" --eval_data_path "$SCRATCH/e2e_folder"
+     --image_store "$SCRATCH/e2e_store" --curriculum etpp --channels_last true "${E2E_SIZE[@]}")
+step e2e_gpu_graph "$PYTHON" benchmarks/bench_e2e.py "${E2E[@]}" --data_pipeline gpu --cuda_graph true \
+    --run_timeout "$(limit_e2e e2e_gpu_graph)" --json "$OUT/e2e_gpu_graph.json" --keep "$OUT/e2e_gpu_graph_runs"
+step e2e_fast_eager "$PYTHON" benchmarks/bench_e2e.py "${E2E[@]}" --data_pipeline fast --cuda_graph false \
+    --run_timeout "$(limit_e2e e2e_fast_eager)" --json "$OUT/e2e_fast_eager.json" --keep "$OUT/e2e_fast_eager_runs"
+
+# (b) the step per B: this project eager (with the plain reference, eager and one CUDA graph, in
+# the same run) and captured
+R50+=(--curriculum etpp --data_pipeline fast --channels_last true --cudnn_benchmark true)
+DEIT+=(--curriculum etpp --data_pipeline fast --amp_dtype bfloat16)
+step r50_eager "$PYTHON" benchmarks/bench_step.py "${R50[@]}" --json "$OUT/r50_eager.json"
+step r50_graph "$PYTHON" benchmarks/bench_step.py "${R50[@]}" --cuda_graph true --reference false \
     --json "$OUT/r50_graph.json"
-step deit_eager "$LIMIT_STEP" benchmarks/bench_step.py "${DEIT[@]}" --json "$OUT/deit_eager.json"
-step deit_graph "$LIMIT_STEP" benchmarks/bench_step.py "${DEIT[@]}" --cuda_graph true --reference false \
+step deit_eager "$PYTHON" benchmarks/bench_step.py "${DEIT[@]}" --json "$OUT/deit_eager.json"
+step deit_graph "$PYTHON" benchmarks/bench_step.py "${DEIT[@]}" --cuda_graph true --reference false \
     --json "$OUT/deit_graph.json"
 
-# 5: --data_pipeline gpu: the worker half per CPU-second next to the fast path's (both reading
-# an image store), the device half per batch at each B with the GPU memory it adds, as a share
-# of the ResNet-50 step measured in step 1 (its images/s scaled to the same batch)
+# (c) --data_pipeline gpu: the worker half per CPU-second next to the fast path's (both reading
+# an image store), the device half per batch at each B with the memory it adds, as a share of
+# the ResNet-50 step (captured if measured, else eager; summary.md gives both)
 STEP_JSON=()
-[ -f "$OUT/r50_eager.json" ] && STEP_JSON=(--step_json "$OUT/r50_eager.json")
-step data_gpu "$LIMIT_DATA" benchmarks/bench_data.py --data_path "$DATA" --model resnet50 --curriculum etpp \
-    --pipelines fast-store,gpu-store --rounds 1 "${DATA_GPU[@]}" ${STEP_JSON[@]+"${STEP_JSON[@]}"} \
+for f in "$OUT/r50_eager.json" "$OUT/r50_graph.json"; do [ -f "$f" ] && STEP_JSON=(--step_json "$f"); done
+step data_gpu "$PYTHON" benchmarks/bench_data.py --data_path "$DATA" --model resnet50 --curriculum etpp \
+    --pipelines fast-store,gpu-store --rounds 1 "${DATA_SIZE[@]}" ${STEP_JSON[@]+"${STEP_JSON[@]}"} \
     --json "$OUT/data_gpu.json"
 
-# 6: end to end, steady state per stage, switch costs, projection of the full run
-e2e_data() {  # 25 links to each sample image (5000 files) and their image store
-    local rep=$OUT/e2e_folder f c r
-    rm -rf "$rep" "$OUT/e2e_store"
-    for f in "$DATA"/*/*; do
-        c=$(basename "$(dirname "$f")")
-        mkdir -p "$rep/$c"
-        for r in $(seq 1 25); do ln -s "$(realpath "$f")" "$rep/$c/r${r}_$(basename "$f")"; done
-    done
-    # bounded too (not one of the step limits: 5000 small files on the host's cores take seconds)
-    timeout -k 5 45 python scripts/build_image_store.py --data_path "$rep" --out "$OUT/e2e_store" \
-        --workers "$(nproc)" | tail -n 1
-}
-[ "$MODE" != cpu-dry ] && e2e_data
-step e2e_r50 "$LIMIT_E2E" benchmarks/bench_e2e.py "${E2E[@]}" --json "$OUT/e2e_r50.json" --keep "$OUT/e2e_runs"
-echo "suite done after $SECONDS s"
-
-if [ "${EXTRA:-0}" = 1 ] && [ "$MODE" != cpu-dry ]; then
-    # beyond the 9 minutes: where torch.compile's time goes (compile seconds and frames per B)
-    TORCH_LOGS=recompiles step r50_compile 240 benchmarks/bench_step.py "${R50[@]}" --compile true --bench_warmup 2 \
-        --reference false --json "$OUT/r50_compile.json"
-    step data_r50 150 benchmarks/bench_data.py --data_path "$DATA" --model resnet50 --curriculum etpp --rounds 2 \
-        --json "$OUT/data_r50.json"
-    # the same end-to-end comparison with the CPU fast path reading the store
-    FAST=("${E2E[@]}")
-    for i in "${!FAST[@]}"; do [ "${FAST[$i]}" = gpu ] && FAST[$i]=fast; done
-    step e2e_r50_fast 200 benchmarks/bench_e2e.py "${FAST[@]}" --json "$OUT/e2e_r50_fast.json"
-    echo "extra steps done after $SECONDS s"
-fi
+FINAL=--final
+write_summary
+echo "suite done after $SECONDS s: $SUMMARY"

@@ -36,3 +36,22 @@ def replay_curriculum(tmp_path):
         del args[i:i + 2]
         return args + ['--curriculum_file', str(path), '--epochs', '2']
     return argv
+
+
+def _needs_cuda(item):
+    """Whether a test needs a CUDA device: marked `cuda`, or skipped without one (a skipif whose
+    reason names CUDA, the convention of the tests written before the marker)."""
+    if item.get_closest_marker('cuda') is not None:
+        return True
+    return any('cuda' in str(m.kwargs.get('reason', '')).lower() for m in item.iter_markers('skipif'))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs a CUDA device carries the `cuda` marker, so `pytest -m cuda` (the GPU
+    suite's first step) selects all of them, new ones included; without a device they skip."""
+    skip = pytest.mark.skip(reason='needs a CUDA device (marked cuda)')
+    for item in items:
+        if _needs_cuda(item):
+            item.add_marker('cuda')
+            if not torch.cuda.is_available():
+                item.add_marker(skip)
