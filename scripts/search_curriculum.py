@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Search a curriculum for a new model or dataset: B (and optionally the RandAugment magnitude) per segment, by proxy runs.
+"""Search a curriculum for a new model or dataset: B (and optionally m) per segment, by proxy runs.
 
     python scripts/search_curriculum.py --model resnet18 --data_set SYNTH --synth_classes 4 \\
         --synth_per_class 16 --synth_image_size 64 --base_input_size 64 --segments 3 \\
@@ -30,7 +30,7 @@ Every proxy run is one line of OUTPUT_DIR/trials.jsonl; the same command continu
 search without repeating finished runs (an interrupted run resumes from its checkpoint), and
 a changed setting with an existing ledger is refused. The result is OUTPUT_DIR/curriculum.json
 (main.py --curriculum_file), OUTPUT_DIR/search.png and a summary. At most K x candidates
-proxy runs (plus K x magnitudes); a try whose schedule was already run is not run again.
+proxy runs (plus K x (magnitudes - 1)); a try that rounds to a run already made is not made again.
 
 Proxy runs are fresh `main.py` processes (--nproc_per_node N: torchrun, DDP), in sessions of
 their own, ended with every process below them on every way out (Ctrl-C, SIGTERM,
@@ -50,7 +50,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -92,7 +92,8 @@ RESERVED = {'--curriculum', '--curriculum_file', '--epochs', '--output_dir', '--
 # be continued with other values.
 INERT = {'num_workers', 'print_freq', 'pin_mem', 'log_dir', 'dist_timeout', 'save_ckpt', 'save_ckpt_num',
          'save_ckpt_freq', 'save_ckpt_steps'}
-MATPLOTLIB_MISSING = 'search.png needs matplotlib: pip install matplotlib (curriculum.json and trials.jsonl are written)'
+MATPLOTLIB_MISSING = ('search.png needs matplotlib: pip install matplotlib (curriculum.json and trials.jsonl '
+                      'are written)')
 
 
 class Interrupted(Exception):
@@ -151,7 +152,8 @@ def get_args_parser():
                    help='image folder data (IMNET, image_folder): proxy runs use this many classes, evenly spaced '
                         'in sorted order (0: all)')
     g.add_argument('--proxy_train_per_class', default=0, type=int,
-                   help='with an image folder: training images per class in proxy runs, the first in sorted order (0: all)')
+                   help='with an image folder: training images per class in proxy runs, the first in sorted order '
+                        '(0: all)')
     g.add_argument('--proxy_val_per_class', default=0, type=int,
                    help='with an image folder: validation images per class in proxy runs (0: all)')
     return p
@@ -172,7 +174,9 @@ class Tolerance:
         except ValueError:
             raise UserError(f'--tolerance {text}: give top-1 points (e.g. 0.3) or a percentage of the best '
                             f'accuracy (e.g. 1%)') from None
-        if not math.isfinite(value) or value < 0:
+        if not math.isfinite(value):
+            raise UserError(f'--tolerance {text} is not a finite number: give e.g. 0.3 or 1%')
+        if value < 0:
             raise UserError(f'--tolerance {text} is below 0: give 0 (only the best) or more, e.g. 0.3 or 1%')
         return cls(value, relative, t)
 
@@ -204,7 +208,8 @@ def _int_list(text, flag):
     except ValueError:
         raise UserError(f'{flag} {text}: give integers separated by commas, e.g. 96,128,160') from None
     if len(set(values)) != len(values) or values != sorted(values):
-        raise UserError(f'{flag} {text}: give distinct values in ascending order, e.g. {",".join(map(str, sorted(set(values))))}')
+        fixed = ','.join(map(str, sorted(set(values))))
+        raise UserError(f'{flag} {text}: give distinct values in ascending order, e.g. {fixed}')
     return values
 
 
@@ -221,7 +226,8 @@ def candidate_sizes(text, base, model, model_name):
             raise UserError(f'--candidates: {b} is not {grid} for --model {model_name}: use e.g. '
                             f'{below} or {below + step}')
         if b > base:
-            raise UserError(f'--candidates: {b} exceeds --base_input_size {base}: candidates lie at or below the base size')
+            raise UserError(f'--candidates: {b} exceeds --base_input_size {base}: candidates lie at or below the '
+                            f'base size')
         try:
             check_input_size(model, b)
         except ValueError as e:
@@ -754,8 +760,9 @@ class SearchRun:
             return None  # a dry run lists a run once
         if self.dry:
             self.listed.append((schedule, alloc))
+            note = _compute_note(alloc.compute, self.cfg.budget)
             print(f'{len(self.listed):>5} {k:>7} {kind:>9} {value:>5}  {_sizes_text(schedule):<28} '
-                  f'{_stages_text(alloc):<30} {float(alloc.compute):.3f}{_compute_note(alloc.compute, self.cfg.budget)}')
+                  f'{_stages_text(alloc):<30} {float(alloc.compute):.3f}{note}')
             return None
         return self._run(k, kind, value, schedule, alloc)
 
@@ -803,12 +810,12 @@ class SearchRun:
 
     def _progress(self, rec, alloc):
         left = remaining_runs(self.cfg, self.ledger.known())
-        eta = f'ETA {_duration(left * sum(self.walls) / len(self.walls))} ({left} more runs at most)' if left \
-            else 'last run'
+        eta = f'ETA {_duration(left * sum(self.walls) / len(self.walls))} ({left} more run{"s" if left > 1 else ""} ' \
+            f'at most)' if left else 'last run'
         best_v, best_acc = self.segment_best[rec['segment']]
         what = 'B' if rec['kind'] == 'size' else 'm'
-        print(f'[run {len(self.ledger.records)}] segment {rec["segment"] + 1}/{self.cfg.segments}, {what}={rec["candidate"]}: '
-              f'top-1 {rec["acc1"]:.2f}% | segment best {best_acc:.2f}% ({what}={best_v}) | '
+        print(f'[run {len(self.ledger.records)}] segment {rec["segment"] + 1}/{self.cfg.segments}, '
+              f'{what}={rec["candidate"]}: top-1 {rec["acc1"]:.2f}% | segment best {best_acc:.2f}% ({what}={best_v}) | '
               f'compute {rec["compute"]:.3f}/{self.cfg.budget}{_compute_note(alloc.compute, self.cfg.budget)} | '
               f'{_duration(rec["wall_s"])} | elapsed {_duration(time.time() - self.started)} | {eta}', flush=True)
 
@@ -940,13 +947,15 @@ def finish(cfg, own, srun, schedule, results, main_args):
             tries += ' | ' + ', '.join(f'm{m}: {acc:.2f}' for m, acc in r.magnitudes)
         print(f'{r.segment:>7} {r.size:>4} {"-" if r.magnitude is None else r.magnitude:>3}  {tries}')
     plan = srun.plan_for(path)
-    print(f'\n{path} (main.py --curriculum_file), at --epochs {cfg.budget} (the proxy budget; a full run sets its own):')
+    print(f'\n{path} (main.py --curriculum_file), at --epochs {cfg.budget} (the proxy budget; a full run sets '
+          f'its own):')
     device = torch.device(main_args.device)
     print(plan.table(pipeline=main_args.data_pipeline, world=own.nproc_per_node,
                      per='GPU' if device.type == 'cuda' else 'process'))
     speed = data_passes_per_compute(schedule, cfg.base)
-    print(f'theoretical speedup: {float(speed):.2f}x (the schedule passes over the data {float(speed):.2f} times per '
-          f'equivalent epoch at {cfg.base}, so it costs 1/{float(speed):.2f} of a base-size run with as many data epochs)')
+    print(f'theoretical speedup: {float(speed):.2f}x (the schedule passes over the data {float(speed):.2f} times '
+          f'per equivalent epoch at {cfg.base}: 1/{float(speed):.2f} of the compute of a base-size run with as many '
+          f'data epochs)')
     try:
         plot(results, schedule, cfg, os.path.join(out, PLOT))
     except ImportError:

@@ -203,7 +203,8 @@ def _error_line(capsys):
 
 @pytest.mark.parametrize('extra, needle', [
     (['--candidates', '30,64'], '30 is not a multiple of 8'),
-    (['--model', 'tiny_vit_p16', '--base_input_size', '64', '--candidates', '24,64'], '24 is not a multiple of the patch size 16 for --model tiny_vit_p16'),
+    (['--model', 'tiny_vit_p16', '--base_input_size', '64', '--candidates', '24,64'],
+     '24 is not a multiple of the patch size 16 for --model tiny_vit_p16'),
     (['--candidates', '64,32'], 'ascending'),
     (['--segments', '5', '--candidates', '32,64', '--base_input_size', '64', '--proxy_epochs', '1'],
      'below the compute of the smallest schedule'),
