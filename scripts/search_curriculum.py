@@ -610,7 +610,7 @@ class InProcessRunner:
             except utils.TrainingInterrupted as e:
                 print(str(e))
                 raise Interrupted(e.exit_code) from None
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, Interrupted):  # before main.py's own handlers were installed
                 raise
             except Exception:  # noqa: BLE001 - reported with the run's log
                 traceback.print_exc()
