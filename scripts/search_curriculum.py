@@ -291,7 +291,7 @@ def allocate(schedule, budget, base):
     stage boundaries nearest the equal-compute segment boundaries.
 
     An image at B costs (B/base)^2 (curriculum/plan.py), so a stage of n data epochs at B
-    costs n (B/base)^2 equivalent epochs. Each stage ends within about one data epoch of
+    costs n (B/base)^2 equivalent epochs. Each stage ends within a data epoch or two of
     its exact boundary; the last one closes the budget.
     """
     runs = stage_runs(schedule)
