@@ -33,7 +33,7 @@ import timm.models.swin_transformer as swin_module
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["check_input_size", "adapt_model", "size_multiple"]
+__all__ = ["check_input_size", "adapt_model", "size_multiple", "input_size_grid"]
 
 Resampler = Callable[[torch.Tensor], torch.Tensor]
 
@@ -350,10 +350,16 @@ def adapt_model(model: nn.Module, size: int, optimizer: Optional[torch.optim.Opt
     return changed
 
 
+def input_size_grid(model: nn.Module) -> Tuple[int, str]:
+    """(k, description): the model's valid input sizes are multiples of k (1: any size, for
+    resolution-agnostic models), from the same per-family rule as `check_input_size`."""
+    return _rule_for(_unwrap_model(model)).multiple(_unwrap_model(model))
+
+
 def size_multiple(model: nn.Module) -> int:
     """The grid valid input sizes lie on (patch size for ViT, 32 for Swin/CSWin/PVT, else 16).
 
     Plans scale published bandwidths to another base size on this grid.
     """
-    k, _ = _rule_for(_unwrap_model(model)).multiple(_unwrap_model(model))
+    k, _ = input_size_grid(model)
     return max(k, 16) if k % 16 == 0 or k == 1 else k
