@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from curriculum.plan import Plan, Stage, split_rounded
+from curriculum.plan import Plan, Stage, relative_cost, split_rounded
 
 ETPP_SEGMENTS = 10
 ET_SEGMENTS = 5
@@ -61,6 +61,20 @@ PVT_ETPP = Recipe(_S3, {96: 512, 160: 256, 224: 128})
 ETPP_RECIPES.update({name: PVT_ETPP for name in ('pvt_tiny', 'pvt_small', 'pvt_medium', 'pvt_large')})
 # ImageNet-22K pre-training (Table 12) of the Large models: their family's larger-model schedule.
 ETPP_RECIPES.update({'convnext_large': CONVNEXT_SB, 'CSWin_144_24322_large_224': SWIN_SB})
+
+# MAE pre-training (EfficientTrain++ Table 15, whose schedule is not published): this
+# project's choice is the ViT ramp on multiples of the patch size, two equal-compute
+# segments each at 96, 128, 160, 192 and 224 (patch grids 6, 8, 10, 12, 14).  MAE uses no
+# RandAugment, so the segment's magnitude is unused.  No per-stage batches are published:
+# the micro-batch stays the base one (--stage_batch auto grows it at low B).  Warm-up: the
+# first 10% of compute, MAE's 40 of 400 epochs.  ViT-H/14 takes the nearest multiples of 14
+# (grids 7, 9, 11, 14, 16).
+MAE_ETPP_P16 = Recipe((96, 96, 128, 128, 160, 160, 192, 192, 224, 224), dict.fromkeys((96, 128, 160, 192, 224), 1),
+                      warmup=('compute', 0.1))
+MAE_ETPP_P14 = Recipe((98, 98, 126, 126, 154, 154, 196, 196, 224, 224), dict.fromkeys((98, 126, 154, 196, 224), 1),
+                      warmup=('compute', 0.1))
+ETPP_RECIPES.update({'mae_vit_tiny_patch16': MAE_ETPP_P16, 'mae_vit_base_patch16': MAE_ETPP_P16,
+                     'mae_vit_large_patch16': MAE_ETPP_P16, 'mae_vit_huge_patch14': MAE_ETPP_P14})
 
 ET_SIZES = (160, 160, 160, 192, 224)
 ET_MAGNITUDES = (1, 3, 5, 7, 9)
@@ -129,13 +143,18 @@ def _auto_note(args, stages, base):
                f'; no growth possible: --update_freq {args.update_freq} leaves nothing to trade')]
 
 
-def build_plan(args, size_multiple=16):
-    """The Plan for args.curriculum ('none', 'et', 'etpp' or a --curriculum_file)."""
+def build_plan(args, size_multiple=16, cost=None):
+    """The Plan for args.curriculum ('none', 'et', 'etpp' or a --curriculum_file).
+
+    cost: the model's per-image compute as a function of the input size (e.g.
+    models.mae.MaskedAutoencoderViT.train_flops), which then measures compute progress and
+    sizes ET++'s equal-compute segments; None: (B/base)^2, the papers' measure.
+    """
     base = args.base_input_size if args.curriculum != 'none' else args.input_size
     lowfreq = getattr(args, 'lowfreq', 'auto')
     _check_stage_batch_args(args)
     if getattr(args, 'curriculum_file', None):
-        return load_plan_file(args.curriculum_file, args, size_multiple)
+        return load_plan_file(args.curriculum_file, args, size_multiple, cost)
     if args.curriculum == 'none':
         st = Stage(0, args.input_size, None, args.epochs, args.batch_size, args.update_freq)
         plan = Plan('baseline', [st], base, 'epochs', 'none')
@@ -145,9 +164,9 @@ def build_plan(args, size_multiple=16):
         return plan
     if args.curriculum in ('et', 'etpp'):
         if args.curriculum == 'et':
-            plan = _build_et(args, base, size_multiple, 'fourier' if lowfreq == 'auto' else lowfreq)
+            plan = _build_et(args, base, size_multiple, 'fourier' if lowfreq == 'auto' else lowfreq, cost)
         else:
-            plan = _build_etpp(args, base, size_multiple, 'lanczos' if lowfreq == 'auto' else lowfreq)
+            plan = _build_etpp(args, base, size_multiple, 'lanczos' if lowfreq == 'auto' else lowfreq, cost)
         if plan.stages and plan.stages[-1].size < base:
             # a tiny budget rounds the base-size segments away: say what the user then gets
             plan.notes.append(f'no stage trains at the base size {base} (the last is at B={plan.stages[-1].size}): '
@@ -178,7 +197,12 @@ def _skipped_note(skipped, segments):
             f'{"are" if len(skipped) > 1 else "is"} skipped: a larger --epochs trains every segment']
 
 
-def _build_etpp(args, base, multiple, lowfreq):
+def _stage_cost(cost, b, base):
+    """Stage.cost: the model's relative per-image compute, or None for (B/base)^2."""
+    return None if cost is None else relative_cost(cost, b, base)
+
+
+def _build_etpp(args, base, multiple, lowfreq, cost=None):
     recipe = ETPP_RECIPES.get(args.model, GENERIC)
     e = float(args.epochs)
     last = recipe.batch_at[recipe.sizes[-1]]
@@ -195,7 +219,7 @@ def _build_etpp(args, base, multiple, lowfreq):
         if rt > 1 and bs % rt:
             raise PlanError(f'segment {k}: per-GPU batch {bs} not divisible by replay_times {rt}: '
                             f'choose --batch_size a multiple of {rt}')
-        exact = e / ETPP_SEGMENTS * (base / b) ** 2 / rt
+        exact = e / ETPP_SEGMENTS / relative_cost(cost, b, base) / rt
         raw.append((b, k, exact, bs, uf, rt, buf))
     epochs = split_rounded([r[2] for r in raw])
     stages, skipped = [], []
@@ -203,7 +227,7 @@ def _build_etpp(args, base, multiple, lowfreq):
         if n <= 0:
             skipped.append(f'{k} (B={b})')
             continue
-        stages.append(Stage(0, b, k, n, bs, uf, rt, buf))
+        stages.append(Stage(0, b, k, n, bs, uf, rt, buf, cost=_stage_cost(cost, b, base)))
     notes += _skipped_note(skipped, ETPP_SEGMENTS)
     _check_replay_update_freq(stages)
     notes += _auto_note(args, stages, base)
@@ -213,7 +237,7 @@ def _build_etpp(args, base, multiple, lowfreq):
     return plan
 
 
-def _build_et(args, base, multiple, lowfreq):
+def _build_et(args, base, multiple, lowfreq, cost=None):
     epochs = split_rounded([args.epochs / ET_SEGMENTS] * ET_SEGMENTS)
     stages, notes, undoubled, skipped = [], [], [], []
     for k, (b_pub, m, n) in enumerate(zip(ET_SIZES, ET_MAGNITUDES, epochs)):
@@ -224,7 +248,7 @@ def _build_et(args, base, multiple, lowfreq):
         bs, uf = grown_batches(args, b, base, bs, uf)
         rt, buf = _replay_for(args, _ET_RECIPE, b_pub, b, base)
         if n > 0:
-            stages.append(Stage(0, b, m, n, bs, uf, rt, buf))
+            stages.append(Stage(0, b, m, n, bs, uf, rt, buf, cost=_stage_cost(cost, b, base)))
         else:
             skipped.append(f'{k} (B={b})')
     notes += _skipped_note(skipped, ET_SEGMENTS)
@@ -299,7 +323,7 @@ def _int_field(path, where, v, lo, allow_none=False):
     return v
 
 
-def load_plan_file(path, args, size_multiple=16):
+def load_plan_file(path, args, size_multiple=16, cost=None):
     """A Plan from a JSON curriculum file; a bad field fails naming it.
 
     {"progress": "compute"|"epochs", "lowfreq": "fourier"|"lanczos",
@@ -368,8 +392,9 @@ def load_plan_file(path, args, size_multiple=16):
         if bs % rt or (rt > 1 and (bs // rt) % REPLAY_CHUNKS):
             raise _field_error(path, f'{where}.batch_size', f'{bs} must be a multiple of replay_times x '
                                                            f'{REPLAY_CHUNKS} = {rt * REPLAY_CHUNKS}')
-        per_epoch = (size / base) ** 2 * rt if unit == 'compute' else 1.0
-        raw.append((share * args.epochs / per_epoch, Stage(0, size, mag, 1, bs, uf, rt, buf)))
+        per_epoch = relative_cost(cost, size, base) * rt if unit == 'compute' else 1.0
+        raw.append((share * args.epochs / per_epoch,
+                    Stage(0, size, mag, 1, bs, uf, rt, buf, cost=_stage_cost(cost, size, base))))
     total_share = sum(s['share'] for s in stages_spec)
     if abs(total_share - 1.0) > 1e-6:
         raise _field_error(path, 'stages[*].share', f'must add up to 1, they add up to {total_share:g}')
@@ -378,7 +403,7 @@ def load_plan_file(path, args, size_multiple=16):
     for (_, st), n in zip(raw, counts):
         if n > 0:
             stages.append(Stage(0, st.size, st.magnitude, n, st.batch_size, st.update_freq,
-                                st.replay_times, st.buffer_size))
+                                st.replay_times, st.buffer_size, cost=st.cost))
     if not stages:
         raise _field_error(path, 'stages', f'every stage rounds to 0 epochs at --epochs {args.epochs}')
     name = spec.get('name', os.path.basename(path))

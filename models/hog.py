@@ -6,7 +6,7 @@ curriculum, which only decides what image (bandwidth B) the network sees.
 
 The features, per colour channel:
 1. 1-pixel reflect padding, then the Sobel kernels Kx = [[1,0,-1],[2,0,-2],[1,0,-1]] and
-   Ky = Kx^T applied as cross-correlation (torch's conv2d), giving gx and gy;
+   Ky = Kx^T applied as cross-correlation (as torch's conv2d would), giving gx and gy;
 2. magnitude sqrt(gx^2 + gy^2) and orientation bin floor(9 atan2(gx, gy) / pi) mod 9
    (9 unsigned bins: a sign flip of both gradients lands in the same bin);
 3. magnitudes weighted by a 16 x 16 Gaussian window (sigma 8, centred between pixels 7
@@ -24,9 +24,11 @@ histogram.  [0, 1] images give the same features up to the eps of step 4
 
 Per-patch targets: a p x p patch (p a multiple of 8) holds (p/8)^2 cells, flattened in the
 order (cell row, cell column, channel, bin): 2 x 2 x 3 x 9 = 108 values for p = 16.
-Everything is batched tensor arithmetic, on any device; the only Python loop runs over the
-9 bins (a masked sum per bin keeps the reduction deterministic on CUDA, which a
-scatter_add would not be).
+Everything is batched element-wise tensor arithmetic (no convolution or matrix product),
+on any device; the only Python loop runs over the 9 bins (a masked sum per bin keeps the
+reduction deterministic on CUDA, which a scatter_add would not be).  The gradients and
+angles are computed in float64, exactly for float32 pixels (see hog_features), so the bins
+are the same on every device; the histograms are float32.
 """
 import contextlib
 import math
@@ -42,7 +44,6 @@ HOG_BINS = 9
 HOG_CELL = 8
 HOG_WINDOW = 16
 HOG_SIGMA = 8.0
-_SOBEL_X = ((1., 0., -1.), (2., 0., -2.), (1., 0., -1.))
 
 
 def hog_target_dim(patch_size: int, channels: int = 3) -> int:
@@ -59,20 +60,14 @@ def gaussian_window(size: int = HOG_WINDOW, sigma: float = HOG_SIGMA, dtype=torc
     return (w / w.sum()).to(dtype)
 
 
-def _sobel_weight(channels: int, dtype, device) -> torch.Tensor:
-    kx = torch.tensor(_SOBEL_X, dtype=dtype, device=device)
-    # output channel 2c is gx of input channel c, 2c + 1 its gy (groups=channels)
-    return torch.stack([kx, kx.t()]).repeat(channels, 1, 1).unsqueeze(1)
-
-
 def _check_size(h: int, w: int) -> None:
     if h % HOG_CELL or w % HOG_CELL:
         raise ValueError(f'HOG needs image sides that are multiples of the {HOG_CELL}-pixel cell, got {h}x{w}')
 
 
 def _no_autocast(device_type: str):
-    # autocast would run the convolution in half precision; devices without autocast (meta,
-    # used to count FLOPs) need no guard
+    # the features are computed in full precision whatever the caller's autocast; devices
+    # without autocast (meta, used to count FLOPs) need no guard
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
@@ -81,21 +76,32 @@ def _no_autocast(device_type: str):
 def hog_features(images: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) images -> (N, C, 9, H/8, W/8) cell histograms, L2-normalised per cell and channel.
 
-    Computed in float32 (float64 input stays float64), outside autocast.
+    Float32 result (float64 for float64 input), computed outside autocast.
     """
     if images.dim() != 4:
         raise ValueError(f'expected (N, C, H, W) images, got shape {tuple(images.shape)}')
     n, c, h, w = images.shape
     _check_size(h, w)
-    x = images if images.dtype == torch.float64 else images.float()
-    with _no_autocast(x.device.type):
-        grads = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), _sobel_weight(c, x.dtype, x.device), groups=c)
-        gx, gy = grads[:, 0::2], grads[:, 1::2]
-        magnitude = torch.sqrt(gx * gx + gy * gy)
-        bins = torch.floor(torch.atan2(gx, gy) * (HOG_BINS / math.pi)).long() % HOG_BINS
-        window = gaussian_window(dtype=x.dtype, device=x.device)
+    dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+    with _no_autocast(images.device.type):
+        # Gradients in float64: for float32 (or 8-bit) pixels every difference and weighted
+        # sum below is exact, so a gradient that is 0 is exactly 0 and the orientation bins
+        # do not depend on summation order or device (in float32, rounding noise of order
+        # 1e-7 flips the sign of gx = 0 on every horizontal edge, moving its vote between
+        # bins 0 and 8).  Kx = [1, 2, 1]^T (x) [1, 0, -1] and Ky = Kx^T, applied separably.
+        p = F.pad(images.double(), (1, 1, 1, 1), mode='reflect')
+        d = p[..., :, :-2] - p[..., :, 2:]             # (N, C, H + 2, W): left - right
+        gx = d[..., :-2, :] + 2 * d[..., 1:-1, :] + d[..., 2:, :]
+        del d
+        e = p[..., :-2, :] - p[..., 2:, :]             # (N, C, H, W + 2): top - bottom
+        del p
+        gy = e[..., :-2] + 2 * e[..., 1:-1] + e[..., 2:]
+        del e
+        bins = (torch.floor(torch.atan2(gx, gy) * HOG_BINS / math.pi) % HOG_BINS).to(torch.uint8)
+        window = gaussian_window(dtype=torch.float64, device=images.device)
         reps = (-(-h // HOG_WINDOW), -(-w // HOG_WINDOW))
-        magnitude = magnitude * window.repeat(*reps)[:h, :w]
+        magnitude = (torch.sqrt(gx * gx + gy * gy) * window.repeat(*reps)[:h, :w]).to(dtype)
+        del gx, gy
         hc, wc = h // HOG_CELL, w // HOG_CELL
         hist = torch.stack([
             torch.where(bins == k, magnitude, 0.).reshape(n, c, hc, HOG_CELL, wc, HOG_CELL).sum((3, 5))

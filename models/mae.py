@@ -36,10 +36,10 @@ project's small model for demos and tests, not a published one.
 Compute model (`MAEConfig.flops`): the matrix products that run per image, as a function
 of B: patch embedding on all L patches, encoder blocks on K + 1 tokens (K kept), the
 decoder embedding on K + 1, decoder blocks on L + 1, the prediction head on L, each
-block's attention scores and weighted sum (4 T^2 D) besides its linear layers, and the
-HOG target's Sobel convolution.  A training step is 3x the forward less the patch
-embedding's input gradient (images need none).  Element-wise work (norms, softmax, GELU,
-the loss) is not counted, as torch's FlopCounterMode does not count it.
+block's attention scores and weighted sum (4 T^2 D) besides its linear layers.  A
+training step is 3x the forward less the patch embedding's input gradient (images need
+none).  Element-wise work (norms, softmax, GELU, the HOG target, the loss) is not counted,
+as torch's FlopCounterMode does not count it.
 """
 import math
 from dataclasses import dataclass
@@ -106,13 +106,11 @@ class MAEConfig:
             'decoder_linear': self.decoder_depth * block_linear(td, dd),
             'decoder_attention': self.decoder_depth * block_attention(td, dd),
             'decoder_pred': 2 * n * dd * self.out_dim(target),
-            # two 3x3 Sobel kernels per channel, on every pixel
-            'target': 2 * 2 * c * 9 * size * size if target == 'hog' else 0,
         }
         parts['forward'] = sum(parts.values())
         # backward: input and weight gradients (2x forward) of every layer but the patch
-        # embedding, which needs no input gradient; the target has no gradient at all
-        parts['train'] = 3 * parts['forward'] - parts['patch_embed'] - 2 * parts['target']
+        # embedding, which needs no input gradient
+        parts['train'] = 3 * parts['forward'] - parts['patch_embed']
         return parts
 
 
