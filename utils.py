@@ -688,6 +688,11 @@ def atomic_write_text(path, text):
     _atomic_write(path, lambda f: f.write(text), binary=False)
 
 
+def atomic_write_bytes(path, data):
+    """Write bytes (e.g. an encoded PNG) to a temporary file beside path, fsync, then rename over path."""
+    _atomic_write(path, lambda f: f.write(data), binary=True)
+
+
 def seed_everything(seed):
     import random
     import numpy as np

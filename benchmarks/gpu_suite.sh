@@ -60,6 +60,8 @@ if [ "$MODE" = cpu-dry ]; then
          --curriculum etpp --base_input_size 64 --epochs 2 --baseline_epochs 3 --baseline_run_epochs 2
          --batch_size 8 --device cpu --num_workers 1 --pin_mem false --print_freq 2 --run_timeout 200)
     DATA_GPU=(--device cpu --device_batch 16 --device_batches 1 --base_input_size 64)
+    MAE=(--model mae_vit_tiny_patch16 --base_input_size 64 --batch_size 8 --device cpu --bench_steps 2
+         --bench_warmup 1 --threads 1)
     LIMIT_STEP=120
     LIMIT_DATA=120
     LIMIT_E2E=240
@@ -78,6 +80,10 @@ else
          --channels_last true --data_pipeline gpu --image_store "$OUT/e2e_store" --num_workers "$(nproc)"
          --device cuda --print_freq 5 --run_timeout 100)
     DATA_GPU=(--device cuda --device_batch 256 --device_batches 3)
+    # MAE ViT-B, HOG target (the paper's ET++ MAE row), 256 x 4 per GPU at 224 (4096 on 4 GPUs),
+    # the micro-batch grown at low B as --stage_batch auto does
+    MAE=(--model mae_vit_base_patch16 --target hog --batch_size 256 --update_freq 4 --stage_batch auto --device cuda
+         --bench_steps 6 --bench_warmup 2)
     LIMIT_STEP=70
     LIMIT_DATA=60
     LIMIT_E2E=200
@@ -91,6 +97,9 @@ step r50_graph "$LIMIT_STEP" benchmarks/bench_step.py "${R50[@]}" --cuda_graph t
 step deit_eager "$LIMIT_STEP" benchmarks/bench_step.py "${DEIT[@]}" --json "$OUT/deit_eager.json"
 step deit_graph "$LIMIT_STEP" benchmarks/bench_step.py "${DEIT[@]}" --cuda_graph true --reference false \
     --json "$OUT/deit_graph.json"
+
+# 4b: the MAE pre-training step per B of its ET++ plan (issue 19), beside the supervised ones
+step mae_step "$LIMIT_STEP" benchmarks/bench_step.py --task mae "${MAE[@]}" --json "$OUT/mae_step.json"
 
 # 5: --data_pipeline gpu: the worker half per CPU-second next to the fast path's (both reading
 # an image store), the device half per batch at each B with the GPU memory it adds, as a share

@@ -451,3 +451,87 @@ def test_curriculum_file_with_the_mae_compute_model(tmp_path):
     plan = build_plan(args, 16, cost=model.train_flops)
     rel = model.train_flops(96) / model.train_flops(224)
     assert plan.stages[0].cost == rel and plan.stages[0].epochs == round(50 / rel)
+
+
+# ---------------------------------------------------------------------------
+# scripts/visualize_mae.py and bench_step.py --task mae
+# ---------------------------------------------------------------------------
+
+def _save_tiny(path, target, **args):
+    torch.manual_seed(0)
+    model = create_model('mae_vit_tiny_patch16', target=target)
+    saved = {'model': 'mae_vit_tiny_patch16', 'target': target, 'mask_ratio': 0.75, 'norm_pix_loss': True,
+             'base_input_size': 64, **args}
+    torch.save({'model': model.state_dict(), 'args': saved, 'epoch': 0}, path)
+    return model
+
+
+def _image_folder(tmp_path):
+    from PIL import Image
+    folder = tmp_path / 'imgs' / 'a'
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        arr = (torch.rand(40, 56, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f'{i}.png')
+    return str(tmp_path / 'imgs')
+
+
+@pytest.mark.parametrize('target', ['pixel', 'hog'])
+def test_visualize_mae_writes_the_grid(tmp_path, target):
+    import scripts.visualize_mae as vis
+    from PIL import Image
+    ckpt = tmp_path / 'checkpoint-0.pth'
+    model = _save_tiny(ckpt, target)
+    out = tmp_path / 'grid.png'
+    args = vis.get_args_parser().parse_args(['--checkpoint', str(ckpt), '--images', _image_folder(tmp_path),
+                                             '--size', '32', '--out', str(out), '--cell', '32'])
+    cols = vis.main(args)
+    names = [c[0] for c in cols]
+    assert names[:2] == ['original', 'masked (75%)']
+    assert names[2:] == (['reconstruction', 'reconstruction + visible'] if target == 'pixel'
+                         else ['HOG target', 'HOG prediction (visible dimmed)'])
+    assert all(c[1].shape == (2, 3, 32, 32) and 0 <= c[1].min() and c[1].max() <= 1 for c in cols)
+    with Image.open(out) as im:
+        assert im.format == 'PNG' and im.width == 6 + 4 * (32 + 6)
+    # the checkpoint's weights were used: the loaded model's loss on the same mask is the saved one's
+    x = vis.load_batch(vis.list_images(args.images, 2), 32)
+    loaded, _, _ = vis.load_model(args)
+    with torch.no_grad():
+        expected = float(model.eval()(x, generator=torch.Generator().manual_seed(0))[0])
+    assert vis.columns_for(loaded, target, x, 0)[1] == pytest.approx(expected, abs=1e-6)
+
+
+def test_visualize_mae_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    import scripts.visualize_mae as vis
+    ckpt = tmp_path / 'm.pth'
+    _save_tiny(ckpt, 'pixel')
+    images = _image_folder(tmp_path)
+    out = tmp_path / 'grid.png'
+    sup = tmp_path / 'sup.pth'
+    torch.save({'model': timm.create_model('vit_tiny_patch16_224').state_dict(), 'epoch': 3}, sup)
+    for argv, msg in ((['--checkpoint', str(ckpt), '--size', '100'], 'nearest valid 96'),
+                      (['--checkpoint', str(sup)], 'not an MAE pre-training checkpoint'),
+                      (['--checkpoint', str(ckpt), '--mask_ratio', '1'], '--mask_ratio 1.0 is outside')):
+        with pytest.raises(SystemExit) as e:
+            vis.cli(argv + ['--images', images, '--out', str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and err.count('\n') == 1, err
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith('.tmp')]
+
+
+def test_bench_step_mae_task():
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+    import bench_step
+    threads = torch.get_num_threads()
+    try:
+        res = bench_step.main(['--task', 'mae', '--model', 'mae_vit_tiny_patch16', '--base_input_size', '64',
+                               '--batch_size', '2', '--device', 'cpu', '--bench_steps', '1', '--bench_warmup', '1',
+                               '--threads', '1', '--target', 'hog'])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r['size']: r for r in res['rows']}
+    assert sorted(rows) == [32, 48, 64] and rows[64]['ratio'] == 1.0
+    assert rows[32]['compute_model'] > 1 and all(r['img_s'] > 0 for r in rows.values())
+    assert res['task'] == 'mae' and res['target'] == 'hog'
