@@ -217,6 +217,21 @@ def test_compute_model_matches_flop_counter(name, target):
     assert abs(_counted(model, 96, False) - model.flops(96)['forward']) <= 1e-6 * model.flops(96)['forward']
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_compute_model_matches_flop_counter_on_cuda():
+    # real tensors under bf16 autocast: the attention runs in a fused CUDA kernel, which the
+    # counter has formulas for (flash / memory-efficient attention)
+    model = create_model('mae_vit_base_patch16', target='hog').cuda()
+    for size in (96, 160, 224):
+        x = torch.randn(2, 3, size, size, device='cuda')
+        with FlopCounterMode(display=False) as fc:
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                loss, _, _ = model(x, generator=torch.Generator(device='cuda').manual_seed(0))
+            loss.backward()
+        flops = model.flops(size)
+        assert abs(fc.get_total_flops() / 2 - flops['train']) <= 0.05 * flops['train']
+
+
 def test_compute_model_counts_visible_tokens_and_attention():
     cfg = MAE_CONFIGS['mae_vit_base_patch16']
     f = cfg.flops(224)
