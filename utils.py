@@ -439,6 +439,15 @@ def load_checkpoint_file(path, map_location='cpu'):
     return ckpt
 
 
+def checkpoint_args(ckpt):
+    """A checkpoint's 'args' as a dict: saved as a Namespace (this project's, the released files')
+    or a plain dict; {} when absent."""
+    a = ckpt.get('args')
+    if isinstance(a, argparse.Namespace):
+        return vars(a)
+    return a if isinstance(a, dict) else {}
+
+
 def plain_args(args):
     """A Namespace of plain values only, so weights_only loading accepts it."""
     out = argparse.Namespace()

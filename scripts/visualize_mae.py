@@ -62,18 +62,11 @@ def get_args_parser():
     return p
 
 
-def _checkpoint_args(ckpt):
-    a = ckpt.get('args')
-    if isinstance(a, argparse.Namespace):
-        return vars(a)
-    return a if isinstance(a, dict) else {}
-
-
 def load_model(args):
     """(model, target, B) for the checkpoint; UserError when it is not an MAE one."""
     ckpt = utils.load_checkpoint_file(args.checkpoint)
     state = mae_state_from_checkpoint(ckpt)
-    saved = _checkpoint_args(ckpt)
+    saved = utils.checkpoint_args(ckpt)
     name = args.model or (saved.get('model') if saved.get('model') in MAE_CONFIGS else None) or infer_mae_model(state)
     if name is None or 'decoder_pred.weight' not in state:
         raise UserError(f'{args.checkpoint} is not an MAE pre-training checkpoint (no decoder of a known MAE model): '
