@@ -134,17 +134,19 @@ def check_mask_ratio(ratio) -> float:
 
 
 def check_mae_size(size: int, patch_size: int, what: str = '--input_size') -> int:
-    """size must be a positive multiple of the patch size (a whole grid of patches)."""
+    """size must be a multiple of the patch size (a whole grid of patches), at least 2 patches a
+    side (one patch could not be both seen and masked)."""
     if isinstance(size, bool) or not isinstance(size, int):
         raise UserError(f'{what} must be a whole number of {patch_size}-pixel patches, got {size!r}')
-    if size >= patch_size and size % patch_size == 0:
+    lowest = 2 * patch_size
+    if size >= lowest and size % patch_size == 0:
         return size
+    if size < lowest:
+        raise UserError(f'{what} {size} is too small: MAE needs at least 2 patches of {patch_size} pixels a side; '
+                        f'nearest valid {lowest}')
     below = size // patch_size * patch_size
     above = below + patch_size
-    if below < patch_size:
-        near = [patch_size]
-    else:
-        near = [b for b in (below, above) if abs(size - b) == min(size - below, above - size)]
+    near = [b for b in (below, above) if abs(size - b) == min(size - below, above - size)]
     raise UserError(f'{what} {size} is not a multiple of the patch size {patch_size} (the image must be a whole '
                     f'grid of patches): nearest valid {" or ".join(map(str, near))}')
 
@@ -346,7 +348,7 @@ class MaskedAutoencoderViT(nn.Module):
         The mask comes from `noise` (N, L) if given, else from uniform noise drawn with
         `generator` (None: torch's global generator, seeded by the project's seeding).
         """
-        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        ratio = self.mask_ratio if mask_ratio is None else check_mask_ratio(mask_ratio)
         if noise is None:
             noise = self.draw_noise(images, generator)
         target = self.targets(images)

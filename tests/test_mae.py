@@ -370,8 +370,9 @@ def test_bad_input_is_one_line_with_the_fix():
         check_mae_size(100, 16)
     with pytest.raises(UserError, match=r'nearest valid 112 or 128$'):
         check_mae_size(120, 16, 'B')
-    with pytest.raises(UserError, match=r'nearest valid 16$'):
-        check_mae_size(8, 16)
+    with pytest.raises(UserError, match=r'too small.*nearest valid 32$'):
+        check_mae_size(16, 16)
+    assert check_mae_size(32, 16) == 32
     with pytest.raises(UserError, match=r'nearest valid 98$'):
         check_mae_size(96, 14)
     assert check_mae_size(224, 14) == 224
