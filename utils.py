@@ -451,6 +451,15 @@ def load_checkpoint_file(path, map_location='cpu'):
     return ckpt
 
 
+def checkpoint_args(ckpt):
+    """A checkpoint's 'args' as a dict: saved as a Namespace (this project's, the released files')
+    or a plain dict; {} when absent."""
+    a = ckpt.get('args')
+    if isinstance(a, argparse.Namespace):
+        return vars(a)
+    return a if isinstance(a, dict) else {}
+
+
 def plain_args(args):
     """A Namespace of plain values only, so weights_only loading accepts it."""
     out = argparse.Namespace()
@@ -698,6 +707,11 @@ def truncate_log(path, first_epoch):
 def atomic_write_text(path, text):
     """Write text to a temporary file beside path, fsync, then rename over path."""
     _atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def atomic_write_bytes(path, data):
+    """Write bytes (e.g. an encoded PNG) to a temporary file beside path, fsync, then rename over path."""
+    _atomic_write(path, lambda f: f.write(data), binary=True)
 
 
 def seed_everything(seed):

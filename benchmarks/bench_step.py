@@ -4,6 +4,7 @@
     python benchmarks/bench_step.py --model deit_small_patch16_224 --curriculum etpp --batch_size 256 \
         --update_freq 2 --compile true --channels_last true --json step.json
     python benchmarks/bench_step.py --model resnet50 --device cpu --batch_size 16 --bench_steps 3 --threads 1
+    python benchmarks/bench_step.py --task mae --model mae_vit_base_patch16 --batch_size 256 --device cuda
 
 Arguments this script does not know go to main.py's parser (--model, --curriculum,
 --batch_size, --update_freq, --channels_last, --compile, --data_pipeline, --device, ...).
@@ -78,6 +79,9 @@ def parse(argv=None):
                                 formatter_class=HelpFormatter,
                                 epilog='Other arguments are main.py\'s training flags (--model, --batch_size, ...): '
                                        'see python main.py --help.')
+    p.add_argument('--task', default='supervised', choices=['supervised', 'mae'],
+                   help='supervised: the training step of main.py\'s flags; mae: the MAE pre-training step per B '
+                        '(benchmarks/bench_mae.py, its own flags: --task mae --help)')
     p.add_argument('--amp', default='recipe', choices=['recipe', 'true', 'false'],
                    help='mixed precision: recipe: as the model\'s published recipe; true/false: forced')
     p.add_argument('--bench_steps', type=int, default=20, help='timed steps per size')
@@ -372,6 +376,11 @@ def table(res):
 
 
 def main(argv=None):
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument('--task', default='supervised')
+    if task.parse_known_args(argv)[0].task == 'mae':
+        import bench_mae  # a path of its own: MAE's model computes its own loss, with none of main.py's flags
+        return bench_mae.main(argv)
     own, rest, args = parse(argv)
     res = measure(own, args)
     res['host']['threads'] = torch.get_num_threads()

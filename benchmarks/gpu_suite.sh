@@ -36,8 +36,8 @@ cd "$ROOT" || exit 1
 # The limit table: each step's share, in seconds at the full budget of 540 s (the 10-minute
 # device command less the wheels' install, the interpreter check, and every step's 5-s kill
 # grace).  A new step adds its row here (the suite refuses a step without one); the rows must
-# sum to at most 540 (tests/test_gpu_suite.py checks it).  Free today: 65 s, meant for two
-# short steps to come (bench_step at several per-GPU batch sizes; an MAE ViT-B step per B).
+# sum to at most 540 (tests/test_gpu_suite.py checks it).  Free today: 35 s, meant for bench_step
+# at several per-GPU batch sizes (the scaling projection's input).
 FULL_S=540
 LIMITS="
 cuda_tests      60  the CUDA-only tests: pytest -m cuda (tests/conftest.py marks them)
@@ -48,6 +48,7 @@ r50_eager       45  (b) bench_step ResNet-50 per B, eager, with the plain refere
 r50_graph       30  (b) bench_step ResNet-50 per B, --cuda_graph true
 deit_eager      50  (b) bench_step DeiT-S per B, eager, with the plain reference
 deit_graph      30  (b) bench_step DeiT-S per B, --cuda_graph true
+mae_step        30  (b) bench_step --task mae: the MAE ViT-B pre-training step per B of its plan
 data_gpu        45  (c) bench_data: worker half per CPU-second, device half ms per batch
 "
 case $MODE in
@@ -173,6 +174,7 @@ if [ "$MODE" = cpu-dry ]; then
     E2E_SIZE=(--model resnet18 --base_input_size 64 --epochs 2 --baseline_epochs 3 --baseline_run_epochs 2
               --batch_size 4 --num_workers 1 --pin_mem false --device cpu --print_freq 2 --use_amp false)
     DATA_SIZE=(--base_input_size 64 --batch 8 --device cpu --device_batch 16 --device_batches 1)
+    MAE=(--model mae_vit_tiny_patch16 "${STEP_SIZE[@]}")
 else
     REPLICATE=(--copies 25)
     # AMP: forced for ResNet-50 (its recipe trains in fp32), DeiT-S's recipe has it (bf16 here)
@@ -184,6 +186,10 @@ else
     E2E_SIZE=(--model resnet50 --epochs 6 --baseline_epochs 9 --baseline_run_epochs 3 --batch_size 256
               --num_workers "$(nproc)" --device cuda --print_freq 5 --use_amp true)
     DATA_SIZE=(--device cuda --device_batch 256 --device_batches 3)
+    # MAE ViT-B, HOG target (the paper's ET++ MAE row), 256 x 4 per GPU at 224 (4096 on 4 GPUs),
+    # the micro-batch grown at low B as --stage_batch auto does
+    MAE=(--model mae_vit_base_patch16 --target hog --batch_size 256 --update_freq 4 --stage_batch auto --device cuda
+         --bench_steps 6 --bench_warmup 2)
 fi
 
 # The CUDA-only tests first: the figures below rely on the captured step and the GPU data path
@@ -211,6 +217,9 @@ step r50_graph "$PYTHON" benchmarks/bench_step.py "${R50[@]}" --cuda_graph true 
 step deit_eager "$PYTHON" benchmarks/bench_step.py "${DEIT[@]}" --json "$OUT/deit_eager.json"
 step deit_graph "$PYTHON" benchmarks/bench_step.py "${DEIT[@]}" --cuda_graph true --reference false \
     --json "$OUT/deit_graph.json"
+
+# (b') the MAE pre-training step per B of its ET++ plan (issue 19), beside the supervised ones
+step mae_step "$PYTHON" benchmarks/bench_step.py --task mae "${MAE[@]}" --json "$OUT/mae_step.json"
 
 # (c) --data_pipeline gpu: the worker half per CPU-second next to the fast path's (both reading
 # an image store), the device half per batch at each B with the memory it adds, as a share of

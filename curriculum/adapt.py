@@ -12,6 +12,8 @@ the next stage's B' x B' input (METHOD.md, "Models across stages"):
 - PVT v1 (models.pvt.PyramidVisionTransformer): each stage's position embedding is
   resized bilinearly to that stage's grid (B/4, B/8, B/16, B/32; the last stage's class
   token entry kept), as for DeiT.
+- MAE pre-training (models.mae.MaskedAutoencoderViT): fixed sin-cos position embeddings
+  generated for each patch grid, nothing to resize; B a multiple of the patch size.
 - ResNet, ConvNeXt, CAFormer and any other class: resolution-agnostic, nothing to do.
 
 Replaced parameters are swapped into the optimizer at the same position and their
@@ -197,6 +199,9 @@ _PVT_RULE = _Rule(_pvt_multiple, _adapt_pvt)
 _PROJECT_RULES: Dict[Tuple[str, str], _Rule] = {
     ("models.cswin", "CSWinTransformer"): _CSWIN_RULE,
     ("models.pvt", "PyramidVisionTransformer"): _PVT_RULE,
+    # MAE pre-training: fixed sin-cos embeddings generated per grid, nothing to resize;
+    # any multiple of the patch size
+    ("models.mae", "MaskedAutoencoderViT"): _Rule(_vit_multiple, None),
 }
 
 

@@ -8,7 +8,9 @@ exactly one stage.
 Progress is a float that grows by ``epoch_weight(e)`` over epoch ``e``:
 - ``compute``: equivalent epochs at ``base_size`` ((B/base)^2 per data epoch, times
   replay_times since a replayed epoch takes replay_times as many steps), as
-  EfficientTrain++ schedules its learning rate;
+  EfficientTrain++ schedules its learning rate; a stage may carry its model's own
+  per-image cost relative to the base size instead of (B/base)^2 (``Stage.cost``: MAE,
+  whose encoder sees a fixed share of the patches plus a class token);
 - ``epochs``: one per data epoch, as EfficientTrain (ICCV) and the baseline do.
 Every schedule (lr, weight decay) is a pure function of progress, so resuming
 only needs (epoch, step) and the plan, which is rebuilt from the same arguments.
@@ -29,14 +31,19 @@ class Stage:
     replay_times: int = 1
     buffer_size: int = 0
     start_epoch: int = 0
+    # compute of one image at `size` over one at the base size; None: (size / base)^2
+    cost: Optional[float] = None
 
     @property
     def loader_batch(self):
         return self.batch_size // self.replay_times
 
+    def relative_cost(self, base_size):
+        return (self.size / base_size) ** 2 if self.cost is None else self.cost
+
     def epoch_compute(self, base_size):
         """Compute of one data epoch of this stage, in epochs at base_size."""
-        return (self.size / base_size) ** 2 * self.replay_times
+        return self.relative_cost(base_size) * self.replay_times
 
     def compute(self, base_size):
         return self.epochs * self.epoch_compute(base_size)
@@ -102,7 +109,7 @@ class Plan:
         p, left = 0.0, float(n)
         for s in self.stages:
             span = s.epochs * s.replay_times
-            w = (s.size / self.base_size) ** 2 if self.progress_unit == 'compute' else 1.0 / s.replay_times
+            w = s.relative_cost(self.base_size) if self.progress_unit == 'compute' else 1.0 / s.replay_times
             take = min(left, span)
             p += take * w
             left -= take
@@ -173,8 +180,17 @@ class Plan:
             'total_compute': self.total_compute,
             'stages': [{k: getattr(s, k) for k in ('index', 'size', 'magnitude', 'epochs', 'batch_size',
                                                    'update_freq', 'replay_times', 'buffer_size',
-                                                   'start_epoch')} for s in self.stages],
+                                                   'start_epoch')}
+                       | ({} if s.cost is None else {'cost': s.cost}) for s in self.stages],
         }
+
+
+def relative_cost(cost, size, base):
+    """Per-image compute at `size` over that at `base`: cost(size) / cost(base) for a model's
+    own compute model (a callable of the input size), (size / base)^2 without one."""
+    if cost is None:
+        return (size / base) ** 2
+    return float(cost(size)) / float(cost(base))
 
 
 def split_rounded(amounts):

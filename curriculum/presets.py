@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from curriculum.plan import Plan, Stage, split_rounded
+from curriculum.plan import Plan, Stage, relative_cost, split_rounded
 
 ETPP_SEGMENTS = 10
 ET_SEGMENTS = 5
@@ -62,6 +62,20 @@ PVT_ETPP = Recipe(_S3, {96: 512, 160: 256, 224: 128})
 ETPP_RECIPES.update({name: PVT_ETPP for name in ('pvt_tiny', 'pvt_small', 'pvt_medium', 'pvt_large')})
 # ImageNet-22K pre-training (Table 12) of the Large models: their family's larger-model schedule.
 ETPP_RECIPES.update({'convnext_large': CONVNEXT_SB, 'CSWin_144_24322_large_224': SWIN_SB})
+
+# MAE pre-training (EfficientTrain++ Table 15, whose schedule is not published): this
+# project's choice is the ViT ramp on multiples of the patch size, two equal-compute
+# segments each at 96, 128, 160, 192 and 224 (patch grids 6, 8, 10, 12, 14).  MAE uses no
+# RandAugment, so the segment's magnitude is unused.  No per-stage batches are published:
+# the micro-batch stays the base one (--stage_batch auto grows it at low B).  Warm-up: the
+# first 10% of compute, MAE's 40 of 400 epochs.  ViT-H/14 takes the nearest multiples of 14
+# (grids 7, 9, 11, 14, 16).
+MAE_ETPP_P16 = Recipe((96, 96, 128, 128, 160, 160, 192, 192, 224, 224), dict.fromkeys((96, 128, 160, 192, 224), 1),
+                      warmup=('compute', 0.1))
+MAE_ETPP_P14 = Recipe((98, 98, 126, 126, 154, 154, 196, 196, 224, 224), dict.fromkeys((98, 126, 154, 196, 224), 1),
+                      warmup=('compute', 0.1))
+ETPP_RECIPES.update({'mae_vit_tiny_patch16': MAE_ETPP_P16, 'mae_vit_base_patch16': MAE_ETPP_P16,
+                     'mae_vit_large_patch16': MAE_ETPP_P16, 'mae_vit_huge_patch14': MAE_ETPP_P14})
 
 ET_SIZES = (160, 160, 160, 192, 224)
 ET_MAGNITUDES = (1, 3, 5, 7, 9)
@@ -130,13 +144,18 @@ def _auto_note(args, stages, base):
                f'; no growth possible: --update_freq {args.update_freq} leaves nothing to trade')]
 
 
-def build_plan(args, size_multiple=16):
-    """The Plan for args.curriculum ('none', 'et', 'etpp' or a --curriculum_file)."""
+def build_plan(args, size_multiple=16, cost=None):
+    """The Plan for args.curriculum ('none', 'et', 'etpp' or a --curriculum_file).
+
+    cost: the model's per-image compute as a function of the input size (e.g.
+    models.mae.MaskedAutoencoderViT.train_flops), which then measures compute progress and
+    sizes ET++'s equal-compute segments; None: (B/base)^2, the papers' measure.
+    """
     base = args.base_input_size if args.curriculum != 'none' else args.input_size
     lowfreq = getattr(args, 'lowfreq', 'auto')
     _check_stage_batch_args(args)
     if getattr(args, 'curriculum_file', None):
-        return load_plan_file(args.curriculum_file, args, size_multiple)
+        return load_plan_file(args.curriculum_file, args, size_multiple, cost)
     if args.curriculum == 'none':
         st = Stage(0, args.input_size, None, args.epochs, args.batch_size, args.update_freq)
         plan = Plan('baseline', [st], base, 'epochs', 'none')
@@ -146,9 +165,9 @@ def build_plan(args, size_multiple=16):
         return plan
     if args.curriculum in ('et', 'etpp'):
         if args.curriculum == 'et':
-            plan = _build_et(args, base, size_multiple, 'fourier' if lowfreq == 'auto' else lowfreq)
+            plan = _build_et(args, base, size_multiple, 'fourier' if lowfreq == 'auto' else lowfreq, cost)
         else:
-            plan = _build_etpp(args, base, size_multiple, 'lanczos' if lowfreq == 'auto' else lowfreq)
+            plan = _build_etpp(args, base, size_multiple, 'lanczos' if lowfreq == 'auto' else lowfreq, cost)
         if plan.stages and plan.stages[-1].size < base:
             # the drivers' cut always trains the last segment, but a --base_input_size off the
             # model's size grid scales it to another B: say what the user then gets
@@ -180,7 +199,12 @@ def _skipped_note(skipped, segments):
             f'{"are" if len(skipped) > 1 else "is"} skipped: a larger --epochs trains every segment']
 
 
-def _build_etpp(args, base, multiple, lowfreq):
+def _stage_cost(cost, b, base):
+    """Stage.cost: the model's relative per-image compute, or None for (B/base)^2."""
+    return None if cost is None else relative_cost(cost, b, base)
+
+
+def _build_etpp(args, base, multiple, lowfreq, cost=None):
     recipe = ETPP_RECIPES.get(args.model, GENERIC)
     e = float(args.epochs)
     last = recipe.batch_at[recipe.sizes[-1]]
@@ -199,29 +223,29 @@ def _build_etpp(args, base, multiple, lowfreq):
                             f'choose --batch_size a multiple of {rt}')
         raw.append((b, k, bs, uf, rt, buf))
     sizes, replays = [r[0] for r in raw], [r[4] for r in raw]
-    spans = driver_spans(args.epochs, sizes, replays, base, ETPP_SEGMENTS)
+    spans = driver_spans(args.epochs, sizes, replays, base, ETPP_SEGMENTS, cost)
     stages, skipped, kept = [], [], []
     for (b, k, bs, uf, rt, buf), (start, end) in zip(raw, spans):
         if end <= start:
             skipped.append(f'{k} (B={b})')
             continue
         kept.append(k)
-        stages.append(Stage(0, b, k, end - start, bs, uf, rt, buf))
+        stages.append(Stage(0, b, k, end - start, bs, uf, rt, buf, cost=_stage_cost(cost, b, base)))
     notes += _skipped_note(skipped, ETPP_SEGMENTS)
     _check_replay_update_freq(stages)
     notes += _auto_note(args, stages, base)
     plan = Plan(f'EfficientTrain++ (E={args.epochs:g})', stages, base, 'compute', lowfreq, notes=notes)
     plan.budget = e
-    plan.warmup = _driver_warmup(args, recipe, plan, base, sizes, replays, spans, kept)
+    plan.warmup = _driver_warmup(args, recipe, plan, base, sizes, replays, spans, kept, cost)
     return plan
 
 
-def _driver_warmup(args, recipe, plan, base, sizes, replays, spans, kept):
+def _driver_warmup(args, recipe, plan, base, sizes, replays, spans, kept, cost=None):
     """The plan's warmup (progress) where the drivers' per-launch warmup ends (driver_warmup_end)."""
     kind, value = recipe.warmup
     if kind == 'compute':
         # DeiT: each launch warms up over int(0.2 x E x (base/B)^2 / r) of its own epochs
-        cuts = [int(value * args.epochs * _epoch_scale(base, b) / rt) for b, rt in zip(sizes, replays)]
+        cuts = [int(value * args.epochs * _epoch_scale(base, b, cost) / rt) for b, rt in zip(sizes, replays)]
         what = f'the DeiT warmup ({100 * value:g}% of E)'
     else:
         # the others: int(--warmup_epochs / r) of each launch's own epochs (the drivers pass 20)
@@ -235,7 +259,7 @@ def _driver_warmup(args, recipe, plan, base, sizes, replays, spans, kept):
     return clip_warmup(plan, plan.progress(stage.start_epoch + into), what)
 
 
-def _build_et(args, base, multiple, lowfreq):
+def _build_et(args, base, multiple, lowfreq, cost=None):
     # ET_training.py launches every segment with --epochs E, one epoch unit throughout, each
     # resuming where the last stopped: driver_spans' rule with nothing to map (all at base, no replay)
     spans = driver_spans(args.epochs, [base] * ET_SEGMENTS, [1] * ET_SEGMENTS, base, ET_SEGMENTS)
@@ -249,7 +273,7 @@ def _build_et(args, base, multiple, lowfreq):
         bs, uf = grown_batches(args, b, base, bs, uf)
         rt, buf = _replay_for(args, _ET_RECIPE, b_pub, b, base)
         if n > 0:
-            stages.append(Stage(0, b, m, n, bs, uf, rt, buf))
+            stages.append(Stage(0, b, m, n, bs, uf, rt, buf, cost=_stage_cost(cost, b, base)))
         else:
             skipped.append(f'{k} (B={b})')
     notes += _skipped_note(skipped, ET_SEGMENTS)
@@ -291,11 +315,15 @@ CLIPPED_WARMUP_FRACTION = 0.2
 # total: at E=200 Swin-T trains 108, 109, 39, 39, 40, 39, 20, 20, 20, 20 data epochs.
 
 
-def _epoch_scale(base, b):
-    return (base * base) / (b * b)
+def _epoch_scale(base, b, cost=None):
+    """Data epochs at B per epoch of compute at the base size: (base/B)^2, or the inverse of the
+    model's own relative cost (MAE: no driver exists; the project applies the same cut to it)."""
+    if cost is None:
+        return (base * base) / (b * b)
+    return 1.0 / relative_cost(cost, b, base)
 
 
-def driver_spans(budget, sizes, replays, base, segments):
+def driver_spans(budget, sizes, replays, base, segments, cost=None):
     """[(start, end)] of each segment's epochs in its own unit, as the drivers launch them.
 
     The segment trains end - start data epochs (none when end <= start).  EfficientTrain's
@@ -303,14 +331,17 @@ def driver_spans(budget, sizes, replays, base, segments):
     """
     spans, last = [], None  # last: (end, B, replay) of the newest launch that trained
     for k, (b, rt) in enumerate(zip(sizes, replays)):
-        total = int(budget * _epoch_scale(base, b) / rt)
+        total = int(budget * _epoch_scale(base, b, cost) / rt)
         end = int(total / segments * (k + 1))
         start = 0
         if last is not None:
             start, b_prev, rt_prev = last
             if rt_prev != rt:
                 start = round(start * (rt_prev / rt))
-            start = round(start * b_prev ** 2 / b ** 2)
+            if cost is None:
+                start = round(start * b_prev ** 2 / b ** 2)
+            else:
+                start = round(start * _epoch_scale(base, b, cost) / _epoch_scale(base, b_prev, cost))
         spans.append((start, end))
         if end > start:
             last = (end, b, rt)
@@ -378,7 +409,7 @@ def _int_field(path, where, v, lo, allow_none=False):
     return v
 
 
-def load_plan_file(path, args, size_multiple=16):
+def load_plan_file(path, args, size_multiple=16, cost=None):
     """A Plan from a JSON curriculum file; a bad field fails naming it.
 
     {"progress": "compute"|"epochs", "lowfreq": "fourier"|"lanczos",
@@ -447,8 +478,9 @@ def load_plan_file(path, args, size_multiple=16):
         if bs % rt or (rt > 1 and (bs // rt) % REPLAY_CHUNKS):
             raise _field_error(path, f'{where}.batch_size', f'{bs} must be a multiple of replay_times x '
                                                            f'{REPLAY_CHUNKS} = {rt * REPLAY_CHUNKS}')
-        per_epoch = (size / base) ** 2 * rt if unit == 'compute' else 1.0
-        raw.append((share * args.epochs / per_epoch, Stage(0, size, mag, 1, bs, uf, rt, buf)))
+        per_epoch = relative_cost(cost, size, base) * rt if unit == 'compute' else 1.0
+        raw.append((share * args.epochs / per_epoch,
+                    Stage(0, size, mag, 1, bs, uf, rt, buf, cost=_stage_cost(cost, size, base))))
     total_share = sum(s['share'] for s in stages_spec)
     if abs(total_share - 1.0) > 1e-6:
         raise _field_error(path, 'stages[*].share', f'must add up to 1, they add up to {total_share:g}')
@@ -457,7 +489,7 @@ def load_plan_file(path, args, size_multiple=16):
     for (_, st), n in zip(raw, counts):
         if n > 0:
             stages.append(Stage(0, st.size, st.magnitude, n, st.batch_size, st.update_freq,
-                                st.replay_times, st.buffer_size))
+                                st.replay_times, st.buffer_size, cost=st.cost))
     if not stages:
         raise _field_error(path, 'stages', f'every stage rounds to 0 epochs at --epochs {args.epochs}')
     name = spec.get('name', os.path.basename(path))

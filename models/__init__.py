@@ -3,6 +3,8 @@
 zoo.py              recipe names -> timm names and constructor arguments
 cswin.py            CSWin Transformer, registered with timm
 pvt.py              PVT v1 (Pyramid Vision Transformer), registered with timm
+mae.py              MAE pre-training models (timm ViT encoder + decoder), registered with timm
+hog.py              HOG targets of masked image modelling (MaskFeat's), used by mae.py
 checkpoint_compat.py  released checkpoints (official parameter names) -> timm modules
 """
 

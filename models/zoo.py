@@ -14,6 +14,7 @@ from timm.models import metaformer
 
 from . import cswin  # noqa: F401  (registers the CSWin_* names with timm)
 from . import pvt  # noqa: F401  (registers pvt_tiny/small/medium/large with timm)
+from . import mae  # noqa: F401  (registers mae_vit_tiny/base/large_patch16, mae_vit_huge_patch14 with timm)
 
 __all__ = ['RECIPE_MODELS', 'create_model', 'suggest_names']
 

@@ -55,13 +55,6 @@ def get_args_parser():
     return p
 
 
-def _ckpt_args(ckpt):
-    a = ckpt.get('args')
-    if isinstance(a, argparse.Namespace):
-        return vars(a)
-    return a if isinstance(a, dict) else {}
-
-
 def _state(ckpt, keys, ema, path):
     if ema:
         if 'model_ema' not in ckpt:
@@ -126,7 +119,7 @@ def export(args):
         # checked here: utils.load_checkpoint_file's message names main.py's flags
         raise UserError(f'{args.checkpoint} is not a file: pass the checkpoint (.pth) to export')
     ckpt = utils.load_checkpoint_file(args.checkpoint)
-    saved = _ckpt_args(ckpt)
+    saved = utils.checkpoint_args(ckpt)
     name = args.model or saved.get('model')
     if not name:
         raise UserError(f'{args.checkpoint} records no model name: pass --model')
