@@ -333,6 +333,7 @@ class TrainStep:
         """torch.cuda.graph on the capture stream; a failed capture leaves the stream and torch's
         allocator as before it (release_failed_capture), or raises UserError (stop) if it cannot."""
         stream = torch.cuda.current_stream(self.device)
+        rng = _generator_before_capture(self.device)
         try:
             # thread_local: under the default "global" mode a CUDA call of another thread during the
             # capture (the DataLoader's pin-memory thread's cudaHostAlloc, the gpu pipeline's
@@ -348,7 +349,7 @@ class TrainStep:
             # training goes on eagerly: this step's graphs go first, so the pool they share with
             # the failed capture has no live user when that capture's use of it is given back
             self._graphs.clear()
-            stuck = release_failed_capture(graph, pool, self.device)
+            stuck = release_failed_capture(graph, pool, self.device) or _restore_generator(rng)
             if stuck:
                 raise utils.UserError(f'--cuda_graph true: a CUDA graph capture failed ({_why(e)}) and torch\'s '
                                       f'memory allocator could not be restored ({stuck}); rerun with '
@@ -497,6 +498,39 @@ def release_failed_capture(graph, pool, device):
         release(device.index, pool)
     except RuntimeError as e:
         return f'releasePool: {_why(e)}'
+    return None
+
+
+def _generator_before_capture(device):
+    """(the device's default CUDA generator, a copy of its state) before a capture, for
+    _restore_generator; None where there is nothing to restore (CPU, a torch without the calls).
+
+    capture_begin puts the generator's state in capture mode (capture_prologue) and only a
+    successful capture_end takes it out (capture_epilogue).  After a failed capture torch 2.11
+    leaves it there, and the next eager random op on the device (dropout, drop path, random
+    erasing, randn) fails: "Offset increment outside graph capture encountered unexpectedly"
+    (seen on an H200, torch 2.11).  A capture consumes no eager offsets, so the copy taken
+    before it is exactly the state eager work continues from.
+    """
+    device = utils.resolved_device(device)
+    if device.type != 'cuda':
+        return None
+    gen = torch.cuda.default_generators[device.index]
+    if not hasattr(gen, 'clone_state') or not hasattr(gen, 'graphsafe_set_state'):
+        return None
+    return gen, gen.clone_state()
+
+
+def _restore_generator(saved):
+    """Give the generator the state copied before a failed capture (graphsafe_set_state swaps
+    the state object, the copy's not being in capture mode); None when done, else why not."""
+    if saved is None:
+        return None
+    gen, state = saved
+    try:
+        gen.graphsafe_set_state(state)
+    except RuntimeError as e:
+        return f'CUDA generator: {_why(e)}'
     return None
 
 

@@ -369,7 +369,16 @@ def _fake_cuda(monkeypatch, fail_capture=False, torch_ends_routing=False):
         routed.discard(pool)
         log.append(('endAllocateToPool', pool))
 
+    class Generator:  # the device's default CUDA generator: its state copied before each capture
+        def clone_state(self):
+            return ('state before capture', len(captures))
+
+        def graphsafe_set_state(self, state):
+            log.append(('generator restored', state))
+
+    gen = Generator()
     current, side = _FakeStream(), _FakeStream()
+    monkeypatch.setattr(engine, '_generator_before_capture', lambda device: (gen, gen.clone_state()))
     monkeypatch.setattr(engine, 'graph_blocker', lambda *a, **k: None)
     monkeypatch.setattr(engine, '_capture_stream', lambda device: side)
     monkeypatch.setattr(engine, '_FAILED_GRAPHS', [])
@@ -440,14 +449,42 @@ def test_cuda_graph_capture_plumbing(monkeypatch, fail):
         assert all(p.grad is not None for p in step.model.parameters())  # in place: the graph holds them
     else:
         pool = ('pool', 0)
-        assert log[1:5] == [('set_stream', current), 'reset', ('endAllocateToPool', pool), ('releasePool', pool)]
+        assert log[1:6] == [('set_stream', current), 'reset', ('endAllocateToPool', pool), ('releasePool', pool),
+                            ('generator restored', ('state before capture', 0))]
         assert not routed  # the allocator routes nothing to the failed capture's pool any more
         assert not step.cuda_graph and 'capture failed (RuntimeError: operation not permitted' in step.graph_note
         assert isinstance(opt.param_groups[0]['lr'], float) and not opt.param_groups[0]['capturable']
         before = [p.detach().clone() for p in step.model.parameters()]
         step.run(x, y, None, True, 3)  # eager from now on
-        assert len(log) == 5
+        assert len(log) == 6
         assert not all(torch.equal(a, p) for a, p in zip(before, step.model.parameters()))
+
+
+def test_a_failed_capture_gives_the_cuda_generator_its_state_back(monkeypatch):
+    """A failed capture leaves torch 2.11's CUDA generator in capture mode, and every later eager random op
+    on the device fails ("Offset increment outside graph capture", seen on an H200): the state copied
+    before the capture is put back (graphsafe_set_state), and a generator that refuses stops the run."""
+    calls = []
+
+    class Gen:
+        def clone_state(self):
+            calls.append('clone')
+            return 'copy'
+
+        def graphsafe_set_state(self, state):
+            calls.append(('set', state))
+
+    monkeypatch.setattr(torch.cuda, 'default_generators', (Gen(), Gen()), raising=False)
+    assert engine._generator_before_capture(torch.device('cpu')) is None
+    saved = engine._generator_before_capture(torch.device('cuda', 1))
+    assert calls == ['clone'] and saved[1] == 'copy'
+    assert engine._restore_generator(saved) is None and calls[-1] == ('set', 'copy')
+    assert engine._restore_generator(None) is None
+
+    class Refuses(Gen):
+        def graphsafe_set_state(self, state):
+            raise RuntimeError('Expected a CUDA Generator')
+    assert 'CUDA generator: RuntimeError: Expected a CUDA Generator' in engine._restore_generator((Refuses(), 'copy'))
 
 
 def test_a_failed_capture_torch_already_cleaned_is_not_released_twice(monkeypatch):
