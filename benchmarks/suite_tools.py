@@ -88,11 +88,15 @@ def check(a):
         host['timm_pin'] = pin
         print(f'gpu_suite: note: timm {versions["timm"]} here, requirements.txt pins {pin} '
               f'(to measure with {pin}: {CARRY_HINT})', flush=True)
-    try:
-        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    # SUITE_COMMIT: the commit as the caller knows it; a copied working tree (the lent machines get
+    # the files, not necessarily the repository's current .git) can report a stale HEAD
+    commit = os.environ.get('SUITE_COMMIT') or None
+    if commit is None:
+        try:
+            commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
     suite = {'mode': a.mode, 'budget_s': a.budget_s, 'command': a.command, 'commit': commit}
     _write(os.path.join(a.out, 'suite.json'), json.dumps({'host': host, 'suite': suite}, indent=1))
     print('gpu_suite: ' + hardware_line(host), flush=True)
