@@ -70,6 +70,22 @@ def test_the_demo_writes_checkpoints_and_a_falling_loss(demo_runs, target):
     assert stages[0]['cost'] == log[0]['compute'] > (32 / 64) ** 2 and stages[-1]['cost'] == 1.0
 
 
+def test_plot_log_draws_the_pretraining_loss(demo_runs, tmp_path):
+    pytest.importorskip('matplotlib')
+    import plot_log
+    from PIL import Image
+    png = str(tmp_path / 'curves.png')
+    assert plot_log.cli([demo_runs['pixel'], '--out', png]) == 0
+    records, base = plot_log.read_log(demo_runs['pixel'])
+    s = plot_log.series(records, base)
+    # the compute axis is the plan's (MAE's cost), not (B/base)^2
+    assert s['compute'] == pytest.approx([r['compute'] for r in records]) and s['compute'][0] > 0.25
+    assert all(v is not None for v in s['train_loss']) and all(v is None for v in s['test_acc1'])
+    with Image.open(png) as im:
+        # loss, lr, weight decay and B: no empty accuracy row
+        assert 400 < im.size[1] < 5 * 2.0 * 80
+
+
 def test_finetuning_loads_the_encoder_and_trains(demo_runs, tmp_path, capsys):
     ckpt_path = os.path.join(demo_runs['hog'], 'checkpoint-3.pth')
     pre = utils.load_checkpoint_file(ckpt_path)['model']
@@ -260,3 +276,55 @@ def test_an_encoder_that_does_not_fit_the_finetuned_model(tmp_path, capsys):
              'use --model vit_tiny_patch16_224')
     argv[argv.index('vit_small_patch16_224')] = 'resnet18'
     _refused(main_mod.cli, argv, tmp_path / 'out', capsys, "timm's VisionTransformer")
+
+
+# ---------------------------------------------------------------------------
+# recipes (scripts/recipes.py --task mae / mae_ft) and their wrappers
+# ---------------------------------------------------------------------------
+
+def _recipe(*argv):
+    import recipes
+    cmd, _ = recipes.build_command(['train', *argv, '--gpus', '8', '--data_path', '/in1k'])
+    i = next(k for k, a in enumerate(cmd) if a.endswith(('main.py', 'main_pretrain.py')))
+    return os.path.basename(cmd[i]), cmd[i + 1:]
+
+
+@pytest.mark.parametrize('model', ['mae_vit_base_patch16', 'mae_vit_large_patch16'])
+def test_pretraining_recipes_follow_mae(model):
+    for variant, curriculum, epochs in (('etpp', 'etpp', 400), ('baseline', 'none', 1600)):
+        for target in ('pixel', 'hog'):
+            entry, argv = _recipe(model, '--task', 'mae', '--variant', variant, '--target', target)
+            a = main_pretrain.get_args_parser().parse_args(argv)
+            assert entry == 'main_pretrain.py' and (a.model, a.curriculum, a.epochs, a.target) == \
+                (model, curriculum, epochs, target)
+            # MAE PRETRAIN.md: global batch 4096, blr 1.5e-4, wd 0.05, 40 warm-up epochs, AdamW (0.9, 0.95)
+            assert a.batch_size * a.update_freq * 8 == 4096 and a.blr == 1.5e-4 and a.weight_decay == 0.05
+            assert a.warmup_epochs == 40 and a.opt_betas == [0.9, 0.95] and a.min_lr == 0.0
+            assert a.mask_ratio == 0.75 and a.norm_pix_loss and a.crop_scale == [0.2, 1.0]
+
+
+@pytest.mark.parametrize('model,epochs,lr,layer_decay,drop_path', [
+    ('vit_base_patch16_224', 100, 5e-4 * 4, 0.65, 0.1), ('vit_large_patch16_224', 50, 1e-3 * 4, 0.75, 0.2)])
+def test_finetuning_recipes_follow_mae(model, epochs, lr, layer_decay, drop_path):
+    entry, argv = _recipe(model, '--task', 'mae_ft', '--finetune', 'pre.pth')
+    a = main_mod.get_args_parser().parse_args(argv)
+    assert entry == 'main.py' and (a.model, a.finetune, a.global_pool, a.curriculum) == (model, 'pre.pth', 'avg',
+                                                                                           'none')
+    # MAE FINETUNE.md: global batch 1024, lr = blr x 1024 / 256
+    assert a.batch_size * a.update_freq * 8 == 1024 and a.epochs == epochs and a.lr == pytest.approx(lr)
+    assert (a.layer_decay, a.drop_path, a.weight_decay, a.warmup_epochs, a.min_lr) == \
+        (layer_decay, drop_path, 0.05, 5, 1e-6)
+    assert (a.aa, a.mixup, a.cutmix, a.smoothing, a.reprob) == ('rand-m9-mstd0.5-inc1', 0.8, 1.0, 0.1, 0.25)
+    assert a.opt == 'adamw' and a.opt_betas is None  # torch's AdamW betas (0.9, 0.999), as MAE's fine-tuning
+
+
+def test_mae_recipe_wrappers_and_errors():
+    import recipes
+    for name, (model, task) in recipes.MAE_WRAPPERS.items():
+        with open(os.path.join(ROOT, 'scripts', name), encoding='utf-8') as f:
+            assert f.read() == recipes.mae_wrapper_text(model, task), f'{name} drifted: run recipes.py wrappers'
+    for argv, text in ((['mae_vit_base_patch16', '--task', 'mae', '--variant', 'et'], 'etpp or baseline'),
+                       (['vit_base_patch16_224', '--task', 'mae_ft'], '--finetune FILE'),
+                       (['resnet50', '--target', 'hog'], 'only with --task mae')):
+        with pytest.raises(recipes.LaunchError, match=text):
+            _recipe(*argv)
