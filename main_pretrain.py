@@ -39,6 +39,8 @@ from utils import UserError
 
 # MAE's augmentation (random resized crop from this share of the image, horizontal flip)
 MAE_CROP_SCALE = (0.2, 1.0)
+# EfficientTrain++ Table 15 compares its 400 equivalent epochs with MAE's 1600-epoch pre-training
+MAE_BASELINE_EPOCHS = 1600
 
 
 def get_args_parser(add_help=True, prog=None):
@@ -120,6 +122,15 @@ def check_args(args):
         raise UserError(f'--blr must be > 0, got {args.blr:g}')
 
 
+def compared_baseline_epochs(args):
+    """The baseline the plan table compares with: --baseline_epochs, or MAE's 1600 epochs for the
+    paper's setting (EfficientTrain++ at 224)."""
+    if args.baseline_epochs:
+        return args.baseline_epochs
+    paper = args.curriculum == 'etpp' and not args.curriculum_file and args.base_input_size == 224
+    return MAE_BASELINE_EPOCHS if paper else None
+
+
 def accept_checkpoint(ckpt, path):
     """runner.resume_training's check: only an MAE pre-training checkpoint continues a pre-training run."""
     state = ckpt.get('model')
@@ -156,7 +167,7 @@ def train(args):
     print(f'Model {args.model}: {n_parameters / 1e6:.2f}M parameters, target {args.target}, mask ratio '
           f'{args.mask_ratio:g}')
     plan = without_magnitudes(checked_plan(args, model, cost=model.train_flops))
-    print(plan_text(args, plan, device, world))
+    print(plan_text(args, plan, device, world, compared_baseline_epochs))
     train_loader, batch_sampler = build_train_loader(args, train_base, plan, rank, world)
     model_ema, optimizer, loss_scaler = training_parts(args, model, device)
     start = resume_training(args, model, optimizer, loss_scaler, model_ema, final_size(args)[0], rank, world,

@@ -104,7 +104,7 @@ def add_optim_args(parser):
     optim.add_argument('--opt', default='adamw', type=str, help="optimizer: any name timm's factory knows")
     optim.add_argument('--opt_eps', default=1e-8, type=float, help='optimizer epsilon')
     optim.add_argument('--opt_betas', default=None, type=float, nargs='+',
-                       help="optimizer betas (default: the optimizer's own)")
+                       help="optimizer betas (unset: the optimizer's own)")
     optim.add_argument('--momentum', default=0.9, type=float, help='SGD momentum')
     optim.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm to this (default: off)')
     optim.add_argument('--layer_decay', default=1.0, type=float,
@@ -162,8 +162,8 @@ def add_curriculum_args(parser, curricula=('none', 'et', 'etpp')):
                             help="the recipe's published replay settings")
     curriculum.add_argument('--baseline_epochs', default=None, type=int,
                             help='also compare the plan with a baseline of this many epochs at the base size '
-                                 '(default: unset; etpp compares with the published 300-epoch baseline when '
-                                 '--epochs is a published budget)')
+                                 '(default: unset; etpp compares with the paper\'s baseline, 300 epochs (MAE '
+                                 'pre-training: 1600), when --epochs is a published budget)')
     curriculum.add_argument('--stage_batch', default='published', choices=['published', 'auto'],
                             help="per-GPU micro-batch of stages below the base size: published: the recipe's (the "
                                  "base micro-batch x the published ratio); auto: grown with (base/B)^2 (about the "

@@ -43,9 +43,10 @@ def compared_baseline_epochs(args):
     return 300 if paper else None
 
 
-def plan_text(args, plan, device, world):
-    """The plan table as main.py prints it for this run."""
-    return plan.table(compared_baseline_epochs(args), pipeline=args.data_pipeline, world=world,
+def plan_text(args, plan, device, world, compared=compared_baseline_epochs):
+    """The plan table as an entry point prints it for this run; compared(args): the baseline epochs
+    the table compares with (main_pretrain.py: MAE's 1600)."""
+    return plan.table(compared(args), pipeline=args.data_pipeline, world=world,
                       per='GPU' if device.type == 'cuda' else 'process')
 
 

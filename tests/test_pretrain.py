@@ -106,7 +106,14 @@ def test_finetuning_loads_the_encoder_and_trains(demo_runs, tmp_path, capsys):
     main_mod.cli(FINETUNE + ['--finetune', ckpt_path, '--output_dir', str(tmp_path / 'ft')])
     tuned = utils.load_checkpoint_file(str(tmp_path / 'ft' / 'checkpoint-0.pth'))['model']
     assert not torch.equal(tuned['blocks.0.attn.qkv.weight'], pre['blocks.0.attn.qkv.weight'])
-    assert 'fc_norm.weight' in tuned and _log(str(tmp_path / 'ft'))[0]['test_acc1'] >= 0
+    assert 'fc_norm.weight' in tuned
+    # --eval builds the model with the pooling the checkpoint was fine-tuned with
+    capsys.readouterr()
+    evaluated = main_mod.main(main_mod.get_args_parser().parse_args(
+        [a for a in FINETUNE if a not in ('--global_pool', 'avg')] +
+        ['--eval', 'true', '--resume', str(tmp_path / 'ft' / 'checkpoint-0.pth')]))
+    assert 'Evaluating with --global_pool avg' in capsys.readouterr().out
+    assert evaluated['acc1'] == _log(str(tmp_path / 'ft'))[0]['test_acc1']
 
 
 def test_an_official_mae_file_loads_the_same_way(tmp_path, capsys):
