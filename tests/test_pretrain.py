@@ -154,6 +154,26 @@ def test_mae_augmentation_is_crop_and_flip_only(tmp_path):
     assert build_device_transform(args, torch.device('cpu')).erasing is None
 
 
+SAMPLES = os.path.join(ROOT, '..', 'shared', 'data', 'imagenet-samples')
+
+
+@pytest.mark.skipif(not os.path.isdir(SAMPLES), reason='needs ../shared/data/imagenet-samples')
+@pytest.mark.parametrize('pipeline', ['fast', 'gpu'])
+def test_real_images_on_the_fast_and_gpu_paths(tmp_path, pipeline, one_intra_op_thread):
+    # an image folder without a validation folder (pre-training reads none); the gpu path's
+    # device half runs on the CPU tensors here
+    from pipelines.datasets import train_transform
+    argv = ['--model', 'mae_vit_tiny_patch16', '--data_set', 'image_folder', '--data_path', SAMPLES,
+            '--base_input_size', '64', '--curriculum', 'etpp', '--epochs', '1', '--batch_size', '16',
+            '--num_workers', '0', '--device', 'cpu', '--data_pipeline', pipeline, '--print_freq', '100']
+    args = main_pretrain.get_args_parser().parse_args(argv)
+    t = train_transform(args, 64, None, 'lanczos')
+    assert (t if pipeline == 'gpu' else t.transforms[0]).scale == (0.2, 1.0)
+    main_pretrain.cli(argv + ['--output_dir', str(tmp_path)])
+    log = _log(str(tmp_path))
+    assert len(log) == 1 and 0 < log[0]['train_loss'] < 10
+
+
 def test_masks_follow_the_batch_position_only():
     model = create_model('mae_vit_tiny_patch16')
     opt = torch.optim.AdamW(model.parameters())
