@@ -287,6 +287,18 @@ def _finish(args: List[str], flags, data_path: Optional[str], output_dir: Option
     return args + list(extra)
 
 
+def variant_budget(variants, variant: str, budget: Optional[int], unknown: str) -> Tuple[str, int]:
+    """(--curriculum, budget) of `variant` in a variants table, the budget defaulting to its own;
+    LaunchError (`unknown`) for a variant not in the table, and for a budget below 1."""
+    if variant not in variants:
+        raise LaunchError(unknown)
+    curriculum, default_budget = variants[variant]
+    budget = default_budget if budget is None else budget
+    if budget < 1:
+        raise LaunchError(f'--budget must be >= 1, got {budget}')
+    return curriculum, budget
+
+
 def main_args(model: str, variant: str = 'etpp', budget: Optional[int] = None, world: int = PUBLISHED_GPUS,
               data_path: Optional[str] = None, output_dir: Optional[str] = None, replay: bool = False,
               batch: Optional[int] = None, extra: Sequence[str] = ()) -> List[str]:
@@ -294,13 +306,9 @@ def main_args(model: str, variant: str = 'etpp', budget: Optional[int] = None, w
     if model not in RECIPES:
         raise LaunchError(f'no published recipe for {model!r}: one of {", ".join(RECIPES)} '
                           f'(other models: call main.py directly, see TRAINING.md)')
-    if variant not in VARIANTS:
-        raise LaunchError(f'unknown variant {variant!r}: one of {", ".join(VARIANTS)}')
+    curriculum, budget = variant_budget(VARIANTS, variant, budget, f'unknown variant {variant!r}: one of '
+                                                                  f'{", ".join(VARIANTS)}')
     r = RECIPES[model]
-    curriculum, default_budget = VARIANTS[variant]
-    budget = default_budget if budget is None else budget
-    if budget < 1:
-        raise LaunchError(f'--budget must be >= 1, got {budget}')
     if replay and variant != 'etpp':
         raise LaunchError('--replay uses the EfficientTrain++ replay settings: only with --variant etpp')
     if replay and not r.replay:
@@ -372,13 +380,9 @@ def mae_pretrain_args(model: str, variant: str = 'etpp', budget: Optional[int] =
     """main_pretrain.py's arguments for MAE pre-training (with or without EfficientTrain++, pixel or HOG target)."""
     if model not in MAE_PRETRAIN:
         raise LaunchError(f'no MAE pre-training recipe for {model!r}: one of {", ".join(MAE_PRETRAIN)}')
-    if variant not in MAE_VARIANTS:
-        raise LaunchError(f'MAE pre-training runs --variant {" or ".join(MAE_VARIANTS)}, not {variant!r}')
+    curriculum, budget = variant_budget(MAE_VARIANTS, variant, budget, f'MAE pre-training runs --variant '
+                                        f'{" or ".join(MAE_VARIANTS)}, not {variant!r}')
     r = MAE_PRETRAIN[model]
-    curriculum, default_budget = MAE_VARIANTS[variant]
-    budget = default_budget if budget is None else budget
-    if budget < 1:
-        raise LaunchError(f'--budget must be >= 1, got {budget}')
     b, uf = split_batch(r, world, batch, r.global_batch)
     args = ['--model', model, '--curriculum', curriculum, '--epochs', str(budget), '--target', target,
             '--batch_size', str(b), '--update_freq', str(uf), '--blr', _fmt(r.blr),
