@@ -192,13 +192,23 @@ def test_masks_follow_the_batch_position_only():
     assert out['class_acc'] is None and torch.isfinite(out['loss'])
 
 
-def test_the_plan_table_has_no_magnitudes():
+def test_the_plan_table_has_no_magnitudes_and_the_warmup_is_in_equivalent_epochs():
+    from runner.stage import checked_plan, plan_text
     args = main_pretrain.get_args_parser().parse_args(DEMO)
     model = create_model('mae_vit_tiny_patch16')
-    from runner.stage import checked_plan
     table = checked_plan(args, model, cost=model.train_flops).table()
     header = table.splitlines()[1].split()
     assert header[:3] == ['stage', 'B', 'epochs'] and 'm' not in header
+    # ViT-B at E=400: --warmup_epochs counts equivalent epochs at 224, ended on a whole data epoch
+    with torch.device('meta'):
+        vit_b = create_model('mae_vit_base_patch16')
+    for warmup in (40, 20):
+        args = main_pretrain.get_args_parser().parse_args(['--curriculum', 'etpp', '--warmup_epochs', str(warmup)])
+        plan = checked_plan(args, vit_b, cost=vit_b.train_flops)
+        assert abs(plan.warmup - warmup) <= plan.stages[0].cost
+    # the paper's comparison: MAE's 1600 epochs
+    assert '1600-epoch baseline at 224: 4.00x' in plan_text(args, plan, torch.device('cpu'), 8,
+                                                            main_pretrain.compared_baseline_epochs)
 
 
 # ---------------------------------------------------------------------------
