@@ -173,13 +173,27 @@ class TrainStep:
         sync = self.model.no_sync() if (not update and hasattr(self.model, 'no_sync')) else contextlib.nullcontext()
         with sync:
             with _autocast(self.device, self.amp_dtype, cache_enabled):
-                output = self.model(samples)
-                loss = self.criterion(output, targets)
+                loss, output = self.forward_loss(self.model, samples, targets)
             self.loss_scaler.scale(loss / self.update_freq).backward()
         loss = loss.detach().float()
         self._loss_ok.logical_and_(torch.isfinite(loss))
         acc = None if hard is None else (output.detach().argmax(-1) == hard).float().mean()
         return loss, acc
+
+    def forward_loss(self, model, samples, targets):
+        """(loss, output) of `model` on a prepared batch: the criterion on its logits.  A step of
+        another task (MAEStep) overrides this, dummy_batch and prepare, and keeps the rest."""
+        output = model(samples)
+        return self.criterion(output, targets), output
+
+    def dummy_batch(self, shape, num_classes):
+        """(inputs, targets) of zeros with a prepared batch's shapes, for warm_up."""
+        x = torch.zeros(shape, device=self.device)
+        if self.mixup_fn is not None:
+            y = torch.full((shape[0], num_classes), 1.0 / num_classes, device=self.device)
+        else:
+            y = torch.zeros(shape[0], dtype=torch.long, device=self.device)
+        return x, y
 
     def _update(self, set_to_none=True, ema=True):
         """Unscale, clip, the guarded optimizer step, scaler update, EMA; returns the gradient norm."""
@@ -239,17 +253,13 @@ class TrainStep:
         """
         module = self._unwrapped()
         buffers = [b.detach().clone() for b in module.buffers()]
-        x = torch.zeros(shape, device=self.device)
+        x, y = self.dummy_batch(shape, num_classes)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.mixup_fn is not None:
-            y = torch.full((shape[0], num_classes), 1.0 / num_classes, device=self.device)
-        else:
-            y = torch.zeros(shape[0], dtype=torch.long, device=self.device)
         devices = [self.device] if self.device.type == 'cuda' else []
         with torch.random.fork_rng(devices=devices), self._on_capture_stream():
             with _autocast(self.device, self.amp_dtype):
-                loss = self.criterion(module(x), y)
+                loss, _ = self.forward_loss(module, x, y)
             loss.backward()
         with torch.no_grad():
             for b, saved in zip(module.buffers(), buffers):
@@ -313,7 +323,7 @@ class TrainStep:
             with torch.random.fork_rng(devices=devices):
                 with self._capturing(graph, pool):
                     with _autocast(self.device, self.amp_dtype, cache_enabled=False):
-                        loss = self.criterion(module(x), y)
+                        loss, _ = self.forward_loss(module, x, y)
                     loss.backward()
                     del loss  # pool memory: freed before the pool is
         except utils.UserError:
@@ -448,6 +458,43 @@ class TrainStep:
         self._fall_back(f'--cuda_graph: capture failed ({why}); training goes on eagerly')
         # a capture that failed in the update ran GradScaler.unscale_ (its bookkeeping only)
         self.loss_scaler.reset_iteration()
+
+
+class MAEStep(TrainStep):
+    """A masked-autoencoder pre-training step (models/mae.py): TrainStep with the loss the model
+    returns and no labels, everything else (accumulation, loss scaling, clipping, the guarded
+    update, CUDA graphs, warm-up) shared.
+
+    prepare() finishes the batch as TrainStep does (device transform, low-pass, replay; no
+    mixup) and draws the batch's mask noise: uniform (N, L) noise from a generator seeded by
+    the batch's position (seed, epoch, loader batch, rank, world; utils.keyed_seed), on the
+    device.  The noise takes the place of the targets, so a captured step takes it as a
+    graph input, and a resumed or replayed run masks every batch as the uninterrupted run
+    did, whatever else drew random numbers.  The labels the loader yields are dropped.
+    """
+
+    def __init__(self, *a, seed=0, rank=0, world=1, **kw):
+        super().__init__(*a, **kw)
+        self.seed, self.rank, self.world = seed, rank, world
+        self._generator = torch.Generator(device=self.device)
+
+    def prepare(self, samples, targets, epoch, it):
+        samples, _, _ = super().prepare(samples, targets, epoch, it)
+        n, _, h, w = samples.shape
+        patch = self._unwrapped().patch_size
+        self._generator.manual_seed(utils.keyed_seed('mae-mask', self.seed, epoch, it, self.rank, self.world))
+        noise = torch.rand(n, (h // patch) * (w // patch), device=self.device, generator=self._generator)
+        return samples, noise, None
+
+    def forward_loss(self, model, samples, targets):
+        loss, _, _ = model(samples, noise=targets)
+        return loss, None
+
+    def dummy_batch(self, shape, num_classes):
+        n, _, h, w = shape
+        patch = self._unwrapped().patch_size
+        noise = torch.arange((h // patch) * (w // patch), dtype=torch.float32, device=self.device)
+        return torch.zeros(shape, device=self.device), noise.expand(n, -1).contiguous()
 
 
 def _why(e):

@@ -10,45 +10,28 @@ the data, the engine trains and evaluates, runner/ holds the run machinery any e
 shares (argument groups, set-up, resume, checkpoints, the stage switch, evaluation).
 """
 import argparse
-import datetime
-import os
-import signal
 import sys
-import time
 
+from runner.entry import guard_startup, run_cli, run_guarded
 
-def _interrupted_while_starting(signum, frame):
-    # Ctrl-C while torch and timm load (seconds): one line and 130, as later on, not a
-    # traceback through the import machinery; nothing has been read or written yet
-    sys.stderr.write('interrupted (Ctrl-C) while starting: nothing written\n')
-    sys.stderr.flush()
-    os._exit(130)
-
-
-if __name__ == '__main__' and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _interrupted_while_starting)  # cli() puts Python's handler back
+guard_startup(__name__)  # before torch loads: a Ctrl-C while starting is one line and exit 130
 
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-import utils
 from curriculum.adapt import adapt_model, check_input_size
-from engine import TrainingDiverged, train_one_epoch
 from models import create_model
-from pipelines import datasets
-from pipelines.datasets import (build_base_datasets, build_device_transform, build_train_loader, device_loader,
-                                warn_data_problems)
-from pipelines.errors import BadImageError
+from pipelines.datasets import build_base_datasets, build_device_transform, build_train_loader, device_loader
 from runner.args import (ArgumentParser, add_augment_args, add_curriculum_args, add_data_args, add_dist_args,
                          add_model_args, add_optim_args, add_perf_args, add_run_args, add_schedule_args,
-                         check_data_args, check_run_args)
-from runner.checkpoint import Checkpointer, check_finite, load_finetune, log_epoch, write_config
+                         check_shared_args)
+from runner.checkpoint import Checkpointer, load_finetune
 from runner.evaluation import Evaluator, eval_checkpoint, run_eval_only
+from runner.loop import fit
 from runner.resume import clean_output_dir, resume_training
 from runner.setup import amp_dtype_of, setup_run, training_parts
-from runner.stage import (StageSwitch, StepParts, checked_plan, describe, epoch_text, make_hparams, plan_text,
-                          stage_record, warm_shape, whole_run_eta)
+from runner.stage import StageSwitch, StepParts, checked_plan, plan_text
 from utils import UserError
 
 GROUPS = (add_model_args, add_optim_args, add_schedule_args, add_curriculum_args, add_augment_args, add_data_args,
@@ -83,20 +66,15 @@ def script_parser(prog, description, epilog=None):
 
 def check_args(args):
     """main.py's flag combinations that cannot work, refused before anything is loaded."""
-    if args.batch_size < 1 or args.update_freq < 1:
-        raise UserError('--batch_size and --update_freq must be >= 1')
     if args.epochs < 1 and not args.eval:
         raise UserError(f'--epochs must be >= 1, got {args.epochs}')
-    if args.model_ema_eval and not args.model_ema:
-        raise UserError('--model_ema_eval true needs --model_ema true')
-    if args.curriculum_file and args.curriculum != 'none':
-        raise UserError('--curriculum_file replaces --curriculum: drop --curriculum')
-    check_data_args(args)
-    check_run_args(args)
+    check_shared_args(args)
 
 
 def _model_kwargs(args, nb_classes):
     kw = dict(num_classes=nb_classes, drop_path_rate=args.drop_path)
+    if args.global_pool is not None:
+        kw['global_pool'] = args.global_pool  # timm's ViT: 'avg' also moves the final norm after the pool (fc_norm)
     if args.layer_scale_init_value is not None:
         kw['layer_scale_init_value'] = args.layer_scale_init_value  # models.create_model maps it per family
     return kw
@@ -108,6 +86,13 @@ def build_model(args, nb_classes):
         model = create_model(args.model, **_model_kwargs(args, nb_classes))
     except ValueError as e:
         raise UserError(str(e)) from None
+    except (TypeError, AssertionError) as e:
+        # timm: a TypeError from a model without the argument, an AssertionError (naming the
+        # choices) for a pooling the model does not have
+        if args.global_pool is None or (isinstance(e, TypeError) and 'global_pool' not in str(e)):
+            raise
+        why = str(e).rstrip('.') if isinstance(e, AssertionError) else f'{args.model} takes no global_pool argument'
+        raise UserError(f'--global_pool {args.global_pool}: {why}; choose one of those or drop the flag') from None
     curriculum = args.curriculum != 'none' or args.curriculum_file
     final_size = args.base_input_size if curriculum and not args.eval else args.input_size
     try:
@@ -131,20 +116,8 @@ def build_loss(args, nb_classes):
 
 
 def main(args):
-    # training installs its own SIGTERM handler (utils.StopRequest); callers in the same
-    # process (tests, notebooks) get theirs back, or processes they fork later would
-    # inherit one that never exits (a multiprocessing.Pool then waits forever to terminate them)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    datasets.hold_workers()
-    try:
-        return train(args)
-    finally:
-        # on every way out (an error raised in a loader worker included) the workers end on
-        # SIGTERM again, so shutting the loaders down cannot wait forever
-        datasets.release_workers()
-        for s, handler in previous.items():
-            # None: a handler not set from Python, which cannot be put back
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    """Train or evaluate in this process; the caller's signal handlers are put back afterwards."""
+    return run_guarded(train, args)
 
 
 def train(args):
@@ -179,93 +152,13 @@ def train(args):
     evaluator = Evaluator(args, val_base, device, amp_dtype, rank, world, plan.base_size, start.max_acc,
                           start.max_acc_ema)
     checkpoints = Checkpointer(args, model, optimizer, loss_scaler, model_ema, plan.summary())
-    if rank == 0 and args.output_dir and start.epoch < plan.num_epochs:
-        write_config(args, checkpoints.plan_summary, world, start)
-    if start.epoch >= plan.num_epochs:
-        print(f'Nothing left to train: all {plan.num_epochs} data epochs of the plan are done '
-              f'(--epochs and --resume_override epochs extend a finished run)')
-    else:
-        print(f'Start training for {plan.num_epochs} data epochs from epoch {start.epoch}')
-    fit(args, plan, start, switch, evaluator, checkpoints, device_loader(args, train_loader, device_transform, device),
-        n_parameters, nb_classes)
+    fit(args, plan, start, switch, checkpoints, device_loader(args, train_loader, device_transform, device),
+        n_parameters, nb_classes, evaluator)
     return model
 
 
-def fit(args, plan, start, switch, evaluator, checkpoints, epoch_loader, n_parameters, nb_classes):
-    """The epoch loop: plan -> stage -> loader, model and step -> train -> evaluate -> log -> checkpoint."""
-    rank = utils.get_rank()
-    log_writer = utils.TensorboardLogger(args.log_dir) if (args.log_dir and rank == 0) else None
-    hparams = make_hparams(args, plan, switch.per_rank)
-    stop_request = utils.StopRequest().install()
-    per = 'GPU' if switch.parts.device.type == 'cuda' else 'process'
-    start_time = time.time()
-    for epoch in range(start.epoch, plan.num_epochs):
-        stage = plan.stage_at(epoch)
-        skip = start.step if epoch == start.epoch else 0
-        switch.enter(stage, epoch, skip, refill=epoch == start.epoch)  # model at B, low-pass, replay, loader
-        print(epoch_text(plan, stage, epoch, per, whole_run_eta(plan, start.epoch, epoch, time.time() - start_time)))
-        extra = checkpoints.extra(switch.size, evaluator.max_acc, evaluator.max_acc_ema)
-        step = switch.train_step(stage)
-        epoch_start = time.time()
-        train_stats = train_one_epoch(
-            step, epoch_loader, epoch,
-            hparams_at=lambda frac, e=epoch: hparams(plan.progress(e, frac)), log_writer=log_writer,
-            global_step=sum(switch.steps_in(e) for e in range(epoch)), print_freq=args.print_freq,
-            header=f'Epoch: [{epoch}/{plan.num_epochs}] [{describe(stage)}]',
-            start_step=skip, meter_state=start.meters if skip else None, stop_requested=stop_request.requested,
-            on_update=checkpoints.on_update(epoch, extra, switch.steps_in(epoch), stop_request),
-            warm_shape=warm_shape(args, step, stage, nb_classes))
-        train_time = time.time() - epoch_start
-        warn_data_problems(switch.loader.dataset)
-        check_finite(switch.model, switch.parts.model_ema, f'after epoch {epoch} ({describe(stage)})')
-        # Evaluate and log before the epoch's checkpoint: a kill in between repeats the epoch
-        # from the previous checkpoint, and the resumed run rewrites this log line.
-        test_stats, ema_stats, improved, improved_ema = evaluator.after_epoch(
-            epoch, stage, describe(stage), switch.model, switch.parts.model_ema)
-        log_epoch(args, log_writer, {**{f'train_{k}': v for k, v in train_stats.items()},
-                                     **{f'test_{k}': v for k, v in test_stats.items()},
-                                     **{f'test_ema_{k}': v for k, v in ema_stats.items()},
-                                     'epoch': epoch, 'n_parameters': n_parameters, **stage_record(plan, epoch),
-                                     # the training pass alone (no evaluation, no checkpoint); of a
-                                     # resumed epoch, only the part after the resume
-                                     'train_time_s': round(train_time, 3)})
-        extra.update(max_accuracy=evaluator.max_acc, max_accuracy_ema=evaluator.max_acc_ema)
-        checkpoints.end_of_epoch(epoch, extra, epoch + 1 == plan.num_epochs, improved, improved_ema)
-
-    if switch.size != plan.base_size and not args.disable_eval and start.epoch < plan.num_epochs:
-        evaluator.final_at_base(switch.model, switch.parts.optimizer, switch.parts.model_ema)
-    print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
-
-
 def cli(argv=None):
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt, handled below
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except BadImageError as e:
-        # raised on the rank that read the file, maybe not rank 0, whose print() alone is on
-        # (utils.setup_for_distributed): written directly. torchrun then ends the other ranks.
-        sys.stderr.write(f'error: {e}\n')
-        sys.stderr.flush()
-        sys.exit(2)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        sys.exit(3)
-    except utils.TrainingInterrupted as e:
-        print(str(e), file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        # Ctrl-C before training's handler is installed, during evaluation, or a second one
-        print('interrupted (Ctrl-C): stopped without saving; checkpoints already written are intact',
-              file=sys.stderr, flush=True)
-        sys.exit(130)
-    finally:
-        if utils.is_dist_avail_and_initialized():
-            torch.distributed.destroy_process_group()
+    run_cli(get_args_parser, main, argv)
 
 
 if __name__ == '__main__':

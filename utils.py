@@ -7,6 +7,7 @@ Checkpoints are plain dictionaries in the ConvNeXt/EfficientTrain layout
 import argparse
 import datetime
 import glob
+import hashlib
 import json
 import math
 import os
@@ -712,6 +713,13 @@ def atomic_write_text(path, text):
 def atomic_write_bytes(path, data):
     """Write bytes (e.g. an encoded PNG) to a temporary file beside path, fsync, then rename over path."""
     _atomic_write(path, lambda f: f.write(data), binary=True)
+
+
+def keyed_seed(*parts):
+    """A 63-bit seed from a key ('name', seed, epoch, step, rank, ...): a hash, so no two keys share a
+    stream, and a batch's draws depend only on its position, never on what was drawn before it."""
+    key = '/'.join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], 'little') % (2 ** 63 - 1)
 
 
 def seed_everything(seed):

@@ -283,6 +283,23 @@ def _per_b(sizes, value, fmt):
     return ', '.join(out)
 
 
+def mae_row(res):
+    """The MAE pre-training step (bench_step.py --task mae): images/s per B, its ratio to the base B,
+    and what the MAE compute model and (base/B)^2 predict that ratio to be."""
+    m = res.get('mae_step')
+    what = 'step per B: images/s (ratio to the base B; MAE compute model; (base/B)^2)'
+    if not m:
+        return (f'MAE pre-training {what}', res.missing('mae_step'), 'mae_step')
+    by = _by_size(m.get('rows'))
+
+    def cell(b):
+        r = by[b]
+        ratio = f'{r["ratio"]:.2f}x' if r.get('ratio') else 'no base row'
+        return f'{r["img_s"]:.0f} ({ratio}; {r["compute_model"]:.2f}x; {r["area"]:.2f}x)'
+    return (f'{m["model"]} pre-training ({m.get("target")} target, mask {m.get("mask_ratio")}) {what}',
+            ', '.join(f'B={b}: {cell(b)}' for b in sorted(by)), 'mae_step')
+
+
 def ratios_table(res):
     """The one table of ratios README "Performance" is built from."""
     rows = []
@@ -335,6 +352,7 @@ def ratios_table(res):
             if not miss and g_name in need and fallback:
                 text += f' (NOT captured: {"; ".join(fallback)})'
             rows.append((f'{model} step per B: {what}', text, ', '.join(need)))
+    rows.append(mae_row(res))
     _, means, fields = _data_view(res)
     miss = res.missing('data_gpu')
     if miss or not means:
@@ -534,7 +552,8 @@ def summary(a):
             lines += section(res)
         except Exception as e:  # noqa: BLE001 - one malformed result must not cost the other sections
             lines.append(f'(section {section.__name__} could not be written: {type(e).__name__}: {e})')
-    known = {n for n, _ in E2E} | {f'{k}_{v}' for _, k in STEP_MODELS for v in ('eager', 'graph')} | {'data_gpu'}
+    known = {n for n, _ in E2E} | {f'{k}_{v}' for _, k in STEP_MODELS for v in ('eager', 'graph')} | \
+        {'data_gpu', 'mae_step'}
     others = [n for n in res.steps if n not in known and os.path.exists(os.path.join(a.out, f'{n}.json'))]
     if others:
         lines += ['', '### Other steps', '', 'Not tabulated here; their tables are in their .txt output:',

@@ -141,15 +141,18 @@ class Plan:
         """
         base = self.base_size
         total = self.total_compute
-        hdr = (f'{"stage":>5} {"B":>4} {"m":>3} {"epochs":>15} {"equiv ep":>9} {"compute":>8} '
-               f'{"batch x freq":>12} {"replay":>12}')
+        # the RandAugment magnitude column only where some stage has one (MAE: none)
+        mag = any(s.magnitude is not None for s in self.stages)
+        m_head = f' {"m":>3}' if mag else ''
+        hdr = (f'{"stage":>5} {"B":>4}{m_head} {"epochs":>15} {"equiv ep":>9} '
+               f'{"compute":>8} {"batch x freq":>12} {"replay":>12}')
         lines = [f'Training plan: {self.name} ({self.lowfreq_op(pipeline)}; base {base}, '
                  f'schedules follow {self.progress_unit})', hdr, '-' * len(hdr)]
         for s in self.stages:
             rep = f'{s.replay_times}x/{s.buffer_size}' if s.replay_times > 1 else '-'
             ep = f'{s.start_epoch}-{s.start_epoch + s.epochs - 1} ({s.epochs})'
-            m = '-' if s.magnitude is None else str(s.magnitude)
-            lines.append(f'{s.index:>5} {s.size:>4} {m:>3} {ep:>15} {s.compute(base):>9.2f} '
+            m = f' {"-" if s.magnitude is None else s.magnitude:>3}' if mag else ''
+            lines.append(f'{s.index:>5} {s.size:>4}{m} {ep:>15} {s.compute(base):>9.2f} '
                          f'{100 * s.compute(base) / total:>7.1f}% '
                          f'{f"{s.batch_size} x {s.update_freq}":>12} {rep:>12}')
         lines.append('-' * len(hdr))

@@ -24,10 +24,13 @@ class Recipe:
     # published per-GPU batch at each bandwidth (8 GPUs, global 4096)
     batch_at: Dict[int, int]
     # the drivers' warmup of each launch, in its own epochs (driver_warmup_end): 'epochs':
-    # int(--warmup_epochs / replay); 'compute': int(fraction x E x (224/B)^2 / replay)
-    warmup: Tuple[str, float] = ('epochs', 20)
+    # int(--warmup_epochs / replay); 'compute': int(fraction x E x (224/B)^2 / replay);
+    # 'equivalent': int(--warmup_epochs x (224/B)^2 / replay), --warmup_epochs counted at the base size
+    warmup: Tuple[str, Optional[float]] = ('epochs', 20)
     # published replay settings: {B: (replay_times, buffer_size)}
     replay: Optional[Dict[int, Tuple[int, int]]] = None
+    # False: the model trains without RandAugment (MAE), so no stage has a magnitude
+    randaugment: bool = True
 
 
 _S3 = (96, 96, 160, 160, 160, 160, 224, 224, 224, 224)
@@ -67,13 +70,13 @@ ETPP_RECIPES.update({'convnext_large': CONVNEXT_SB, 'CSWin_144_24322_large_224':
 # project's choice is the ViT ramp on multiples of the patch size, two equal-compute
 # segments each at 96, 128, 160, 192 and 224 (patch grids 6, 8, 10, 12, 14).  MAE uses no
 # RandAugment, so the segment's magnitude is unused.  No per-stage batches are published:
-# the micro-batch stays the base one (--stage_batch auto grows it at low B).  Warm-up: the
-# first 10% of compute, MAE's 40 of 400 epochs.  ViT-H/14 takes the nearest multiples of 14
-# (grids 7, 9, 11, 14, 16).
+# the micro-batch stays the base one (--stage_batch auto grows it at low B).  Warm-up:
+# --warmup_epochs (MAE's 40) equivalent epochs at the base size, 10% of E = 400.  ViT-H/14
+# takes the nearest multiples of 14 (grids 7, 9, 11, 14, 16).
 MAE_ETPP_P16 = Recipe((96, 96, 128, 128, 160, 160, 192, 192, 224, 224), dict.fromkeys((96, 128, 160, 192, 224), 1),
-                      warmup=('compute', 0.1))
+                      warmup=('equivalent', None), randaugment=False)
 MAE_ETPP_P14 = Recipe((98, 98, 126, 126, 154, 154, 196, 196, 224, 224), dict.fromkeys((98, 126, 154, 196, 224), 1),
-                      warmup=('compute', 0.1))
+                      warmup=('equivalent', None), randaugment=False)
 ETPP_RECIPES.update({'mae_vit_tiny_patch16': MAE_ETPP_P16, 'mae_vit_base_patch16': MAE_ETPP_P16,
                      'mae_vit_large_patch16': MAE_ETPP_P16, 'mae_vit_huge_patch14': MAE_ETPP_P14})
 
@@ -230,7 +233,8 @@ def _build_etpp(args, base, multiple, lowfreq, cost=None):
             skipped.append(f'{k} (B={b})')
             continue
         kept.append(k)
-        stages.append(Stage(0, b, k, end - start, bs, uf, rt, buf, cost=_stage_cost(cost, b, base)))
+        m = k if recipe.randaugment else None
+        stages.append(Stage(0, b, m, end - start, bs, uf, rt, buf, cost=_stage_cost(cost, b, base)))
     notes += _skipped_note(skipped, ETPP_SEGMENTS)
     _check_replay_update_freq(stages)
     notes += _auto_note(args, stages, base)
@@ -243,10 +247,13 @@ def _build_etpp(args, base, multiple, lowfreq, cost=None):
 def _driver_warmup(args, recipe, plan, base, sizes, replays, spans, kept, cost=None):
     """The plan's warmup (progress) where the drivers' per-launch warmup ends (driver_warmup_end)."""
     kind, value = recipe.warmup
-    if kind == 'compute':
-        # DeiT: each launch warms up over int(0.2 x E x (base/B)^2 / r) of its own epochs
-        cuts = [int(value * args.epochs * _epoch_scale(base, b, cost) / rt) for b, rt in zip(sizes, replays)]
-        what = f'the DeiT warmup ({100 * value:g}% of E)'
+    if kind in ('compute', 'equivalent'):
+        # DeiT: each launch warms up over int(0.2 x E x (base/B)^2 / r) of its own epochs; MAE
+        # (no driver: the project's choice) over --warmup_epochs equivalent epochs at the base size
+        amount = value * args.epochs if kind == 'compute' else args.warmup_epochs
+        cuts = [int(amount * _epoch_scale(base, b, cost) / rt) for b, rt in zip(sizes, replays)]
+        what = f'the DeiT warmup ({100 * value:g}% of E)' if kind == 'compute' else \
+            f'--warmup_epochs {args.warmup_epochs:g} (equivalent epochs)'
     else:
         # the others: int(--warmup_epochs / r) of each launch's own epochs (the drivers pass 20)
         cuts = [int(args.warmup_epochs / rt) for rt in replays]

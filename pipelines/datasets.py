@@ -153,13 +153,16 @@ def _image_folder(root, what):
     return ds
 
 
-def build_base_datasets(args):
-    """(train, val, nb_classes): datasets that yield (PIL image, label), no transform yet."""
+def build_base_datasets(args, with_val=True):
+    """(train, val, nb_classes): datasets that yield (PIL image, label), no transform yet.
+
+    with_val=False (pre-training, which evaluates nothing): val is None and no validation
+    folder is needed; the classes are the training set's."""
     ds = args.data_set
     if ds == 'SYNTH':
         kw = dict(num_classes=args.synth_classes, image_size=args.synth_image_size, seed=args.synth_seed)
         train = SynthDataset(per_class=args.synth_per_class, split='train', **kw)
-        val = SynthDataset(per_class=args.synth_val_per_class, split='val', **kw)
+        val = SynthDataset(per_class=args.synth_val_per_class, split='val', **kw) if with_val else None
     elif ds == 'CIFAR':
         root = args.data_path or os.path.join(os.getcwd(), 'data', 'cifar100')
         try:
@@ -176,18 +179,18 @@ def build_base_datasets(args):
             val_root = args.eval_data_path or os.path.join(args.data_path, 'val')
         else:
             train_root, val_root = args.data_path, args.eval_data_path
-            if not val_root and not args.eval:
+            if not val_root and not args.eval and with_val:
                 raise UserError('--data_set image_folder needs --eval_data_path for the validation images')
-        val = _image_folder(val_root, 'validation folder')
+        val = _image_folder(val_root, 'validation folder') if with_val else None
         train = None if args.eval else _image_folder(train_root, 'training folder')
-        if train is not None and train.classes != val.classes:
+        if train is not None and val is not None and train.classes != val.classes:
             only_t = sorted(set(train.classes) - set(val.classes))[:3]
             only_v = sorted(set(val.classes) - set(train.classes))[:3]
             raise UserError(f'train and val class folders differ (only in train: {only_t}, only in val: '
                             f'{only_v}): both must hold the same class folders')
     else:
         raise UserError(f'unknown --data_set {ds}: use IMNET, image_folder, CIFAR or SYNTH')
-    nb = len(val.classes)
+    nb = len((val if val is not None else train).classes)
     if args.nb_classes is not None and args.nb_classes != nb:
         raise UserError(f'--nb_classes {args.nb_classes} disagrees with the data ({nb} classes): '
                         f'drop --nb_classes or fix the dataset')
@@ -210,24 +213,44 @@ def with_magnitude(aa, magnitude):
     return '-'.join([parts[0], f'm{magnitude}'] + parts[1:])
 
 
+# The random-resized-crop area range of the supervised recipes (timm's default); MAE
+# pre-training crops from (0.2, 1.0) (main_pretrain.py --crop_scale).
+CROP_SCALE = (0.08, 1.0)
+
+
+def augment_kwargs(args, magnitude):
+    """timm's create_transform arguments of a stage's training transform, from the flags.
+
+    The augmentation is a choice of values, never an edit of timm's transform lists: the
+    supervised recipes take the augment group's flags (RandAugment at the stage's magnitude,
+    colour jitter without it, random erasing); MAE pre-training sets RandAugment, colour
+    jitter and erasing off and --crop_scale 0.2 1.0, which leaves timm's random resized crop
+    and horizontal flip, MAE's augmentation.  args.crop_scale: the crop's area range
+    (default CROP_SCALE).
+    """
+    aa = with_magnitude(args.aa, magnitude)
+    return dict(is_training=True, color_jitter=args.color_jitter if args.color_jitter > 0 else None,
+                auto_augment=None if aa in (None, '', 'none') else aa, interpolation=args.train_interpolation,
+                re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+                scale=tuple(getattr(args, 'crop_scale', None) or CROP_SCALE),
+                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
 def train_transform(args, size, magnitude, lowfreq):
-    """The CPU pipeline of one stage.
+    """The CPU pipeline of one stage (its augmentation: augment_kwargs).
 
     none:    RandomResizedCrop(size) ... at the stage size (the baseline)
     lanczos: the EfficientTrain++ order: crop and RandAugment at the base size, then a
              Lanczos resize to B, then ToTensor/Normalize/RandomErasing
     fourier: the full pipeline at the base size; the crop to B happens on the device
     """
-    aa = with_magnitude(args.aa, magnitude)
-    kw = dict(is_training=True, color_jitter=args.color_jitter if args.color_jitter > 0 else None,
-              auto_augment=None if aa in (None, '', 'none') else aa, interpolation=args.train_interpolation,
-              re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-              mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    kw = augment_kwargs(args, magnitude)
+    aa = kw['auto_augment']
     if getattr(args, 'data_pipeline', 'published') == 'gpu':
         # the worker draws the same crop, flip and augmentation parameters and reads the
         # file's bytes; decoding and every pixel operation run on the device (pipelines/gpudata.py)
         return gpu_train_transform(size, size if lowfreq == 'none' else args.base_input_size, lowfreq, kw,
-                                   aa=None if aa in (None, '', 'none') else aa, re_prob=args.reprob,
+                                   aa=aa, re_prob=args.reprob,
                                    re_count=args.recount, augment_at=getattr(args, 'gpu_augment_at', 'base'))
     if getattr(args, 'data_pipeline', 'published') == 'fast':
         # same crop, flip and augmentation, done at the output size; uint8 out, and the

@@ -44,7 +44,6 @@ the filter choice (per-worker images/s relative to the 224 pipeline, PSNR mean a
 B=96 / B=160): Lanczos 2.00x / 1.37x, 45 / 45 dB; bicubic 2.14x / 1.50x, 42 / 44 dB;
 bilinear 2.28x / 1.64x, 36 / 39 dB (one shared 2-core EPYC, benchmarks/bench_data.py).
 """
-import hashlib
 import math
 import os
 import random
@@ -57,6 +56,8 @@ from timm.data import create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 from torch.utils.data import Dataset
 from torchvision import transforms
+
+from utils import keyed_seed
 
 __all__ = ['DRAFT_MARGIN', 'LazyImageFolder', 'DraftRandomResizedCrop', 'ToUint8HWC', 'fast_train_transform',
            'BatchRandomErasing', 'DeviceTransform']
@@ -235,7 +236,8 @@ def fast_train_transform(size: int, base_size: int, lowfreq: str, timm_kwargs: d
     below_base = lowfreq == 'lanczos' and size < base_size
     # With 'random', the published order draws the filter of its intermediate base-size
     # crop; the draw is kept (random_draw) so both orders consume the same random numbers.
-    crop = DraftRandomResizedCrop(out, interpolation='bicubic' if below_base else interp, draft=draft,
+    crop = DraftRandomResizedCrop(out, scale=timm_kwargs.get('scale') or (0.08, 1.0),
+                                  interpolation='bicubic' if below_base else interp, draft=draft,
                                   random_draw=interp == 'random')
     kw = dict(timm_kwargs, re_prob=0.)
     _, secondary, _ = create_transform(out, separate=True, **kw)
@@ -362,8 +364,7 @@ class DeviceTransform(torch.nn.Module):
             return None
         # a hash with its own prefix: no (epoch, step, rank) shares a stream with the CPU
         # transforms' per-sample seeds (datasets.sample_seed) or with another batch
-        key = f'device-erasing/{self.seed}/{epoch}/{step}/{self.rank}/{self.world}'.encode()
-        return int.from_bytes(hashlib.sha256(key).digest()[:8], 'little') % (2 ** 63 - 1)
+        return keyed_seed('device-erasing', self.seed, epoch, step, self.rank, self.world)
 
     def forward(self, x: torch.Tensor, epoch: Optional[int] = None, step: Optional[int] = None) -> torch.Tensor:
         """epoch, step: the batch's position, which seeds its random erasing (with a seed)."""

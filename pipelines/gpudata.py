@@ -818,4 +818,5 @@ def gpu_train_transform(size: int, base_size: int, lowfreq: str, timm_kwargs: di
         ra = RandAugmentParams(aa, work, rand_augment_hparams(work, timm_kwargs['mean'], interp))
     erasing = BatchRandomErasing(re_prob, mode='const', max_count=re_count) if re_prob > 0 else None
     filt = 'bicubic' if below_base and work == out else interp
-    return GpuSampleTransform(out, filt, random_draw=interp == 'random', ra=ra, erasing=erasing, work_size=work)
+    return GpuSampleTransform(out, filt, random_draw=interp == 'random', ra=ra, erasing=erasing, work_size=work,
+                              scale=timm_kwargs.get('scale') or (0.08, 1.0))

@@ -14,6 +14,10 @@ stage.py       the plan for the flags (checked_plan), lr/wd as functions of prog
                replay buffer, loader position, the stage's TrainStep), ETA and log fields
 evaluation.py  --eval of a checkpoint, the evaluation after each epoch with the best
                accuracies (Evaluator), the final evaluation at the base size
+loop.py        the epoch loop (fit): stage -> train -> [evaluate] -> log -> checkpoint
+entry.py       around an entry point's train(): the start-up Ctrl-C guard, the caller's
+               signal handlers back, exit statuses (guard_startup, run_guarded, run_cli)
 
-Nothing here imports main.py; main.py is the wiring of these for supervised training.
+Nothing here imports an entry point; main.py is the wiring of these for supervised training,
+main_pretrain.py for MAE pre-training.
 """

@@ -75,6 +75,10 @@ def add_model_args(parser):
     model.add_argument('--layer_scale_init_value', default=None, type=float,
                        help='layer-scale init of ConvNeXt/ViT-style models (default: the model\'s own)')
     model.add_argument('--nb_classes', default=None, type=int, help='number of classes (default: from the data)')
+    model.add_argument('--global_pool', default=None, type=str,
+                       help="the model's pooling before the classifier, passed to timm (default: the model's own); "
+                            "ViT: avg pools the patch tokens with the final norm after the pool (fc_norm), as MAE "
+                            "fine-tunes its encoders")
     model.add_argument('--finetune', default='', type=str,
                        help='initialise from these weights (a released or own checkpoint); a classifier of '
                             'another shape is dropped and trained anew')
@@ -100,7 +104,7 @@ def add_optim_args(parser):
     optim.add_argument('--opt', default='adamw', type=str, help="optimizer: any name timm's factory knows")
     optim.add_argument('--opt_eps', default=1e-8, type=float, help='optimizer epsilon')
     optim.add_argument('--opt_betas', default=None, type=float, nargs='+',
-                       help="optimizer betas (default: the optimizer's own)")
+                       help="optimizer betas (unset: the optimizer's own)")
     optim.add_argument('--momentum', default=0.9, type=float, help='SGD momentum')
     optim.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm to this (default: off)')
     optim.add_argument('--layer_decay', default=1.0, type=float,
@@ -134,12 +138,16 @@ def add_schedule_args(parser):
     return schedule
 
 
-def add_curriculum_args(parser):
-    """The curriculum: preset or file, base size, low-pass, replay, per-stage batches."""
+_CURRICULA = {'none': 'plain training at --input_size', 'et': 'EfficientTrain (ICCV 2023)',
+              'etpp': 'EfficientTrain++ (TPAMI 2024)'}
+
+
+def add_curriculum_args(parser, curricula=('none', 'et', 'etpp')):
+    """The curriculum: preset or file, base size, low-pass, replay, per-stage batches; `curricula`:
+    the --curriculum choices the entry point has (MAE pre-training: none and etpp)."""
     curriculum = parser.add_argument_group('curriculum (EfficientTrain / EfficientTrain++)')
-    curriculum.add_argument('--curriculum', default='none', choices=['none', 'et', 'etpp'],
-                            help='none: plain training at --input_size; et: EfficientTrain (ICCV 2023); '
-                                 'etpp: EfficientTrain++ (TPAMI 2024)')
+    curriculum.add_argument('--curriculum', default='none', choices=list(curricula),
+                            help='; '.join(f'{c}: {_CURRICULA[c]}' for c in curricula))
     curriculum.add_argument('--curriculum_file', default=None, type=str,
                             help='custom stages (JSON) instead of --curriculum; see TRAINING.md')
     curriculum.add_argument('--base_input_size', default=224, type=int,
@@ -154,8 +162,8 @@ def add_curriculum_args(parser):
                             help="the recipe's published replay settings")
     curriculum.add_argument('--baseline_epochs', default=None, type=int,
                             help='also compare the plan with a baseline of this many epochs at the base size '
-                                 '(default: unset; etpp compares with the published 300-epoch baseline when '
-                                 '--epochs is a published budget)')
+                                 '(default: unset; etpp compares with the paper\'s baseline, 300 epochs (MAE '
+                                 'pre-training: 1600), when --epochs is a published budget)')
     curriculum.add_argument('--stage_batch', default='published', choices=['published', 'auto'],
                             help="per-GPU micro-batch of stages below the base size: published: the recipe's (the "
                                  "base micro-batch x the published ratio); auto: grown with (base/B)^2 (about the "
@@ -298,6 +306,19 @@ def add_perf_args(parser):
                       help='with --data_pipeline gpu: finish the next batch on the device (decode, augment; its '
                            'own CUDA stream and thread) while the current one trains; auto: on CUDA devices')
     return perf
+
+
+def check_shared_args(args, checked=RESUME_CHECKED):
+    """Checks of the groups entry points share (optim, schedule, curriculum, data, run): batch,
+    EMA evaluation, curriculum file; `checked` as for check_run_args."""
+    if args.batch_size < 1 or args.update_freq < 1:
+        raise UserError('--batch_size and --update_freq must be >= 1')
+    if args.model_ema_eval and not args.model_ema:
+        raise UserError('--model_ema_eval true needs --model_ema true')
+    if args.curriculum_file and args.curriculum != 'none':
+        raise UserError('--curriculum_file replaces --curriculum: drop --curriculum')
+    check_data_args(args)
+    check_run_args(args, checked)
 
 
 def check_data_args(args):

@@ -13,6 +13,7 @@ import torch
 import utils
 from engine import TrainingDiverged
 from models.checkpoint_compat import load_into
+from models.mae import is_mae_state_dict, mae_to_vit_state_dict
 from utils import UserError
 
 
@@ -47,17 +48,34 @@ def load_finetune(args, model):
     state, _ = state_from(ckpt, args.model_key, args.finetune)
     if args.model_prefix:
         state = {k[len(args.model_prefix):]: v for k, v in state.items() if k.startswith(args.model_prefix)}
-    # load_into maps official names first, then drops a classifier of another shape
-    report = load_weights(model, state, args.finetune, finetune=True)
-    if report.dropped_head:
-        print(f'Dropped classifier weights whose shape differs from the model: {", ".join(report.dropped_head)}')
-    print(f'Fine-tuning from {args.finetune}: missing {report.missing or "none"}, '
-          f'unexpected {report.unexpected or "none"}')
+    if is_mae_state_dict(state):
+        load_mae_encoder(args.finetune, model, state)
+    else:
+        # load_into maps official names first, then drops a classifier of another shape
+        report = load_weights(model, state, args.finetune, finetune=True)
+        if report.dropped_head:
+            print(f'Dropped classifier weights whose shape differs from the model: {", ".join(report.dropped_head)}')
+        print(f'Fine-tuning from {args.finetune}: missing {report.missing or "none"}, '
+              f'unexpected {report.unexpected or "none"}')
     if args.head_init_scale != 1.0 and hasattr(model, 'get_classifier'):
         head = model.get_classifier()
         with torch.no_grad():
             for p_ in head.parameters():
                 p_.mul_(args.head_init_scale)
+
+
+def load_mae_encoder(path, model, state):
+    """An MAE pre-training state (main_pretrain.py's or an official file) into timm's ViT `model`:
+    the encoder by name, the decoder and mask token dropped (models.mae.mae_to_vit_state_dict,
+    which refuses, in one line naming the model that fits, an encoder of another shape)."""
+    mapped, skipped = mae_to_vit_state_dict(state, model, what=path)
+    result = model.load_state_dict(mapped, strict=False)
+    groups = {}
+    for k in skipped:
+        groups[k.split('.')[0]] = groups.get(k.split('.')[0], 0) + 1
+    print(f'Fine-tuning the MAE encoder of {path}: skipped {len(skipped)} pre-training tensors '
+          f'({", ".join(f"{g} ({n})" if n > 1 else g for g, n in groups.items())}); '
+          f'new: {", ".join(result.missing_keys) or "none"}')
 
 
 def save_training_checkpoint(args, name, epoch, model, optimizer, loss_scaler, model_ema, extra,
@@ -164,11 +182,12 @@ class Checkpointer:
         self.args, self.model, self.optimizer = args, model, optimizer
         self.loss_scaler, self.model_ema, self.plan_summary = loss_scaler, model_ema, plan_summary
 
-    def extra(self, size, max_acc, max_acc_ema):
+    def extra(self, size, max_acc=None, max_acc_ema=None):
         """The run's state besides weights and position; the plan goes with every checkpoint: a
-        resume compares it (runner.resume.check_same_run)."""
-        return {'input_size': size, 'max_accuracy': max_acc, 'max_accuracy_ema': max_acc_ema,
-                'plan': self.plan_summary}
+        resume compares it (runner.resume.check_same_run).  The best accuracies of a run that
+        evaluates (none for pre-training)."""
+        best = {} if max_acc is None else {'max_accuracy': max_acc, 'max_accuracy_ema': max_acc_ema}
+        return {'input_size': size, **best, 'plan': self.plan_summary}
 
     def save(self, name, epoch, extra, step=None, meters=None):
         save_training_checkpoint(self.args, name, epoch, self.model, self.optimizer, self.loss_scaler,

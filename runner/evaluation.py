@@ -16,7 +16,8 @@ from utils import UserError
 
 
 def eval_checkpoint(args):
-    """--resume for --eval; --input_size becomes the checkpoint's recorded size unless given.
+    """--resume for --eval; --input_size becomes the checkpoint's recorded size unless given, and
+    --global_pool the one it was trained with.
 
     Our checkpoints record the size the model was last trained at ('input_size'); a model
     trained at 64 and evaluated at the default 224 would score far lower without any sign why.
@@ -24,6 +25,13 @@ def eval_checkpoint(args):
     if not args.resume:
         raise UserError('--eval true needs --resume FILE (the checkpoint to evaluate)')
     ckpt = utils.load_checkpoint_file(args.resume)
+    pool = utils.checkpoint_args(ckpt).get('global_pool')
+    if pool and getattr(args, 'global_pool', pool) is None:
+        # a ViT fine-tuned with average pooling has fc_norm instead of the final norm: built
+        # with its default token pooling it would load around them and score far lower
+        print(f'Evaluating with --global_pool {pool}, the pooling {args.resume} was trained with '
+              f'(pass --global_pool to choose)')
+        args.global_pool = pool
     recorded = ckpt.get('input_size')
     recorded = int(recorded) if isinstance(recorded, (int, float)) and recorded > 0 else None
     if recorded is None or recorded == args.input_size:

@@ -38,7 +38,7 @@ class ResumePoint:
 # split (--batch_size, --update_freq) may differ: the plan comparison checks every stage's
 # global batch instead.
 RESUME_CHECKED = (
-    'model', 'drop_path', 'layer_scale_init_value', 'nb_classes',
+    'model', 'drop_path', 'layer_scale_init_value', 'nb_classes', 'global_pool',
     'batch_size', 'update_freq', 'global_batch_size', 'epochs', 'warmup_epochs', 'warmup_steps', 'lr', 'min_lr',
     'weight_decay', 'weight_decay_end', 'opt', 'opt_eps', 'opt_betas', 'momentum', 'clip_grad', 'layer_decay',
     'model_ema', 'model_ema_decay',
@@ -223,10 +223,12 @@ def _flag_text(value):
 
 
 def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, world, plan=None,
-                    checked=RESUME_CHECKED):
+                    checked=RESUME_CHECKED, accept=None):
     """Load --resume, or the furthest checkpoint in --output_dir; where training continues.
 
-    A training checkpoint must come from the same run (check_same_run) before anything is loaded."""
+    A training checkpoint must come from the same run (check_same_run) before anything is loaded;
+    `accept(ckpt, path)`, an entry point's own check, may refuse it first (UserError: main_pretrain
+    refuses a supervised checkpoint)."""
     point = ResumePoint(epoch=args.start_epoch, size=size)
     resume_path, ckpt = None, None
     if args.resume:
@@ -239,6 +241,8 @@ def resume_training(args, model, optimizer, loss_scaler, model_ema, size, rank, 
         _refuse_fresh_start_over(args.output_dir)
     if ckpt is None:
         return point
+    if accept is not None:
+        accept(ckpt, resume_path)
     check_same_run(args, ckpt, resume_path, plan, world, checked)
     point.resumed_from = resume_path
     # The checkpoint holds the model at the size it was trained at last.

@@ -43,16 +43,18 @@ def compared_baseline_epochs(args):
     return 300 if paper else None
 
 
-def plan_text(args, plan, device, world):
-    """The plan table as main.py prints it for this run."""
-    return plan.table(compared_baseline_epochs(args), pipeline=args.data_pipeline, world=world,
+def plan_text(args, plan, device, world, compared=compared_baseline_epochs):
+    """The plan table as an entry point prints it for this run; compared(args): the baseline epochs
+    the table compares with (main_pretrain.py: MAE's 1600)."""
+    return plan.table(compared(args), pipeline=args.data_pipeline, world=world,
                       per='GPU' if device.type == 'cuda' else 'process')
 
 
-def checked_plan(args, model):
-    """The plan for these flags, every stage's B checked against the model before training."""
+def checked_plan(args, model, cost=None):
+    """The plan for these flags, every stage's B checked against the model before training;
+    cost: the model's compute per image as a function of B (build_plan's; MAE's train_flops)."""
     try:
-        plan = build_plan(args, size_multiple(model))
+        plan = build_plan(args, size_multiple(model), cost=cost)
     except PlanError as e:
         raise UserError(str(e)) from None
     for s in plan.stages:
@@ -103,7 +105,10 @@ def stage_record(plan, epoch):
     stage = plan.stage_at(epoch)
     return {'stage': stage.index, 'input_size': stage.size, 'magnitude': stage.magnitude,
             'batch_size': stage.batch_size, 'update_freq': stage.update_freq, 'replay_times': stage.replay_times,
-            'progress': plan.progress(epoch + 1), 'progress_frac': plan.progress(epoch + 1) / plan.total_progress}
+            'progress': plan.progress(epoch + 1), 'progress_frac': plan.progress(epoch + 1) / plan.total_progress,
+            # equivalent epochs at the base size done by the epoch's end, in the plan's compute
+            # measure ((B/base)^2, or the model's own cost) whatever unit the schedules follow
+            'compute': sum(plan.stage_at(e).epoch_compute(plan.base_size) for e in range(epoch + 1))}
 
 
 def warm_shape(args, step, stage, nb_classes):
@@ -151,8 +156,9 @@ def refill_replay(replay, stage, epoch, step, steps_in, loader, batch_sampler, d
 
 
 def describe(stage):
-    """A stage in the words of the logs: 'stage k, B=.., m=..'."""
-    return f'stage {stage.index}, B={stage.size}, m={stage.magnitude}'
+    """A stage in the words of the logs: 'stage k, B=.., m=..' (no m where no RandAugment runs)."""
+    m = '' if stage.magnitude is None else f', m={stage.magnitude}'
+    return f'stage {stage.index}, B={stage.size}{m}'
 
 
 def epoch_text(plan, stage, epoch, per, eta=''):

@@ -3,7 +3,7 @@
     python scripts/fault_inject.py --kills 3 -- --data_set SYNTH --model resnet18 \
         --input_size 32 --epochs 3 --batch_size 32 --device cpu --num_workers 0 --deterministic true
 
-Runs main.py with the given arguments twice: once uninterrupted (the reference) and once
+Runs main.py (or --entry main_pretrain.py) with the given arguments twice: once uninterrupted (the reference) and once
 killed `--kills` times (SIGKILL by default, or SIGTERM as a scheduler would, or SIGINT; sent to every
 process of the run at once, torchrun's workers and loader workers included) at random
 training steps and restarted with the same command. Then compares the final
@@ -33,8 +33,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def command(train_args, output_dir, nproc):
-    main = os.path.join(ROOT, 'main.py')
+def command(train_args, output_dir, nproc, entry='main.py'):
+    main = os.path.join(ROOT, entry)
     argv = list(train_args) + ['--output_dir', output_dir, '--print_freq', '1']
     if nproc > 1:
         return [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
@@ -184,8 +184,9 @@ def compare(ref_dir, test_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                usage='%(prog)s [options] -- MAIN.PY ARGUMENTS',
-                                epilog='After --: main.py\'s flags (see python main.py --help), without --output_dir.')
+                                usage='%(prog)s [options] -- ENTRY POINT ARGUMENTS',
+                                epilog='After --: the entry point\'s flags (see python main.py --help), without '
+                                       '--output_dir.')
     p.add_argument('--kills', type=int, default=3, help='how many times the run is killed and restarted')
     p.add_argument('--signal', choices=['KILL', 'TERM', 'INT'], default='KILL',
                    help='KILL: a crash; TERM: a scheduler\'s stop; INT: Ctrl-C (both save a recovery checkpoint)')
@@ -193,6 +194,8 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0, help='seed for choosing the kill points')
     p.add_argument('--workdir', default='out/fault_inject',
                    help='holds reference/ and faulty/ (the two runs\' output directories) and their logs')
+    p.add_argument('--entry', default='main.py', choices=['main.py', 'main_pretrain.py'],
+                   help='the training entry point to run (main_pretrain.py: MAE pre-training)')
     p.add_argument('--run_timeout', type=float, default=1800,
                    help='seconds one training run may take before it is treated as hung and killed')
     p.add_argument('train_args', nargs=argparse.REMAINDER, help='-- then the main.py arguments')
@@ -208,7 +211,8 @@ def main(argv=None):
         os.makedirs(d)
 
     with open(os.path.join(args.workdir, 'reference.out'), 'w') as log:
-        rc, total_steps = run_once(command(train_args, ref_dir, args.nproc), log=log, timeout=args.run_timeout)
+        rc, total_steps = run_once(command(train_args, ref_dir, args.nproc, args.entry), log=log,
+                                  timeout=args.run_timeout)
     if rc != 0:
         raise SystemExit(f'reference run failed (exit {rc}): see {args.workdir}/reference.out')
     print(f'reference: {total_steps} training steps')
@@ -219,14 +223,14 @@ def main(argv=None):
             attempts += 1
             kill_after = rng.randint(1, max(1, total_steps // (args.kills + 1)))
             t = time.time()
-            rc, steps = run_once(command(train_args, test_dir, args.nproc), kill_after=kill_after, sig=sig, log=log,
-                              timeout=args.run_timeout)
+            rc, steps = run_once(command(train_args, test_dir, args.nproc, args.entry), kill_after=kill_after, sig=sig,
+                                 log=log, timeout=args.run_timeout)
             if rc == 0:
                 break  # finished before the kill point
             done_kills += 1
             print(f'kill {done_kills}: SIG{args.signal} after {kill_after} steps of this attempt '
                   f'(exit {rc}, {time.time() - t:.1f}s)')
-        rc, _ = run_once(command(train_args, test_dir, args.nproc), log=log, timeout=args.run_timeout)
+        rc, _ = run_once(command(train_args, test_dir, args.nproc, args.entry), log=log, timeout=args.run_timeout)
     if rc != 0:
         raise SystemExit(f'final restart failed (exit {rc}): see {args.workdir}/faulty.out')
     problems = compare(ref_dir, test_dir)

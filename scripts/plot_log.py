@@ -7,7 +7,10 @@ One row per quantity (train loss; test top-1 and EMA top-1; learning rate; weigh
 bandwidth B and RandAugment magnitude m), plotted against data epochs (left) and against
 compute progress (right: equivalent epochs at the base size, the unit EfficientTrain++
 spends its budget in). Dashed lines mark stage boundaries. The values are log.txt's:
-one point per epoch, the learning rate and weight decay averaged over the epoch.
+one point per epoch, the learning rate and weight decay averaged over the epoch. A row
+with nothing to show is left out: a pre-training run (main_pretrain.py) has its loss (the
+MAE reconstruction loss), lr, weight decay and B, no accuracy and no magnitude; its compute
+is the plan's own measure, MAE's compute model (log.txt's `compute`).
 Needs matplotlib (requirements-dev.txt); draws off-screen (Agg), so it runs on a server.
 """
 import argparse
@@ -60,8 +63,11 @@ def series(records, base):
     for r in records:
         b = r.get('input_size') or base
         compute_starts.append(total)
-        # one data epoch at B costs (B/base)^2 of an epoch at base, times its replays
-        total += (b / base) ** 2 * (r.get('replay_times') or 1)
+        if r.get('compute') is not None:
+            total = r['compute']  # the plan's measure, the model's own cost where it has one (MAE)
+        else:
+            # older logs: one data epoch at B costs (B/base)^2 of an epoch at base, times its replays
+            total += (b / base) ** 2 * (r.get('replay_times') or 1)
         ends.append(r['epoch'] + 1)
         compute.append(total)
 
@@ -96,6 +102,7 @@ def plot(out_dir, png=None, dpi=80):
             ('learning rate', [('lr', 'lr (epoch mean)', 'C3')]),
             ('weight decay', [('wd', 'weight decay (epoch mean)', 'C4')]),
             ('B (px, solid)', [('size', 'B', 'C5')])]
+    rows = [row for row in rows if any(v is not None for key, _, _ in row[1] for v in s[key])]
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.0 * len(rows)), sharex='col', squeeze=False)
     xkeys = (('epoch', 'data epochs'), ('compute', f'compute (equivalent epochs at {base})'))
     for c, (xkey, xlabel) in enumerate(xkeys):

@@ -10,6 +10,8 @@ are derived from it, so the per-model wrappers (scripts/train_<model>.sh, writte
     python scripts/recipes.py train swin_tiny --data_path /data/imagenet [--budget 150]
         [--variant etpp|et|baseline] [--replay] [--gpus 8] [--dry_run] [main.py flags]
     python scripts/recipes.py eval swin_tiny CHECKPOINT --data_path /data/imagenet [--ema]
+    python scripts/recipes.py train mae_vit_base_patch16 --task mae [--variant etpp|baseline] [--target hog]
+    python scripts/recipes.py train vit_base_patch16_224 --task mae_ft --finetune PRETRAIN.pth
     python scripts/recipes.py wrappers
 
 Flags the launcher does not know are passed to main.py after the recipe's own, so they
@@ -29,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MAIN = os.path.join(ROOT, 'main.py')
+MAIN_PRETRAIN = os.path.join(ROOT, 'main_pretrain.py')
 
 # The published recipes keep this global batch at every stage, on 8 GPUs.
 GLOBAL_BATCH = 4096
@@ -182,7 +185,61 @@ IN22K_FINETUNE: Dict[Tuple[str, int], Finetune22k] = {
     ('CSWin_144_24322_large_224', 224): Finetune22k(0.2, 64, 1, _CSWIN_FT, source=_CSWIN_FT_SRC),
     ('CSWin_144_24322_large_224', 384): Finetune22k(0.2, 32, 2, _CSWIN_FT, source=_CSWIN_FT_SRC),
 }
-TASKS = ('in1k', 'in22k', 'ft224', 'ft384')
+
+# ------------------------------------------------------------- MAE: pre-training, then fine-tuning its encoder
+# facebookresearch/mae PRETRAIN.md and FINETUNE.md; EfficientTrain++ Table 15 (ViT-B, 400 equivalent
+# epochs with ET++ and the HOG target).  Learning rates per 256 images (blr): main_pretrain.py takes
+# --blr (lr = blr x global batch / 256); main.py takes the lr itself, so the fine-tuning recipe gives
+# --lr for its global batch of 1024 (= blr x 4), kept on any GPU count (split_batch).
+MAE_SOURCE = 'facebookresearch/mae PRETRAIN.md / FINETUNE.md'
+
+
+@dataclass(frozen=True)
+class MaePretrain:
+    batch: int = 64           # per-GPU batch x update_freq on 8 GPUs (MAE: 64 per GPU, global 4096)
+    update_freq: int = 8
+    blr: float = 1.5e-4
+    weight_decay: float = 0.05
+    warmup: int = 40
+    mask_ratio: float = 0.75
+    global_batch: int = 4096
+    flags: Flags = AMP + (('--norm_pix_loss', 'true'),)
+
+
+@dataclass(frozen=True)
+class MaeFinetune:
+    epochs: int
+    blr: float
+    layer_decay: float
+    drop_path: float
+    batch: int = 32           # per-GPU batch x update_freq on 8 GPUs (MAE: 32 x accum 4, global 1024)
+    update_freq: int = 4
+    global_batch: int = 1024
+    weight_decay: float = 0.05
+    # MAE's fine-tuning: 5 warm-up epochs, min lr 1e-6, RandAugment m9 mstd0.5, mixup 0.8, cutmix 1.0,
+    # smoothing 0.1, random erasing 0.25, average pooling with fc_norm, AdamW betas (0.9, 0.999)
+    # (main.py's AdamW default), AMP; the head initialised at std 2e-5 (timm's 0.02 x 0.001)
+    flags: Flags = AMP + (('--global_pool', 'avg'), ('--warmup_epochs', '5'), ('--min_lr', '1e-6'),
+                          ('--aa', 'rand-m9-mstd0.5-inc1'), ('--mixup', '0.8'), ('--cutmix', '1.0'),
+                          ('--smoothing', '0.1'), ('--reprob', '0.25'), ('--head_init_scale', '0.001'))
+
+    @property
+    def lr(self) -> float:
+        return self.blr * self.global_batch / 256
+
+
+MAE_PRETRAIN: Dict[str, MaePretrain] = {
+    'mae_vit_base_patch16': MaePretrain(),
+    'mae_vit_large_patch16': MaePretrain(),
+}
+MAE_FINETUNE: Dict[str, MaeFinetune] = {
+    'vit_base_patch16_224': MaeFinetune(100, 5e-4, 0.65, 0.1),
+    'vit_large_patch16_224': MaeFinetune(50, 1e-3, 0.75, 0.2),
+}
+# variant -> (--curriculum, default budget): ET++ at 400 equivalent epochs (Table 15), MAE at 1600 epochs
+MAE_VARIANTS = {'etpp': ('etpp', 400), 'baseline': ('none', 1600)}
+
+TASKS = ('in1k', 'in22k', 'ft224', 'ft384', 'mae', 'mae_ft')
 
 
 def drop_path(recipe: Recipe, variant: str, budget: int) -> float:
@@ -230,6 +287,18 @@ def _finish(args: List[str], flags, data_path: Optional[str], output_dir: Option
     return args + list(extra)
 
 
+def variant_budget(variants, variant: str, budget: Optional[int], unknown: str) -> Tuple[str, int]:
+    """(--curriculum, budget) of `variant` in a variants table, the budget defaulting to its own;
+    LaunchError (`unknown`) for a variant not in the table, and for a budget below 1."""
+    if variant not in variants:
+        raise LaunchError(unknown)
+    curriculum, default_budget = variants[variant]
+    budget = default_budget if budget is None else budget
+    if budget < 1:
+        raise LaunchError(f'--budget must be >= 1, got {budget}')
+    return curriculum, budget
+
+
 def main_args(model: str, variant: str = 'etpp', budget: Optional[int] = None, world: int = PUBLISHED_GPUS,
               data_path: Optional[str] = None, output_dir: Optional[str] = None, replay: bool = False,
               batch: Optional[int] = None, extra: Sequence[str] = ()) -> List[str]:
@@ -237,13 +306,9 @@ def main_args(model: str, variant: str = 'etpp', budget: Optional[int] = None, w
     if model not in RECIPES:
         raise LaunchError(f'no published recipe for {model!r}: one of {", ".join(RECIPES)} '
                           f'(other models: call main.py directly, see TRAINING.md)')
-    if variant not in VARIANTS:
-        raise LaunchError(f'unknown variant {variant!r}: one of {", ".join(VARIANTS)}')
+    curriculum, budget = variant_budget(VARIANTS, variant, budget, f'unknown variant {variant!r}: one of '
+                                                                  f'{", ".join(VARIANTS)}')
     r = RECIPES[model]
-    curriculum, default_budget = VARIANTS[variant]
-    budget = default_budget if budget is None else budget
-    if budget < 1:
-        raise LaunchError(f'--budget must be >= 1, got {budget}')
     if replay and variant != 'etpp':
         raise LaunchError('--replay uses the EfficientTrain++ replay settings: only with --variant etpp')
     if replay and not r.replay:
@@ -309,12 +374,46 @@ def finetune_args(model: str, size: int, checkpoint: str, world: int = PUBLISHED
     return _finish(args, r.flags, data_path, output_dir, extra)
 
 
+def mae_pretrain_args(model: str, variant: str = 'etpp', budget: Optional[int] = None, target: str = 'pixel',
+                      world: int = PUBLISHED_GPUS, data_path: Optional[str] = None, output_dir: Optional[str] = None,
+                      batch: Optional[int] = None, extra: Sequence[str] = ()) -> List[str]:
+    """main_pretrain.py's arguments for MAE pre-training (with or without EfficientTrain++, pixel or HOG target)."""
+    if model not in MAE_PRETRAIN:
+        raise LaunchError(f'no MAE pre-training recipe for {model!r}: one of {", ".join(MAE_PRETRAIN)}')
+    curriculum, budget = variant_budget(MAE_VARIANTS, variant, budget, f'MAE pre-training runs --variant '
+                                        f'{" or ".join(MAE_VARIANTS)}, not {variant!r}')
+    r = MAE_PRETRAIN[model]
+    b, uf = split_batch(r, world, batch, r.global_batch)
+    args = ['--model', model, '--curriculum', curriculum, '--epochs', str(budget), '--target', target,
+            '--batch_size', str(b), '--update_freq', str(uf), '--blr', _fmt(r.blr),
+            '--weight_decay', _fmt(r.weight_decay), '--warmup_epochs', str(r.warmup),
+            '--mask_ratio', _fmt(r.mask_ratio)]
+    return _finish(args, r.flags, data_path, output_dir, extra)
+
+
+def mae_finetune_args(model: str, checkpoint: str, world: int = PUBLISHED_GPUS, data_path: Optional[str] = None,
+                      output_dir: Optional[str] = None, batch: Optional[int] = None,
+                      extra: Sequence[str] = ()) -> List[str]:
+    """main.py's arguments to fine-tune an MAE encoder (main_pretrain.py's checkpoint or an official file)."""
+    if model not in MAE_FINETUNE:
+        raise LaunchError(f'no MAE fine-tuning recipe for {model!r}: one of {", ".join(MAE_FINETUNE)}')
+    if not checkpoint:
+        raise LaunchError('fine-tuning needs the MAE pre-training checkpoint: pass --finetune FILE')
+    r = MAE_FINETUNE[model]
+    b, uf = split_batch(r, world, batch, r.global_batch)
+    args = ['--model', model, '--finetune', checkpoint, '--curriculum', 'none', '--epochs', str(r.epochs),
+            '--batch_size', str(b), '--update_freq', str(uf), '--lr', _fmt(r.lr),
+            '--weight_decay', _fmt(r.weight_decay), '--layer_decay', _fmt(r.layer_decay),
+            '--drop_path', _fmt(r.drop_path)]
+    return _finish(args, r.flags, data_path, output_dir, extra)
+
+
 def eval_args(model: str, checkpoint: str, data_path: Optional[str] = None, ema: bool = False,
               input_size: Optional[int] = None, batch: int = 128, extra: Sequence[str] = ()) -> List[str]:
     """main.py's arguments to evaluate a checkpoint (fp32, exact sharded evaluation).
 
     Without input_size main.py evaluates at the size the checkpoint records, else 224."""
-    if model not in RECIPES and model not in IN22K_PRETRAIN:
+    if model not in RECIPES and model not in IN22K_PRETRAIN and model not in MAE_FINETUNE:
         from_timm = 'any timm model name also works with main.py directly'
         raise LaunchError(f'no published recipe for {model!r}: one of {", ".join(RECIPES)} ({from_timm})')
     args = ['--model', model, '--eval', 'true', '--resume', checkpoint, '--batch_size', str(batch)]
@@ -438,7 +537,8 @@ def _add_launch_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train_models() -> List[str]:
-    return _unique(list(RECIPES) + list(IN22K_PRETRAIN) + [m for m, _ in IN22K_FINETUNE])
+    return _unique(list(RECIPES) + list(IN22K_PRETRAIN) + [m for m, _ in IN22K_FINETUNE] + list(MAE_PRETRAIN)
+                   + list(MAE_FINETUNE))
 
 
 def _unique(xs):
@@ -455,8 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f'one of {", ".join(_train_models())} (--task in22k/ft224/ft384: see TRAINING.md)')
     t.add_argument('--task', default='in1k', choices=list(TASKS),
                    help='in1k: ImageNet-1K training (default); in22k: ImageNet-22K pre-training; ft224 / ft384: '
-                        'fine-tuning an IN-22K checkpoint (--finetune) on ImageNet-1K at 224 / 384')
-    t.add_argument('--finetune', default=None, help='with --task ft224/ft384: the IN-22K checkpoint')
+                        'fine-tuning an IN-22K checkpoint (--finetune) on ImageNet-1K at 224 / 384; mae: MAE '
+                        'pre-training (main_pretrain.py; --variant etpp or baseline); mae_ft: fine-tuning an MAE '
+                        'encoder (--finetune) on ImageNet-1K')
+    t.add_argument('--finetune', default=None, help='with --task ft224/ft384/mae_ft: the pre-trained checkpoint')
+    t.add_argument('--target', default=None, choices=['pixel', 'hog'],
+                   help='with --task mae: the reconstruction target (default: pixel)')
     t.add_argument('--variant', default='etpp', choices=list(VARIANTS),
                    help='etpp: EfficientTrain++ (default); et: EfficientTrain (ICCV); baseline: no curriculum')
     t.add_argument('--budget', '-E', type=int, default=None,
@@ -493,12 +597,41 @@ def wrapper_text(model: str) -> str:
     )
 
 
+# the MAE wrappers: script name -> (model, task)
+MAE_WRAPPERS = {
+    'pretrain_mae_vit_base.sh': ('mae_vit_base_patch16', 'mae'),
+    'pretrain_mae_vit_large.sh': ('mae_vit_large_patch16', 'mae'),
+    'finetune_mae_vit_base.sh': ('vit_base_patch16_224', 'mae_ft'),
+    'finetune_mae_vit_large.sh': ('vit_large_patch16_224', 'mae_ft'),
+}
+
+
+def mae_wrapper_text(model: str, task: str) -> str:
+    if task == 'mae':
+        what = (f'# {model}: MAE pre-training, EfficientTrain++ at E=400 equivalent epochs (default) or\n'
+                '# --variant baseline (1600 epochs), --target pixel (default) or hog.\n')
+        usage = '--data_path DIR [--variant etpp|baseline] [--target pixel|hog] [--budget E]'
+    else:
+        what = f'# {model}: fine-tuning an MAE encoder (main_pretrain.py checkpoint or an official file).\n'
+        usage = '--data_path DIR --finetune PRETRAIN.pth'
+    return (
+        '#!/usr/bin/env bash\n' + what +
+        '# Written by `python scripts/recipes.py wrappers`; the recipe lives in scripts/recipes.py.\n'
+        f'# Usage: scripts/{next(n for n, v in MAE_WRAPPERS.items() if v == (model, task))} {usage}\n'
+        '#        [--gpus N] [--dry_run] [entry point flags]\n'
+        'set -euo pipefail\n'
+        f'exec "${{PYTHON:-python}}" "$(dirname "${{BASH_SOURCE[0]}}")/recipes.py" train {model} --task {task} "$@"\n'
+    )
+
+
 def write_wrappers() -> List[str]:
+    texts = {f'train_{model}.sh': wrapper_text(model) for model in RECIPES}
+    texts.update({name: mae_wrapper_text(*v) for name, v in MAE_WRAPPERS.items()})
     paths = []
-    for model in RECIPES:
-        path = os.path.join(HERE, f'train_{model}.sh')
+    for name, text in texts.items():
+        path = os.path.join(HERE, name)
         with open(path, 'w', encoding='utf-8') as f:
-            f.write(wrapper_text(model))
+            f.write(text)
         os.chmod(path, 0o755)
         paths.append(path)
     return paths
@@ -533,6 +666,19 @@ def recipe_table() -> str:
         lines.append(f'{name:<26} {size}: {r.epochs} ep, lr {_fmt(r.lr)} wd {_fmt(r.weight_decay)} drop path '
                      f'{_fmt(r.drop_path)} batch {r.batch} x {r.update_freq} (global {r.global_batch})  {flags}')
     lines += [f'{n} at {sz}: from {r.source}' for (n, sz), r in IN22K_FINETUNE.items()]
+    lines += ['', 'MAE pre-training (--task mae: main_pretrain.py; --variant etpp E=400 / baseline 1600 epochs; '
+                  '--target pixel or hog)']
+    for name, r in MAE_PRETRAIN.items():
+        flags = ' '.join(f'{k} {v}' for k, v in r.flags)
+        lines.append(f'{name:<26} blr {_fmt(r.blr)} (lr = blr x {r.global_batch} / 256) wd {_fmt(r.weight_decay)} '
+                     f'warmup {r.warmup} mask {_fmt(r.mask_ratio)} batch {r.batch} x {r.update_freq} AdamW betas '
+                     f'0.9/0.95  {flags}')
+    lines += ['', 'MAE fine-tuning (--task mae_ft --finetune FILE: main.py, the encoder loaded into timm\'s ViT)']
+    for name, r in MAE_FINETUNE.items():
+        lines.append(f'{name:<26} {r.epochs} ep, blr {_fmt(r.blr)} (--lr {_fmt(r.lr)} at {r.global_batch}) layer '
+                     f'decay {_fmt(r.layer_decay)} wd {_fmt(r.weight_decay)} drop path {_fmt(r.drop_path)} batch '
+                     f'{r.batch} x {r.update_freq}')
+    lines.append(f'MAE: from {MAE_SOURCE}; fine-tuning flags: ' + ' '.join(f'{k} {v}' for k, v in MaeFinetune.flags))
     return '\n'.join(lines)
 
 
@@ -554,15 +700,18 @@ def build_command(argv: Sequence[str]) -> Tuple[List[str], bool]:
         raise LaunchError('no data: pass --data_path DIR (or set $DATA_PATH), or a --data_set of main.py')
     dry = ns.dry_run or _truthy(os.environ.get('DRY_RUN'))
     if ns.cmd == 'train':
-        if ns.task.startswith('ft') and ns.budget is not None:
-            raise LaunchError(f'--budget does not apply to --task {ns.task} (the fine-tuning recipe runs 30 epochs): '
+        if ns.task in ('ft224', 'ft384', 'mae_ft') and ns.budget is not None:
+            raise LaunchError(f'--budget does not apply to --task {ns.task} (the fine-tuning recipe has its epochs): '
                               f'drop it, or add main.py\'s --epochs N after the recipe flags')
+        if ns.target and ns.task != 'mae':
+            raise LaunchError('--target is the MAE reconstruction target: only with --task mae')
         if ns.budget is None and os.environ.get('BUDGET'):
             ns.budget = _env_int('BUDGET')
         if ns.task != 'in1k' and ns.replay:
             raise LaunchError('--replay has published settings only for ImageNet-1K training (--task in1k)')
-        if ns.finetune and not ns.task.startswith('ft'):
-            raise LaunchError('--finetune belongs to --task ft224 or ft384 (fine-tuning an IN-22K checkpoint)')
+        if ns.finetune and ns.task not in ('ft224', 'ft384', 'mae_ft'):
+            raise LaunchError('--finetune belongs to --task ft224, ft384 or mae_ft (fine-tuning a pre-trained '
+                              'checkpoint)')
         if ns.task == 'in1k':
             budget = VARIANTS[ns.variant][1] if ns.budget is None else ns.budget
             name = f'{ns.model}_{ns.variant}_E{budget}'
@@ -571,6 +720,9 @@ def build_command(argv: Sequence[str]) -> Tuple[List[str], bool]:
                 raise LaunchError(f'no IN-22K recipe for {ns.model!r}: one of {", ".join(IN22K_PRETRAIN)}')
             budget = in22k_default_budget(ns.model, ns.variant) if ns.budget is None else ns.budget
             name = f'{ns.model}_in22k_{ns.variant}_E{budget}'
+        elif ns.task == 'mae':
+            budget = MAE_VARIANTS.get(ns.variant, (None, 0))[1] if ns.budget is None else ns.budget
+            name = f'{ns.model}_{ns.variant}_{ns.target or "pixel"}_E{budget}'
         else:
             name = f'{ns.model}_{ns.task}'
         out = ns.output_dir or os.environ.get('OUTPUT_DIR') or os.path.join(
@@ -580,6 +732,11 @@ def build_command(argv: Sequence[str]) -> Tuple[List[str], bool]:
                              extra)
         elif ns.task == 'in22k':
             args = in22k_args(ns.model, ns.variant, budget, launch.world, data_path, out, ns.batch_size, extra)
+        elif ns.task == 'mae':
+            args = mae_pretrain_args(ns.model, ns.variant, budget, ns.target or 'pixel', launch.world, data_path,
+                                     out, ns.batch_size, extra)
+        elif ns.task == 'mae_ft':
+            args = mae_finetune_args(ns.model, ns.finetune, launch.world, data_path, out, ns.batch_size, extra)
         else:
             args = finetune_args(ns.model, int(ns.task[2:]), ns.finetune, launch.world, data_path, out,
                                  ns.batch_size, extra)
@@ -587,7 +744,8 @@ def build_command(argv: Sequence[str]) -> Tuple[List[str], bool]:
     else:
         args = eval_args(ns.model, ns.checkpoint, data_path, ns.ema, ns.input_size, ns.batch_size, extra)
         rdzv = f'eval_{ns.model}'
-    return launcher_prefix(launch, rdzv) + [MAIN] + args, dry
+    entry = MAIN_PRETRAIN if ns.cmd == 'train' and ns.task == 'mae' else MAIN
+    return launcher_prefix(launch, rdzv) + [entry] + args, dry
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:

@@ -51,8 +51,9 @@ def etpp_run(tmp_path_factory):
 # --help
 # ---------------------------------------------------------------------------
 
-def test_every_flag_has_help_a_default_a_group_and_bool_metavar():
-    p = main_mod.get_args_parser()
+@pytest.mark.parametrize('entry', ['main', 'main_pretrain'])
+def test_every_flag_has_help_a_default_a_group_and_bool_metavar(entry):
+    p = __import__(entry).get_args_parser()
     fmt = p._get_formatter()
     assert not p.allow_abbrev
     default_group = {id(a) for a in p._optionals._group_actions}
@@ -112,12 +113,16 @@ def test_benchmark_scripts_help_their_own_options(script, capsys):
 # one-line errors
 # ---------------------------------------------------------------------------
 
-def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path):
+@pytest.mark.parametrize('entry', ['main.py', 'main_pretrain.py'])
+def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path, entry):
     # as from a terminal: SIGINT at its default; it arrives while torch is still being
     # imported (or, on a slow machine, later, where training's own handling answers)
     import signal
     import subprocess
-    cmd = [sys.executable, os.path.join(ROOT, 'main.py')] + ETPP + ['--output_dir', str(tmp_path / 'run')]
+    argv = ETPP if entry == 'main.py' else ['--model', 'mae_vit_tiny_patch16', '--data_set', 'SYNTH',
+                                            '--base_input_size', '64', '--curriculum', 'etpp', '--epochs', '2',
+                                            '--batch_size', '8', '--device', 'cpu', '--num_workers', '0']
+    cmd = [sys.executable, os.path.join(ROOT, entry)] + argv + ['--output_dir', str(tmp_path / 'run')]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, 'OMP_NUM_THREADS': '1'},
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

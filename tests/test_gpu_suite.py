@@ -127,8 +127,12 @@ def test_cpu_dry_runs_every_step_and_writes_the_summary(dry_run):
     assert 'not measured' not in summary and 'could not be written' not in summary
     for figure in ('speedup measured / theoretical', 'projected full run', 'steady images/s per B',
                    'captured / reference captured', 'eager / reference eager', 'ms_per_batch',
-                   'share of the captured resnet18 step', 'Steady state and switch cost per stage'):
+                   'share of the captured resnet18 step', 'Steady state and switch cost per stage',
+                   'mae_vit_tiny_patch16 pre-training (pixel target, mask 0.75) step per B'):
         assert figure in summary, figure
+    # the MAE step per B of its plan at base 64 (32, 48, 64), the base row's ratio 1
+    assert re.search(r'B=32: \d+ \(\d+\.\d\dx; \d+\.\d\dx; 4\.00x\).*B=64: \d+ \(1\.00x; 1\.00x; 1\.00x\)',
+                     summary), summary
     e2e = json.loads((steps / 'e2e_gpu_graph.json').read_text())
     assert any('--cuda_graph: not captured' in n for n in e2e['notes']['curriculum'])
     assert (steps / 'e2e_gpu_graph_runs' / 'curriculum' / 'output.txt').exists()
@@ -138,11 +142,13 @@ def test_summary_marks_what_is_missing_and_prints_new_data_fields(dry_run, tmp_p
     _, steps, _, _ = dry_run
     out = tmp_path / 'partial'
     shutil.copytree(steps, out)
-    # r50_graph ran out of time, deit_eager never ran
+    # r50_graph ran out of time, deit_eager never ran, mae_step was killed
     (out / 'r50_graph.json').unlink()
+    (out / 'mae_step.json').unlink()
     (out / 'deit_eager.json').unlink()
     lines = [ln.split('\t') for ln in (out / 'steps.tsv').read_text().splitlines()]
-    lines = [([*ln[:2], '124', *ln[3:]] if ln[0] == 'r50_graph' else ln) for ln in lines if ln[0] != 'deit_eager']
+    lines = [([*ln[:2], {'r50_graph': '124', 'mae_step': '137'}[ln[0]], *ln[3:]]
+              if ln[0] in ('r50_graph', 'mae_step') else ln) for ln in lines if ln[0] != 'deit_eager']
     (out / 'steps.tsv').write_text(''.join('\t'.join(ln) + '\n' for ln in lines))
     # the device half grows fields (another augmentation order, nested timings)
     data = json.loads((out / 'data_gpu.json').read_text())
@@ -156,6 +162,8 @@ def test_summary_marks_what_is_missing_and_prints_new_data_fields(dry_run, tmp_p
     summary = (out / 'summary.md').read_text()
     assert 'not measured (step r50_graph rc=124 timed out)' in summary
     assert 'not measured (step deit_eager not run)' in summary
+    assert '| MAE pre-training step per B: images/s (ratio to the base B; MAE compute model; (base/B)^2) | ' \
+           'not measured (step mae_step rc=137 killed: time limit or memory) | mae_step |' in summary
     assert 'in progress or stopped' in summary
     for field in ('ms_per_batch_base_order', 'orders.at_b_ms'):
         assert f'| {field} |' in summary

@@ -8,6 +8,7 @@ import torch
 
 import engine
 import main as main_mod
+import runner.loop as runner_loop
 from runner.checkpoint import plain_lr
 from runner.stage import warm_shape
 import utils
@@ -45,7 +46,7 @@ TINY = ['--data_set', 'SYNTH', '--synth_classes', '4', '--synth_per_class', '40'
 def test_host_reads_per_step_on_a_tiny_synth_run(monkeypatch, one_intra_op_thread):
     """Issue 12's target: at most 0.3 host reads of tensor values per step with --print_freq 20."""
     seen = {'reads': 0, 'steps': 0}
-    real = main_mod.train_one_epoch
+    real = runner_loop.train_one_epoch
 
     def counted(step, loader, epoch, **kw):
         # loader workers are other processes: the count is the training loop's own
@@ -55,7 +56,7 @@ def test_host_reads_per_step_on_a_tiny_synth_run(monkeypatch, one_intra_op_threa
         seen['steps'] += len(loader)
         return out
 
-    monkeypatch.setattr(main_mod, 'train_one_epoch', counted)
+    monkeypatch.setattr(runner_loop, 'train_one_epoch', counted)
     with contextlib.redirect_stdout(io.StringIO()):
         main_mod.main(main_mod.get_args_parser().parse_args(TINY + ['--disable_eval', 'true']))
     assert seen['steps'] == 80
