@@ -47,8 +47,8 @@ from runner.checkpoint import Checkpointer, check_finite, load_finetune, log_epo
 from runner.evaluation import Evaluator, eval_checkpoint, run_eval_only
 from runner.resume import clean_output_dir, resume_training
 from runner.setup import amp_dtype_of, setup_run, training_parts
-from runner.stage import (StageSwitch, StepParts, checked_plan, describe, epoch_text, make_hparams, plan_text,
-                          stage_record, warm_shape, whole_run_eta)
+from runner.stage import (StageSwitch, StepParts, checked_plan, describe, epoch_text, make_hparams, plan_only,
+                          plan_text, stage_record, warm_shape, whole_run_eta)
 from utils import UserError
 
 GROUPS = (add_model_args, add_optim_args, add_schedule_args, add_curriculum_args, add_augment_args, add_data_args,
@@ -148,6 +148,8 @@ def main(args):
 
 
 def train(args):
+    if args.plan_only:
+        return plan_only(args, check_args, build_model)
     device, rank, world = setup_run(args, check_args)
     print(' '.join(sys.argv))
     # before the data is built: a wrong path fails at once, and the model is built at its size
@@ -162,7 +164,7 @@ def train(args):
         return run_eval_only(args, eval_ckpt, model, val_base, device, amp_dtype, rank, world)
 
     plan = checked_plan(args, model)
-    print(plan_text(args, plan, device, world))
+    print(plan_text(args, plan, device, world, len(train_base)))
     # before anything is loaded or written: the loader checks the batch against the data
     # and the image store against the folder
     train_loader, batch_sampler = build_train_loader(args, train_base, plan, rank, world)
