@@ -21,7 +21,7 @@ loading (bench_data.py, bench_schedule.py), evaluation and checkpoints, straggle
 bucketing beyond the one latency, and the optimizer step's own share of an accumulated
 step (update_freq x the measured micro-step counts it update_freq times: a bound above).
 Speedup: the baseline (--baseline_epochs at the base size, or main.py's comparison) on the
-same N GPUs over the plan, both projected the same way.  TRAINING.md, "Many GPUs".
+same N GPUs over the plan, both projected the same way.  TRAINING.md, "What a cluster will get".
 """
 import copy
 import json
@@ -35,8 +35,7 @@ if ROOT not in sys.path:
 
 import main as train_main  # noqa: E402
 from curriculum.plan import Plan, Stage  # noqa: E402
-from models import create_model  # noqa: E402
-from runner.stage import baseline_epochs, checked_plan  # noqa: E402
+from runner.stage import baseline_epochs, checked_plan, model_structure  # noqa: E402
 from utils import UserError  # noqa: E402
 
 SETTINGS = ('published', 'large')
@@ -422,7 +421,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     check(args)
     gpus = _gpu_counts(args.gpus)
-    model, _ = train_main.build_model(args, args.nb_classes or 1000)
+    model = model_structure(train_main.build_model, args, args.nb_classes or 1000)
     grad_bytes = args.grad_bytes
     if grad_bytes is None:
         grad_bytes = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -331,3 +331,34 @@ def test_two_gloo_processes_across_a_batch_change_resume_exactly_after_sigkill(t
     assert 'Resumed from' in open(paths[0] + '.log').read()
     assert results[0]['digest'] == results[1]['digest']
     assert fault_inject.compare(str(ref), str(faulty)) == []  # weights, EMA, optimizer and log.txt
+
+
+def test_training_md_shows_what_plan_only_and_the_projection_print(capsys):
+    doc = open(os.path.join(ROOT, 'TRAINING.md'), encoding='utf-8').read()
+    main_mod.cli(['--plan_only', 'true', '--model', 'CSWin_96_24322_base_224', '--curriculum', 'etpp', '--epochs',
+                  '200', '--batch_size', '64', '--global_batch_size', '4096', '--world_size', '64', '--stage_batch',
+                  'large', '--data_path', '/data/imagenet'])
+    assert capsys.readouterr().out.strip() in doc
+    import project_scaling
+    project_scaling.main(['--model', 'CSWin_96_24322_base_224', '--curriculum', 'etpp', '--epochs', '45',
+                          '--baseline_epochs', '90', '--batch_size', '128', '--step_model', '3.3,20',
+                          '--train_images', '14197122', '--plot', 'none'])
+    summary = '\n'.join(capsys.readouterr().out.splitlines()[:10])
+    assert summary in doc
+
+
+def test_model_structure_on_the_meta_device_or_the_cpu():
+    from runner.stage import model_structure
+
+    def build(args, classes):
+        if torch.empty(0).device.type == 'meta':
+            raise RuntimeError('needs real tensors')
+        return torch.nn.Linear(2, classes), 0
+
+    assert model_structure(build, None, 3).weight.device.type == 'cpu'
+    assert model_structure(lambda a, c: (torch.nn.Linear(2, c), 0), None, 3).weight.device.type == 'meta'
+
+    def refused(args, classes):
+        raise utils.UserError('--input_size: no')
+    with pytest.raises(utils.UserError):
+        model_structure(refused, None, 3)
