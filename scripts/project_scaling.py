@@ -24,6 +24,7 @@ Speedup: the baseline (--baseline_epochs at the base size, or main.py's comparis
 same N GPUs over the plan, both projected the same way.  TRAINING.md, "What a cluster will get".
 """
 import copy
+import io
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import main as train_main  # noqa: E402
+import utils  # noqa: E402
 from curriculum.plan import Plan, Stage  # noqa: E402
 from runner.stage import baseline_epochs, checked_plan, model_structure  # noqa: E402
 from utils import UserError  # noqa: E402
@@ -381,14 +383,12 @@ def plot(res, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc='lower left')
     fig.tight_layout()
-    tmp = path + '.tmp.png'
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        fig.savefig(png, format='png', dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    utils.atomic_write_bytes(path, png.getvalue())  # no half-written picture on any way out
 
 
 def _gpu_counts(text):
