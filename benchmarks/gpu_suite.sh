@@ -176,6 +176,7 @@ if [ "$MODE" = cpu-dry ]; then
     DATA_SIZE=(--base_input_size 64 --batch 8 --device cpu --device_batch 16 --device_batches 1)
     MAE=(--model mae_vit_tiny_patch16 "${STEP_SIZE[@]}")
     BATCHES=4,8
+    BATCH_STEPS=(--bench_steps 1 --bench_warmup 1)
 else
     REPLICATE=(--copies 25)
     # AMP: forced for ResNet-50 (its recipe trains in fp32), DeiT-S's recipe has it (bf16 here)
@@ -193,10 +194,11 @@ else
          --bench_steps 6 --bench_warmup 2)
     # the per-GPU micro-batches of global 4096 on 8 to 64 GPUs, and what --stage_batch large grows them to
     BATCHES=64,128,256,512
+    BATCH_STEPS=(--bench_steps 4 --bench_warmup 1)
 fi
 # (b'') several per-GPU batches at each B, for scripts/project_scaling.py: short (4 timed steps
-# after 1), no cuDNN autotuning per shape, both models in one process
-SHORT=(--bench_steps 4 --bench_warmup 1 --cudnn_benchmark false)
+# after 1 on the GPU), no cuDNN autotuning per shape, both models in one process
+SHORT=("${BATCH_STEPS[@]}" --cudnn_benchmark false)
 BATCH_RUNS=(--run "${R50[*]} --curriculum etpp --data_pipeline fast --channels_last true ${SHORT[*]}"
             --run "${DEIT[*]} --curriculum etpp --data_pipeline fast --amp_dtype bfloat16 ${SHORT[*]}")
 

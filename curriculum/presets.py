@@ -143,8 +143,7 @@ def large_batches(args, b, base, bs, uf, replay_times=1, cost=None):
     if getattr(args, 'stage_batch', 'published') != 'large' or b >= base:
         return bs, uf, 1
     ratio = _nearest_power_of_two(_epoch_scale(base, b, cost))
-    cap = args.max_global_batch_factor
-    factor = min(ratio, 2 ** int(math.log2(cap)))
+    factor = _wanted_factor(args, b, base, cost)
     memory = args.batch_size * ratio
     if getattr(args, 'max_micro_batch', 0):
         memory = min(memory, args.max_micro_batch)
