@@ -442,6 +442,19 @@ class TrainStep:
               f'{" (" + self.stage_desc + ")" if self.stage_desc else ""}', flush=True)
         return self._graphs[key]
 
+    def release(self):
+        """Give back the captured graphs and their memory pool: the next stage's step (another B or
+        micro-batch) captures its own, and two stages' pools at once could pass the device memory
+        that a stage's micro-batch fills (--stage_batch auto, large).  Training with this step
+        afterwards would capture again."""
+        if not self._graphs and self._pool is None:
+            return
+        self._graphs.clear()
+        self._updates_seen.clear()
+        self._pool = None
+        if self.device.type == 'cuda':
+            torch.cuda.empty_cache()  # the pool's blocks, now unused, back to the device
+
     def _fall_back(self, note):
         """Train eagerly from here on: lr back to numbers, capturable off; the gradients and the
         update's loss record stay (a capture that failed mid-accumulation ran nothing)."""

@@ -31,7 +31,7 @@ from runner.evaluation import Evaluator, eval_checkpoint, run_eval_only
 from runner.loop import fit
 from runner.resume import clean_output_dir, resume_training
 from runner.setup import amp_dtype_of, setup_run, training_parts
-from runner.stage import StageSwitch, StepParts, checked_plan, plan_text
+from runner.stage import StageSwitch, StepParts, checked_plan, plan_only, plan_text
 from utils import UserError
 
 GROUPS = (add_model_args, add_optim_args, add_schedule_args, add_curriculum_args, add_augment_args, add_data_args,
@@ -121,6 +121,8 @@ def main(args):
 
 
 def train(args):
+    if args.plan_only:
+        return plan_only(args, check_args, build_model)
     device, rank, world = setup_run(args, check_args)
     print(' '.join(sys.argv))
     # before the data is built: a wrong path fails at once, and the model is built at its size
@@ -135,7 +137,7 @@ def train(args):
         return run_eval_only(args, eval_ckpt, model, val_base, device, amp_dtype, rank, world)
 
     plan = checked_plan(args, model)
-    print(plan_text(args, plan, device, world))
+    print(plan_text(args, plan, device, world, images=len(train_base)))
     # before anything is loaded or written: the loader checks the batch against the data
     # and the image store against the folder
     train_loader, batch_sampler = build_train_loader(args, train_base, plan, rank, world)

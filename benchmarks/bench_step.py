@@ -41,6 +41,7 @@ import contextlib
 import io
 import statistics
 import time
+from types import SimpleNamespace
 
 from common import report, host_info, plan_for, train_args  # first: puts the repository on sys.path
 
@@ -87,6 +88,9 @@ def parse(argv=None):
     p.add_argument('--bench_steps', type=int, default=20, help='timed steps per size')
     p.add_argument('--bench_warmup', type=int, default=5, help='untimed steps per size first (compilation)')
     p.add_argument('--bench_sizes', default=None, help='comma-separated sizes (default: every size of the plan)')
+    p.add_argument('--bench_batches', default=None,
+                   help='comma-separated per-GPU micro-batches, each timed at every size with update_freq 1 (the '
+                        'input of scripts/project_scaling.py; default: each stage\'s own batch x update_freq)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     p.add_argument('--cudnn_benchmark', default='false', choices=['true', 'false'],
                    help='cuDNN autotuning; off by default here (main.py\'s --cudnn_benchmark is true) so that '
@@ -95,6 +99,7 @@ def parse(argv=None):
                    help='also time the plain reference step (eager, and captured in a CUDA graph on CUDA)')
     p.add_argument('--json', default=None, help='also write the results here')
     own, rest = p.parse_known_args(argv)
+    own.batches = _positive_list(p, '--bench_batches', own.bench_batches)
     if own.threads:
         torch.set_num_threads(own.threads)
     if '--model' not in rest:
@@ -111,6 +116,19 @@ def parse(argv=None):
     args.distributed = False
     torch.backends.cudnn.benchmark = own.cudnn_benchmark == 'true'
     return own, rest, args
+
+
+def _positive_list(parser, flag, text):
+    """A comma-separated list of positive integers, or None; a usage error (exit 2) otherwise."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(',')]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        parser.error(f'{flag} {text}: give positive integers separated by commas, e.g. 64,128,256')
+    return sorted(set(values))
 
 
 def sync(device):
@@ -223,6 +241,69 @@ def reference_rate(args, size, n, device, steps, warmup, graph):
     return rate
 
 
+def _measure_shape(ctx, train_model, size, n, update_freq, lowfreq):
+    """One row: the step at B=size with micro-batch n and update_freq, timed through train_one_epoch;
+    ctx: what stays the same from shape to shape (measure())."""
+    own, args, device, base, device_transform = ctx.own, ctx.args, ctx.device, ctx.base, ctx.device_transform
+    batch = make_batch(args, n, size, base, ctx.lowfreq_kind, device)
+
+    step = TrainStep(train_model, ctx.criterion, ctx.optimizer, ctx.loss_scaler, device, update_freq=update_freq,
+                     max_norm=args.clip_grad, model_ema=ctx.model_ema, mixup_fn=ctx.mixup_fn, amp_dtype=ctx.amp_dtype,
+                     lowfreq=lowfreq, device_transform=device_transform, cuda_graph=args.cuda_graph,
+                     compiled=args.compile, weight_decay_varies=False)
+    if step.graph_note and step.graph_note not in ctx.notes:
+        ctx.notes.add(step.graph_note)
+        print(step.graph_note)
+
+    def epoch(steps):
+        with contextlib.redirect_stdout(io.StringIO()):
+            train_one_epoch(step, RepeatLoader(batch, steps), 0,
+                            hparams_at=lambda frac: (1e-5, args.weight_decay), print_freq=10 ** 9)
+        sync(device)
+
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    f0 = dynamo_frames()
+    t0 = time.perf_counter()
+    epoch(own.bench_warmup * update_freq)
+    warm_s = time.perf_counter() - t0
+    f1 = dynamo_frames()
+    # On a CPU with one torch thread all the work runs on this thread: its CPU time is
+    # the step's cost even on a machine shared with other jobs (as in bench_data.py).
+    clock = time.thread_time if device.type == 'cpu' and torch.get_num_threads() == 1 else time.perf_counter
+    t0 = clock()
+    steps = own.bench_steps * update_freq
+    epoch(steps)
+    dt = clock() - t0
+    f2 = dynamo_frames()
+    row = {'size': size, 'batch_size': n, 'update_freq': update_freq, 'img_s': steps * n / dt,
+           'ms_per_step': dt / steps * 1e3, 'warmup_s': warm_s, 'compiles_in_warmup': f1 - f0,
+           'recompiles_in_stage': f2 - f1,
+           # with --cuda_graph: graphs in use for the timed epoch (0: not captured or abandoned,
+           # the reason went to the silenced epoch output, so it is kept here too)
+           'graphs_captured': len(step._graphs), 'graph_note': step.graph_note}
+    if device.type == 'cuda':
+        row['peak_mem_gb'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    # device-side pieces, per batch of this stage
+    x_dev = batch[0].to(device)
+    if device_transform is not None:
+        row['device_transform_ms'] = time_op(lambda: device_transform(x_dev), device)
+    xb = torch.randn((n, 3, base, base), device=device)
+    if args.channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    row['h2d_ms'] = time_op(lambda: batch[0].to(device, non_blocking=True), device)
+    if size < base:
+        row['fourier_crop_ms'] = time_op(lambda: fourier_crop(xb, size), device)
+    if own.reference == 'true':
+        for name, graph in (('ref_eager_img_s', False), ('ref_graph_img_s', True)):
+            try:
+                row[name] = reference_rate(args, size, n, device, own.bench_steps, own.bench_warmup, graph)
+            except Exception as e:  # noqa: BLE001 - a reference that cannot run is reported, not fatal
+                print(f'reference step ({name}) at B={size} failed: {type(e).__name__}: {e}'.splitlines()[0])
+                row[name] = None
+    return row
+
+
 def measure(own, args):
     device = torch.device(args.device)
     utils.seed_everything(args.seed)
@@ -256,78 +337,34 @@ def measure(own, args):
                                            channels_last=args.channels_last).to(device)
     train_model = wrap_ddp(model, args)
     current = base
-    rows, notes = [], set()
+    rows = []
+    ctx = SimpleNamespace(own=own, args=args, device=device, base=base, lowfreq_kind=plan.lowfreq,
+                          criterion=criterion, optimizer=optimizer, loss_scaler=loss_scaler, model_ema=model_ema,
+                          mixup_fn=mixup_fn, amp_dtype=amp_dtype, device_transform=device_transform, notes=set())
     for s in sizes:
         if s.size != current:
             if adapt_model(model, s.size, optimizer, model_ema):
                 train_model = wrap_ddp(model, args)
             current = s.size
         lowfreq = FourierCrop(s.size) if plan.lowfreq == 'fourier' and s.size < base else None
-        n = s.batch_size  # replay off: the micro-batch is the loader batch
-        batch = make_batch(args, n, s.size, base, plan.lowfreq, device)
-
-        step = TrainStep(train_model, criterion, optimizer, loss_scaler, device, update_freq=s.update_freq,
-                         max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, amp_dtype=amp_dtype,
-                         lowfreq=lowfreq, device_transform=device_transform, cuda_graph=args.cuda_graph,
-                         compiled=args.compile, weight_decay_varies=False)
-        if step.graph_note and step.graph_note not in notes:
-            notes.add(step.graph_note)
-            print(step.graph_note)
-
-        def epoch(steps):
-            with contextlib.redirect_stdout(io.StringIO()):
-                train_one_epoch(step, RepeatLoader(batch, steps), 0,
-                                hparams_at=lambda frac: (1e-5, args.weight_decay), print_freq=10 ** 9)
-            sync(device)
-
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-        f0 = dynamo_frames()
-        t0 = time.perf_counter()
-        epoch(own.bench_warmup * s.update_freq)
-        warm_s = time.perf_counter() - t0
-        f1 = dynamo_frames()
-        # On a CPU with one torch thread all the work runs on this thread: its CPU time is
-        # the step's cost even on a machine shared with other jobs (as in bench_data.py).
-        clock = time.thread_time if device.type == 'cpu' and torch.get_num_threads() == 1 else time.perf_counter
-        t0 = clock()
-        steps = own.bench_steps * s.update_freq
-        epoch(steps)
-        dt = clock() - t0
-        f2 = dynamo_frames()
-        row = {'size': s.size, 'batch_size': n, 'update_freq': s.update_freq, 'img_s': steps * n / dt,
-               'ms_per_step': dt / steps * 1e3, 'warmup_s': warm_s, 'compiles_in_warmup': f1 - f0,
-               'recompiles_in_stage': f2 - f1,
-               # with --cuda_graph: graphs in use for the timed epoch (0: not captured or abandoned,
-               # the reason went to the silenced epoch output, so it is kept here too)
-               'graphs_captured': len(step._graphs), 'graph_note': step.graph_note}
-        if device.type == 'cuda':
-            row['peak_mem_gb'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        # device-side pieces, per batch of this stage
-        x_dev = batch[0].to(device)
-        if device_transform is not None:
-            row['device_transform_ms'] = time_op(lambda: device_transform(x_dev), device)
-        xb = torch.randn((n, 3, base, base), device=device)
-        if args.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        row['h2d_ms'] = time_op(lambda: batch[0].to(device, non_blocking=True), device)
-        if s.size < base:
-            row['fourier_crop_ms'] = time_op(lambda: fourier_crop(xb, s.size), device)
-        if own.reference == 'true':
-            for name, graph in (('ref_eager_img_s', False), ('ref_graph_img_s', True)):
-                try:
-                    row[name] = reference_rate(args, s.size, n, device, own.bench_steps, own.bench_warmup, graph)
-                except Exception as e:  # noqa: BLE001 - a reference that cannot run is reported, not fatal
-                    print(f'reference step ({name}) at B={s.size} failed: {type(e).__name__}: {e}'.splitlines()[0])
-                    row[name] = None
-        rows.append(row)
-    base_row = next((r for r in rows if r['size'] == base), None)
+        # replay off: the micro-batch is the loader batch
+        shapes = [(n, 1) for n in own.batches] if own.batches else [(s.batch_size, s.update_freq)]
+        for n, update_freq in shapes:
+            rows.append(_measure_shape(ctx, train_model, s.size, n, update_freq, lowfreq))
+    # each row against the base size's row of the same micro-batch (--bench_batches), else the base stage's
+    base_rows = {r['batch_size']: r for r in reversed(rows) if r['size'] == base}
     for r in rows:
+        base_row = base_rows.get(r['batch_size']) if own.batches else next(iter(base_rows.values()), None)
         r['theory'] = (base / r['size']) ** 2
         r['ratio'] = r['img_s'] / base_row['img_s'] if base_row else None
         if 'fourier_crop_ms' in r:
             r['fourier_crop_pct_of_step'] = 100 * r['fourier_crop_ms'] / r['ms_per_step']
+    trainable = [p for p in model.parameters() if p.requires_grad]
     return {'host': host_info(device), 'device': str(device), 'model': args.model, 'plan': plan.name,
+            # what DDP all-reduces every optimizer step (scripts/project_scaling.py): the gradients,
+            # in the parameters' dtype
+            'n_parameters': sum(p.numel() for p in trainable),
+            'grad_bytes': sum(p.numel() * p.element_size() for p in trainable), 'bench_batches': own.batches,
             'base_size': base, 'amp': args.use_amp and args.amp_dtype, 'clip_grad': args.clip_grad,
             'channels_last': args.channels_last, 'compile': args.compile, 'data_pipeline': args.data_pipeline,
             'drop_path': args.drop_path, 'model_ema': args.model_ema, 'cuda_graph': args.cuda_graph,

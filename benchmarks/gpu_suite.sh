@@ -36,8 +36,7 @@ cd "$ROOT" || exit 1
 # The limit table: each step's share, in seconds at the full budget of 540 s (the 10-minute
 # device command less the wheels' install, the interpreter check, and every step's 5-s kill
 # grace).  A new step adds its row here (the suite refuses a step without one); the rows must
-# sum to at most 540 (tests/test_gpu_suite.py checks it).  Free today: 35 s, meant for bench_step
-# at several per-GPU batch sizes (the scaling projection's input).
+# sum to at most 540 (tests/test_gpu_suite.py checks it).
 FULL_S=540
 LIMITS="
 cuda_tests      60  the CUDA-only tests: pytest -m cuda (tests/conftest.py marks them)
@@ -49,6 +48,7 @@ r50_graph       30  (b) bench_step ResNet-50 per B, --cuda_graph true
 deit_eager      50  (b) bench_step DeiT-S per B, eager, with the plain reference
 deit_graph      30  (b) bench_step DeiT-S per B, --cuda_graph true
 mae_step        30  (b) bench_step --task mae: the MAE ViT-B pre-training step per B of its plan
+step_batches    35  (b) bench_step ResNet-50 and DeiT-S per B at several per-GPU batches (project_scaling.py)
 data_gpu        45  (c) bench_data: worker half per CPU-second, device half ms per batch
 "
 case $MODE in
@@ -175,6 +175,8 @@ if [ "$MODE" = cpu-dry ]; then
               --batch_size 4 --num_workers 1 --pin_mem false --device cpu --print_freq 2 --use_amp false)
     DATA_SIZE=(--base_input_size 64 --batch 8 --device cpu --device_batch 16 --device_batches 1)
     MAE=(--model mae_vit_tiny_patch16 "${STEP_SIZE[@]}")
+    BATCHES=4,8
+    BATCH_STEPS=(--bench_steps 1 --bench_warmup 1)
 else
     REPLICATE=(--copies 25)
     # AMP: forced for ResNet-50 (its recipe trains in fp32), DeiT-S's recipe has it (bf16 here)
@@ -190,7 +192,15 @@ else
     # the micro-batch grown at low B as --stage_batch auto does
     MAE=(--model mae_vit_base_patch16 --target hog --batch_size 256 --update_freq 4 --stage_batch auto --device cuda
          --bench_steps 6 --bench_warmup 2)
+    # the per-GPU micro-batches of global 4096 on 8 to 64 GPUs, and what --stage_batch large grows them to
+    BATCHES=64,128,256,512
+    BATCH_STEPS=(--bench_steps 4 --bench_warmup 1)
 fi
+# (b'') several per-GPU batches at each B, for scripts/project_scaling.py: short (4 timed steps
+# after 1 on the GPU), no cuDNN autotuning per shape, both models in one process
+SHORT=("${BATCH_STEPS[@]}" --cudnn_benchmark false)
+BATCH_RUNS=(--run "${R50[*]} --curriculum etpp --data_pipeline fast --channels_last true ${SHORT[*]}"
+            --run "${DEIT[*]} --curriculum etpp --data_pipeline fast --amp_dtype bfloat16 ${SHORT[*]}")
 
 # The CUDA-only tests first: the figures below rely on the captured step and the GPU data path
 # (on a CPU every selected test skips; the step then checks that the selection finds them).
@@ -220,6 +230,9 @@ step deit_graph "$PYTHON" benchmarks/bench_step.py "${DEIT[@]}" --cuda_graph tru
 
 # (b') the MAE pre-training step per B of its ET++ plan (issue 19), beside the supervised ones
 step mae_step "$PYTHON" benchmarks/bench_step.py --task mae "${MAE[@]}" --json "$OUT/mae_step.json"
+
+step step_batches "$PYTHON" benchmarks/suite_tools.py batches --json "$OUT/step_batches.json" --batches "$BATCHES" \
+    "${BATCH_RUNS[@]}"
 
 # (c) --data_pipeline gpu: the worker half per CPU-second next to the fast path's (both reading
 # an image store), the device half per batch at each B with the memory it adds, as a share of

@@ -3,6 +3,7 @@
     python3 benchmarks/suite_tools.py check --mode gpu --out OUT --budget_s 540 --command '...'
     python3 benchmarks/suite_tools.py replicate --data_path DATA --copies 25 --out DIR --store STORE
     python3 benchmarks/suite_tools.py summary --out OUT [--summary OUT/summary.md]
+    python3 benchmarks/suite_tools.py batches --json OUT/step_batches.json --batches 64,128 --run 'ARGS' ...
 
 check: one line and exit 1 when the interpreter lacks torch, torchvision, timm, tensorboardX
 (or, with --mode gpu, a CUDA device); else writes OUT/suite.json (the hardware and versions,
@@ -11,13 +12,17 @@ DATA (so a short run has enough steps per epoch) and its image store.  summary: 
 steps' --json files and OUT/steps.tsv (name, limit, exit status, seconds, command per step)
 and writes summary.md: the ratios README "Performance" is built from, a figure whose step
 did not finish marked "not measured (step X rc=N)".  `summary` reads JSON only (no torch),
-so the suite can rewrite it after every step and on its way out.
+so the suite can rewrite it after every step and on its way out.  batches: bench_step.py
+at several per-GPU micro-batches for each --run (its arguments), in one process (one
+interpreter and CUDA start for all), into one JSON ({"runs": [bench_step.py results]},
+rewritten after each run): scripts/project_scaling.py reads it.
 """
 import argparse
 import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -141,6 +146,19 @@ def replicate(a):
         import build_image_store
         shutil.rmtree(a.store, ignore_errors=True)
         build_image_store.main(['--data_path', a.out, '--out', a.store, '--workers', str(a.workers)])
+    return 0
+
+
+# -------------------------------------------------------------------------------------- batches
+
+def batches(a):
+    import bench_step  # torch: only this subcommand needs it
+    runs = []
+    for text in a.run:
+        argv = shlex.split(text) + ['--bench_batches', a.batches, '--reference', 'false']
+        print(f'=== bench_step.py {" ".join(argv)}', flush=True)
+        runs.append(bench_step.main(argv))
+        _write(a.json, json.dumps({'runs': runs}, indent=1))  # a step cut short keeps the runs done
     return 0
 
 
@@ -489,6 +507,27 @@ def _div(a, b):
     return a / b if a and b else None
 
 
+def batches_section(res):
+    """step_batches: ms per micro-batch step at each B and per-GPU batch (project_scaling.py's input)."""
+    lines = ['### Step time at several per-GPU batches (bench_step.py --bench_batches; scripts/project_scaling.py)',
+             '']
+    d = res.get('step_batches')
+    if not d or not d.get('runs'):
+        return lines + [res.missing('step_batches') or 'no runs in step_batches.json']
+    for run in d['runs']:
+        rows = run.get('rows') or []
+        sizes = sorted({r['size'] for r in rows})
+        batches_ = sorted({r['batch_size'] for r in rows})
+        cell = {(r['size'], r['batch_size']): r for r in rows}
+        lines += [f'{run.get("model")}: ms per step of one micro-batch (images/s), amp {run.get("amp")}, '
+                  f'channels_last {run.get("channels_last")}, gradients {run.get("grad_bytes", 0) / 1e6:.1f} MB '
+                  f'all-reduced per step', '']
+        body = [[b, *(f'{_f(cell[(b, m)]["ms_per_step"], ".2f")} ({_f(cell[(b, m)]["img_s"], ".0f")})'
+                      if (b, m) in cell else '-' for m in batches_)] for b in sizes]
+        lines += _table(['B', *(f'batch {m}' for m in batches_)], body) + ['']
+    return lines
+
+
 def data_section(res):
     lines = ['### GPU data path, device half per batch (bench_data.py, `--data_pipeline gpu`)', '']
     dev, means, fields = _data_view(res)
@@ -546,14 +585,14 @@ def summary(a):
                      st['seconds'], _result_line(a.out, name, st['rc'])])
     lines += _table(['step', 'limit s', 'rc', 's', 'result'], body) if body else ['no step has run']
     lines += ['', '## Ratios for README "Performance"', ''] + ratios_table(res)
-    for section in (e2e_section, step_section, data_section):
+    for section in (e2e_section, step_section, batches_section, data_section):
         lines.append('')
         try:
             lines += section(res)
         except Exception as e:  # noqa: BLE001 - one malformed result must not cost the other sections
             lines.append(f'(section {section.__name__} could not be written: {type(e).__name__}: {e})')
     known = {n for n, _ in E2E} | {f'{k}_{v}' for _, k in STEP_MODELS for v in ('eager', 'graph')} | \
-        {'data_gpu', 'mae_step'}
+        {'data_gpu', 'mae_step', 'step_batches'}
     others = [n for n in res.steps if n not in known and os.path.exists(os.path.join(a.out, f'{n}.json'))]
     if others:
         lines += ['', '### Other steps', '', 'Not tabulated here; their tables are in their .txt output:',
@@ -598,8 +637,13 @@ def main(argv=None):
     s.add_argument('--out', required=True, help='the suite\'s output folder')
     s.add_argument('--summary', default=None, help='where to write it (default: OUT/summary.md)')
     s.add_argument('--final', action='store_true', help='the suite has finished (said in the summary)')
+    b = sub.add_parser('batches', help='bench_step.py at several per-GPU batches for each --run, into one JSON')
+    b.add_argument('--json', required=True, help='where the results go ({"runs": [...]})')
+    b.add_argument('--batches', required=True, help='per-GPU micro-batches, comma-separated')
+    b.add_argument('--run', action='append', required=True,
+                   help='one bench_step.py run: its arguments in one string (repeat for more models)')
     a = p.parse_args(argv)
-    return {'check': check, 'replicate': replicate, 'summary': summary}[a.cmd](a)
+    return {'check': check, 'replicate': replicate, 'summary': summary, 'batches': batches}[a.cmd](a)
 
 
 if __name__ == '__main__':

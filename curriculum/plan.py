@@ -13,8 +13,12 @@ Progress is a float that grows by ``epoch_weight(e)`` over epoch ``e``:
   whose encoder sees a fixed share of the patches plus a class token);
 - ``epochs``: one per data epoch, as EfficientTrain (ICCV) and the baseline do.
 Every schedule (lr, weight decay) is a pure function of progress, so resuming
-only needs (epoch, step) and the plan, which is rebuilt from the same arguments.
+only needs (epoch, step) and the plan, which is rebuilt from the same arguments.  A stage
+may scale the learning rate by its ``lr_scale`` (--stage_batch large: its global batch over
+the published one); the scale is a function of the stage, so of progress too
+(``stage_at_progress``).
 """
+import bisect
 import math
 from dataclasses import dataclass, field, replace
 from typing import List, Optional
@@ -33,6 +37,9 @@ class Stage:
     start_epoch: int = 0
     # compute of one image at `size` over one at the base size; None: (size / base)^2
     cost: Optional[float] = None
+    # the stage's learning rate over the schedule's (--stage_batch large: its global batch over
+    # the published plan's); 1.0 otherwise
+    lr_scale: float = 1.0
 
     @property
     def loader_batch(self):
@@ -86,6 +93,12 @@ class Plan:
         s = self.stage_at(epoch)
         return s.epoch_compute(self.base_size) if self.progress_unit == 'compute' else 1.0
 
+    def stage_at_progress(self, progress):
+        """The stage training is in at `progress`: epoch e spans [progress(e), progress(e + 1)),
+        and the end of the run belongs to the last stage."""
+        e = bisect.bisect_right(self._cum, progress) - 1
+        return self.stages[self._stage_of_epoch[min(max(e, 0), self.num_epochs - 1)]]
+
     def progress(self, epoch, frac=0.0):
         """Progress at `frac` (0..1) of the way through data epoch `epoch`."""
         if epoch >= self.num_epochs:
@@ -132,29 +145,33 @@ class Plan:
         return ops.get((self.lowfreq, None)) or ops.get((self.lowfreq, pipeline)) or \
             f'B by {self.lowfreq}, {pipeline} pipeline'
 
-    def table(self, baseline_epochs=None, pipeline='published', world=1, per='GPU'):
+    def table(self, baseline_epochs=None, pipeline='published', world=1, per='GPU', images=None):
         """The whole plan as text: one row per stage, then totals, speedups and notes.
 
         baseline_epochs: also compare with a baseline of that many epochs at the base size
         (the paper's 300-epoch one when that is the comparison the run makes); world and
-        per: processes and what one is ('GPU' or 'process'), for the batch line.
+        per: processes and what one is ('GPU' or 'process'), for the global batch and the
+        batch line; images: training images per data epoch, for the optimizer steps (None:
+        not known, '-').
         """
         base = self.base_size
         total = self.total_compute
         # the RandAugment magnitude column only where some stage has one (MAE: none)
         mag = any(s.magnitude is not None for s in self.stages)
         m_head = f' {"m":>3}' if mag else ''
-        hdr = (f'{"stage":>5} {"B":>4}{m_head} {"epochs":>15} {"equiv ep":>9} '
-               f'{"compute":>8} {"batch x freq":>12} {"replay":>12}')
+        hdr = (f'{"stage":>5} {"B":>4}{m_head} {"epochs":>15} {"equiv ep":>9} {"compute":>8} '
+               f'{"batch x freq":>12} {"global":>7} {"lr x":>5} {"opt steps":>10} {"replay":>8}')
         lines = [f'Training plan: {self.name} ({self.lowfreq_op(pipeline)}; base {base}, '
                  f'schedules follow {self.progress_unit})', hdr, '-' * len(hdr)]
         for s in self.stages:
             rep = f'{s.replay_times}x/{s.buffer_size}' if s.replay_times > 1 else '-'
             ep = f'{s.start_epoch}-{s.start_epoch + s.epochs - 1} ({s.epochs})'
             m = f' {"-" if s.magnitude is None else s.magnitude:>3}' if mag else ''
+            steps = self.optimizer_steps(s, images, world)
             lines.append(f'{s.index:>5} {s.size:>4}{m} {ep:>15} {s.compute(base):>9.2f} '
-                         f'{100 * s.compute(base) / total:>7.1f}% '
-                         f'{f"{s.batch_size} x {s.update_freq}":>12} {rep:>12}')
+                         f'{100 * s.compute(base) / total:>7.1f}% {f"{s.batch_size} x {s.update_freq}":>12} '
+                         f'{world * s.batch_size * s.update_freq:>7} {s.lr_scale:>5.2f} '
+                         f'{"-" if steps is None else steps:>10} {rep:>8}')
         lines.append('-' * len(hdr))
         lines.append(f'total: {self.num_epochs} data epochs, {total:.2f} equivalent epochs at {base}')
         if total > 0 and abs(total - self.num_epochs) > 1e-9:
@@ -170,9 +187,22 @@ class Plan:
             globals_ = sorted({world * s.batch_size * s.update_freq for s in self.stages})
             glob = ' or '.join(map(str, globals_)) + (' (by stage)' if len(globals_) > 1 else '')
             lines.append(f'{procs} ("batch x freq" is per {unit}): global batch {glob} per optimizer step')
+            if images:
+                total_steps = sum(self.optimizer_steps(s, images, world) for s in self.stages)
+                lines.append(f'{total_steps} optimizer steps in all, for {images} training images per data epoch')
         for n in self.notes:
             lines.append(f'note: {n}')
         return '\n'.join(lines)
+
+    @staticmethod
+    def optimizer_steps(stage, images, world=1):
+        """Optimizer steps of `stage` on `world` processes for `images` training images per data
+        epoch (None when not known): as the loader deals them, each process takes images // world
+        (the sampler drops the rest), whole loader batches, an update every update_freq of them."""
+        if not images:
+            return None
+        batches = (images // world) // stage.loader_batch
+        return stage.epochs * (batches // stage.update_freq)
 
     def summary(self):
         """Plain values for config.json."""
@@ -184,7 +214,8 @@ class Plan:
             'stages': [{k: getattr(s, k) for k in ('index', 'size', 'magnitude', 'epochs', 'batch_size',
                                                    'update_freq', 'replay_times', 'buffer_size',
                                                    'start_epoch')}
-                       | ({} if s.cost is None else {'cost': s.cost}) for s in self.stages],
+                       | ({} if s.cost is None else {'cost': s.cost})
+                       | ({} if s.lr_scale == 1.0 else {'lr_scale': s.lr_scale}) for s in self.stages],
         }
 
 

@@ -4,11 +4,12 @@ Per-GPU batches in the recipe tables are the published ones on 8 GPUs (global
 batch 4096). They are used as ratios against the last (base-size) stage: the
 user's ``--batch_size x --update_freq`` is the base stage's setting, and lower-B
 stages take a larger micro-batch with a smaller update_freq, so the global batch
-never changes.
+never changes; --stage_batch large grows it below the base size (large_batches).
 """
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 from curriculum.plan import Plan, Stage, relative_cost, split_rounded
@@ -123,28 +124,91 @@ def grown_batches(args, b, base, bs, uf):
     return bs * grow, uf // grow
 
 
+def _nearest_power_of_two(x):
+    """The power of two nearest x on a log scale (1 for x <= 1): 1.96 -> 2, 1.36 -> 1, 5.44 -> 4."""
+    return 2 ** max(int(round(math.log2(x))), 0) if x > 1 else 1
+
+
+def large_batches(args, b, base, bs, uf, replay_times=1, cost=None):
+    """--stage_batch large: (micro-batch, update_freq, factor) of a stage at B below the base size.
+
+    The stage's images per optimizer step, per process and so globally, are the published
+    ones (bs x uf) times `factor`: the power of two nearest (base/B)^2 (the model's own cost
+    ratio with a compute model), so that an optimizer step at B does about the work of one at
+    the base size, at most --max_global_batch_factor.  The micro-batch carries the growth:
+    it may hold about the base micro-batch's memory at B (--batch_size x that power of two)
+    or --max_micro_batch, whichever is smaller, with update_freq at most the base stage's (1
+    where the stage replays); where memory cannot hold the growth the factor halves.  Within
+    that the micro-batch is as large as it may be (as --stage_batch auto).  The learning rate
+    scales with the factor (Stage.lr_scale).  These rules are this project's choice: the
+    paper's "early large batch" rule is not published.
+    """
+    if getattr(args, 'stage_batch', 'published') != 'large' or b >= base:
+        return bs, uf, 1
+    ratio = _nearest_power_of_two(_epoch_scale(base, b, cost))
+    factor = _wanted_factor(args, b, base, cost)
+    memory = args.batch_size * ratio
+    if getattr(args, 'max_micro_batch', 0):
+        memory = min(memory, args.max_micro_batch)
+    memory = max(memory, bs)  # never below the published micro-batch
+    most_freq = 1 if replay_times > 1 else max(uf, args.update_freq)
+    while factor > 1:
+        micro_steps = uf * factor  # micro-batches of bs per optimizer step
+        fits = [d for d in range(1, micro_steps + 1)
+                if micro_steps % d == 0 and bs * d <= memory and micro_steps // d <= most_freq]
+        if fits:
+            return bs * max(fits), micro_steps // max(fits), factor
+        factor //= 2
+    grow = max(d for d in range(1, uf + 1) if uf % d == 0 and bs * d <= memory)
+    return bs * grow, uf // grow, 1
+
+
 def _check_stage_batch_args(args):
     mode = getattr(args, 'stage_batch', 'published')
     cap = getattr(args, 'max_micro_batch', 0) or 0
     if cap < 0:
         raise PlanError(f'--max_micro_batch must be >= 0 (0: no limit), got {cap}')
-    if cap and mode != 'auto':
-        raise PlanError('--max_micro_batch applies to --stage_batch auto: add --stage_batch auto or drop it')
+    if cap and mode not in ('auto', 'large'):
+        raise PlanError('--max_micro_batch applies to --stage_batch auto or large: add one of them or drop it')
+    factor = getattr(args, 'max_global_batch_factor', 4)
+    if factor < 1:
+        raise PlanError(f'--max_global_batch_factor must be >= 1 (1: the global batch never grows), got {factor}')
     if mode == 'auto' and getattr(args, 'curriculum_file', None):
         raise PlanError('--stage_batch auto grows the micro-batch of the published recipes; a --curriculum_file '
                         'sets each stage\'s batch_size and update_freq itself: drop --stage_batch auto')
 
 
-def _auto_note(args, stages, base):
-    if getattr(args, 'stage_batch', 'published') != 'auto':
-        return []
+def _auto_note(args, stages, base, wanted=None):
+    """The plan's note on --stage_batch auto or large; `wanted`: {B: the factor large aimed at}."""
+    mode = getattr(args, 'stage_batch', 'published')
     cap = getattr(args, 'max_micro_batch', 0) or 0
+    if mode == 'large':
+        notes = [f'--stage_batch large: below the base size the global batch grows with (base/B)^2, as a power '
+                 f'of two, at most x{args.max_global_batch_factor} (--max_global_batch_factor), and the learning '
+                 f'rate linearly with it ("lr x"); the same images per stage in fewer optimizer steps (this '
+                 f'project\'s rule: the paper\'s is not published)']
+        held = sorted({s.size for s in stages if wanted and s.lr_scale < wanted.get(s.size, 1)})
+        if held:
+            mem = f'{cap} (--max_micro_batch)' if cap else 'about the base micro-batch\'s memory'
+            notes.append(f'B={", ".join(map(str, held))}: a smaller global batch than (base/B)^2 asks: the '
+                         f'micro-batch may hold {mem} with update_freq at most {args.update_freq} (1 where a stage '
+                         f'replays); a larger --max_micro_batch or --update_freq allows more')
+        return notes
+    if mode != 'auto':
+        return []
     grown = [s for s in stages if s.size < base]
     return [f'--stage_batch auto: micro-batch grown towards (base/B)^2 x {args.batch_size}'
             f'{f" (at most {cap})" if cap else ""} with update_freq shrunk, so each process still '
             f'contributes {args.batch_size * args.update_freq} images per optimizer step'
             + ('' if any(s.update_freq < args.update_freq for s in grown) else
                f'; no growth possible: --update_freq {args.update_freq} leaves nothing to trade')]
+
+
+def _wanted_factor(args, b, base, cost=None):
+    """The factor --stage_batch large aims at for B, before memory (1 in the other modes)."""
+    if getattr(args, 'stage_batch', 'published') != 'large' or b >= base:
+        return 1
+    return min(_nearest_power_of_two(_epoch_scale(base, b, cost)), 2 ** int(math.log2(args.max_global_batch_factor)))
 
 
 def build_plan(args, size_multiple=16, cost=None):
@@ -215,29 +279,31 @@ def _build_etpp(args, base, multiple, lowfreq, cost=None):
     for k, b_pub in enumerate(recipe.sizes):
         b = scaled_size(b_pub, base, multiple)
         rt, buf = _replay_for(args, recipe, b_pub, b, base)
-        bs, uf, r = stage_batches(args.batch_size, args.update_freq, recipe.batch_at[b_pub] // last)
-        if r != recipe.batch_at[b_pub] // last:
-            notes.append(f'segment {k}: micro-batch x{r} instead of the published '
-                         f'x{recipe.batch_at[b_pub] // last}: --update_freq {args.update_freq} is not a multiple '
-                         f'of {recipe.batch_at[b_pub] // last}, and the global batch must stay constant')
+        ratio = recipe.batch_at[b_pub] // last
+        bs, uf, r = stage_batches(args.batch_size, args.update_freq, ratio)
         bs, uf = grown_batches(args, b, base, bs, uf)
+        bs, uf, factor = large_batches(args, b, base, bs, uf, rt, cost)
+        if bs < args.batch_size * ratio:  # (auto and large may grow it there after all)
+            notes.append(f'segment {k}: micro-batch x{r} instead of the published x{ratio}: --update_freq '
+                         f'{args.update_freq} is not a multiple of {ratio}, and the global batch must stay constant')
         if rt > 1 and bs % rt:
             raise PlanError(f'segment {k}: per-GPU batch {bs} not divisible by replay_times {rt}: '
                             f'choose --batch_size a multiple of {rt}')
-        raw.append((b, k, bs, uf, rt, buf))
+        raw.append((b, k, bs, uf, rt, buf, factor))
     sizes, replays = [r[0] for r in raw], [r[4] for r in raw]
     spans = driver_spans(args.epochs, sizes, replays, base, ETPP_SEGMENTS, cost)
     stages, skipped, kept = [], [], []
-    for (b, k, bs, uf, rt, buf), (start, end) in zip(raw, spans):
+    for (b, k, bs, uf, rt, buf, factor), (start, end) in zip(raw, spans):
         if end <= start:
             skipped.append(f'{k} (B={b})')
             continue
         kept.append(k)
         m = k if recipe.randaugment else None
-        stages.append(Stage(0, b, m, end - start, bs, uf, rt, buf, cost=_stage_cost(cost, b, base)))
+        stages.append(Stage(0, b, m, end - start, bs, uf, rt, buf, cost=_stage_cost(cost, b, base),
+                            lr_scale=float(factor)))
     notes += _skipped_note(skipped, ETPP_SEGMENTS)
     _check_replay_update_freq(stages)
-    notes += _auto_note(args, stages, base)
+    notes += _auto_note(args, stages, base, {b: _wanted_factor(args, b, base, cost) for b in sizes})
     plan = Plan(f'EfficientTrain++ (E={args.epochs:g})', stages, base, 'compute', lowfreq, notes=notes)
     plan.budget = e
     plan.warmup = _driver_warmup(args, recipe, plan, base, sizes, replays, spans, kept, cost)
@@ -279,8 +345,10 @@ def _build_et(args, base, multiple, lowfreq, cost=None):
             undoubled.append(str(k))
         bs, uf = grown_batches(args, b, base, bs, uf)
         rt, buf = _replay_for(args, _ET_RECIPE, b_pub, b, base)
+        bs, uf, factor = large_batches(args, b, base, bs, uf, rt, cost)
         if n > 0:
-            stages.append(Stage(0, b, m, n, bs, uf, rt, buf, cost=_stage_cost(cost, b, base)))
+            stages.append(Stage(0, b, m, n, bs, uf, rt, buf, cost=_stage_cost(cost, b, base),
+                                lr_scale=float(factor)))
         else:
             skipped.append(f'{k} (B={b})')
     notes += _skipped_note(skipped, ET_SEGMENTS)
@@ -288,7 +356,7 @@ def _build_et(args, base, multiple, lowfreq, cost=None):
         notes.append(f'segment{"s" if len(undoubled) > 1 else ""} {", ".join(undoubled)}: batch not doubled '
                      f'(--update_freq {args.update_freq} is odd); the global batch stays constant')
     _check_replay_update_freq(stages)
-    notes += _auto_note(args, stages, base)
+    notes += _auto_note(args, stages, base, {s.size: _wanted_factor(args, s.size, base, cost) for s in stages})
     plan = Plan(f'EfficientTrain (ICCV, {args.epochs} epochs)', stages, base, 'epochs', lowfreq, notes=notes)
     plan.budget = args.epochs
     # ET_training.py: --warmup_epochs 20 on the one epoch scale of all its launches
@@ -486,8 +554,10 @@ def load_plan_file(path, args, size_multiple=16, cost=None):
             raise _field_error(path, f'{where}.batch_size', f'{bs} must be a multiple of replay_times x '
                                                            f'{REPLAY_CHUNKS} = {rt * REPLAY_CHUNKS}')
         per_epoch = relative_cost(cost, size, base) * rt if unit == 'compute' else 1.0
+        bs, uf, factor = large_batches(args, size, base, bs, uf, rt, cost)
         raw.append((share * args.epochs / per_epoch,
-                    Stage(0, size, mag, 1, bs, uf, rt, buf, cost=_stage_cost(cost, size, base))))
+                    Stage(0, size, mag, 1, bs, uf, rt, buf, cost=_stage_cost(cost, size, base),
+                          lr_scale=float(factor))))
     total_share = sum(s['share'] for s in stages_spec)
     if abs(total_share - 1.0) > 1e-6:
         raise _field_error(path, 'stages[*].share', f'must add up to 1, they add up to {total_share:g}')
@@ -495,12 +565,13 @@ def load_plan_file(path, args, size_multiple=16, cost=None):
     stages = []
     for (_, st), n in zip(raw, counts):
         if n > 0:
-            stages.append(Stage(0, st.size, st.magnitude, n, st.batch_size, st.update_freq,
-                                st.replay_times, st.buffer_size, cost=st.cost))
+            stages.append(replace(st, epochs=n))
     if not stages:
         raise _field_error(path, 'stages', f'every stage rounds to 0 epochs at --epochs {args.epochs}')
     name = spec.get('name', os.path.basename(path))
-    plan = Plan(f'custom: {name}', stages, base, unit, lowfreq)
+    plan = Plan(f'custom: {name}', stages, base, unit, lowfreq,
+                notes=_auto_note(args, stages, base, {s.size: _wanted_factor(args, s.size, base, cost)
+                                                      for s in stages}))
     _check_replay_update_freq(plan.stages)
     plan.budget = args.epochs
     if 'warmup_fraction' in spec:

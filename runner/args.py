@@ -164,14 +164,22 @@ def add_curriculum_args(parser, curricula=('none', 'et', 'etpp')):
                             help='also compare the plan with a baseline of this many epochs at the base size '
                                  '(default: unset; etpp compares with the paper\'s baseline, 300 epochs (MAE '
                                  'pre-training: 1600), when --epochs is a published budget)')
-    curriculum.add_argument('--stage_batch', default='published', choices=['published', 'auto'],
-                            help="per-GPU micro-batch of stages below the base size: published: the recipe's (the "
-                                 "base micro-batch x the published ratio); auto: grown with (base/B)^2 (about the "
-                                 "memory of the base stage), up to --max_micro_batch, with update_freq shrunk so "
-                                 "that the global batch and the recipe stay as published")
+    curriculum.add_argument('--stage_batch', default='published', choices=['published', 'auto', 'large'],
+                            help="batches of stages below the base size: published: the recipe's per-GPU "
+                                 "micro-batch (the base micro-batch x the published ratio), the global batch "
+                                 "constant; auto: the micro-batch grown with (base/B)^2 (about the memory of the base "
+                                 "stage), up to --max_micro_batch, with update_freq shrunk so that the global batch "
+                                 "and the recipe stay as published; large: for many GPUs, the global batch grows "
+                                 "with (base/B)^2 (a power of two, at most --max_global_batch_factor, held by what the "
+                                 "micro-batch may hold) and the stage's lr linearly with it, the same images per stage "
+                                 "in fewer optimizer steps (this project's rule: the paper's early large batch rule "
+                                 "is not published; TRAINING.md)")
     curriculum.add_argument('--max_micro_batch', default=0, type=int,
-                            help='with --stage_batch auto: largest per-GPU micro-batch (0: no cap; update_freq '
-                                 'still bounds the growth)')
+                            help='with --stage_batch auto or large: largest per-GPU micro-batch (0: no cap beyond '
+                                 'about the base stage\'s memory; update_freq still bounds the growth)')
+    curriculum.add_argument('--max_global_batch_factor', default=4, type=int,
+                            help='with --stage_batch large: the most a stage\'s global batch (and lr) may grow over '
+                                 'the published one, >= 1 (a power of two is used: the largest not above it)')
     return curriculum
 
 
@@ -253,6 +261,9 @@ def add_run_args(parser):
                      help='continue from the furthest checkpoint in --output_dir when there is one')
     run.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
     run.add_argument('--eval', default=False, **BOOL, help='only evaluate --resume on the test set')
+    run.add_argument('--plan_only', default=False, **BOOL,
+                     help='print the training plan for these flags (on --world_size processes) and its theoretical '
+                          'speedup, then exit: no data, device or output directory is touched')
     run.add_argument('--disable_eval', default=False, **BOOL, help='no evaluation after each epoch')
     run.add_argument('--save_ckpt', default=True, **BOOL, help='write checkpoint-N.pth and checkpoint-best.pth')
     run.add_argument('--save_ckpt_freq', default=1, type=int, help='write checkpoint-N.pth every N epochs')
@@ -278,6 +289,10 @@ def add_dist_args(parser):
                       help='minutes a process waits in a collective for the others (a peer gone on another node, '
                            'or a hang) before it fails and the launcher ends the run; allow for rank 0 writing a '
                            'checkpoint alone')
+    dist.add_argument('--world_size', dest='plan_world_size', default=None, type=int,
+                      help='with --plan_only true: plan for this many processes (GPUs) from one machine (default: '
+                           'unset, the launched process count); a run takes its count from torchrun and refuses '
+                           'another')
     return dist
 
 
@@ -355,6 +370,11 @@ def check_run_args(args, checked=RESUME_CHECKED):
     `checked`: the flags --resume_override may name (runner.resume.check_same_run's list)."""
     if args.save_ckpt_steps < 0:
         raise UserError('--save_ckpt_steps must be >= 0 (0: no mid-epoch recovery checkpoints)')
+    if getattr(args, 'plan_only', False) and args.eval:
+        raise UserError('--plan_only true prints a training plan and --eval true evaluates a checkpoint: drop one')
+    planned = getattr(args, 'plan_world_size', None)
+    if planned is not None and planned < 1:
+        raise UserError(f'--world_size must be >= 1, got {planned}')
     parse_overrides(getattr(args, 'resume_override', None), checked)
     if args.log_dir is None and args.output_dir:
         args.log_dir = os.path.join(args.output_dir, 'tensorboard')

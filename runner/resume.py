@@ -45,7 +45,7 @@ RESUME_CHECKED = (
     'color_jitter', 'aa', 'smoothing', 'train_interpolation', 'crop_pct', 'reprob', 'remode', 'recount',
     'mixup', 'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode',
     'curriculum', 'curriculum_file', 'base_input_size', 'input_size', 'lowfreq', 'replay_times',
-    'replay_buffer_size', 'replay_preset', 'stage_batch', 'max_micro_batch',
+    'replay_buffer_size', 'replay_preset', 'stage_batch', 'max_micro_batch', 'max_global_batch_factor',
     'data_set', 'synth_classes', 'synth_per_class', 'synth_val_per_class', 'synth_image_size', 'synth_seed',
     'seed', 'data_pipeline', 'gpu_augment_at', 'use_amp', 'amp_dtype',
 )
@@ -63,7 +63,9 @@ PLAN_FLAGS = {
     'batch_size': _BATCH_KEYS, 'update_freq': _BATCH_KEYS, 'global_batch_size': _BATCH_KEYS,
     'replay_times': _BATCH_KEYS | {'replay_times'}, 'replay_buffer_size': _BATCH_KEYS | {'replay_times'},
     'replay_preset': _BATCH_KEYS | {'replay_times'},
-    'stage_batch': _BATCH_KEYS, 'max_micro_batch': _BATCH_KEYS,
+    # (--stage_batch large: a stage's global batch and its lr scale)
+    'stage_batch': _BATCH_KEYS | {'lr_scale'}, 'max_micro_batch': _BATCH_KEYS | {'lr_scale'},
+    'max_global_batch_factor': _BATCH_KEYS | {'lr_scale'},
 }
 # Flags that have no effect while another is off (in the checkpoint's run and now alike):
 # a difference in them changes nothing, so it is not refused.
@@ -72,6 +74,7 @@ _INERT_UNLESS = {
     'model_ema_decay': lambda a: a.get('model_ema'),
     'remode': lambda a: a.get('reprob'), 'recount': lambda a: a.get('reprob'),
     'gpu_augment_at': lambda a: a.get('data_pipeline') == 'gpu',
+    'max_global_batch_factor': lambda a: a.get('stage_batch') == 'large',
     # training without a curriculum is at --input_size, with one its stages end at --base_input_size
     'input_size': lambda a: a.get('curriculum') == 'none' and not a.get('curriculum_file'),
     'base_input_size': lambda a: a.get('curriculum') != 'none' or bool(a.get('curriculum_file')),

@@ -31,23 +31,19 @@ def check_device(name):
 def setup_run(args, check_args):
     """Distributed init, the entry point's flag checks (`check_args(args)`), --global_batch_size,
     seeding and determinism; returns (device, rank, world)."""
+    if getattr(args, 'plan_only', False):
+        # an entry point with a plan-only mode (main.py) leaves before setting anything up
+        raise UserError('--plan_only true: this entry point has no plan-only mode; drop it')
     check_device(args.device)
     utils.init_distributed_mode(args)
     check_args(args)
     device = torch.device(args.device)
     rank, world = utils.get_rank(), utils.get_world_size()
-    if args.global_batch_size:
-        per_step = args.batch_size * world
-        if args.global_batch_size % per_step:
-            raise UserError(f'--global_batch_size {args.global_batch_size} does not divide among {world} '
-                            f'process(es) x --batch_size {args.batch_size}: choose a per-process batch such that '
-                            f'batch x processes divides it')
-        freq = args.global_batch_size // per_step
-        if args.update_freq not in (1, freq):
-            raise UserError(f'--update_freq {args.update_freq} contradicts --global_batch_size '
-                            f'{args.global_batch_size} ({world} process(es) x {args.batch_size} needs {freq}): '
-                            f'drop one')
-        args.update_freq = freq
+    planned = getattr(args, 'plan_world_size', None)
+    if planned is not None and planned != world:
+        raise UserError(f'--world_size {planned} plans for {planned} processes with --plan_only true, but this run '
+                        f'has {world} (torchrun --nproc_per_node sets it): drop --world_size')
+    apply_global_batch(args, world)
     args.pin_mem = args.pin_mem and device.type == 'cuda'
     utils.seed_everything(args.seed + rank)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark and device.type == 'cuda'
@@ -59,6 +55,23 @@ def setup_run(args, check_args):
     if args.output_dir and rank == 0:
         utils.check_writable_dir(args.output_dir)
     return device, rank, world
+
+
+def apply_global_batch(args, world):
+    """--global_batch_size: --update_freq set from it, --batch_size and the `world` processes."""
+    if not args.global_batch_size:
+        return
+    per_step = args.batch_size * world
+    if args.global_batch_size % per_step:
+        raise UserError(f'--global_batch_size {args.global_batch_size} does not divide among {world} '
+                        f'process(es) x --batch_size {args.batch_size}: choose a per-process batch such that '
+                        f'batch x processes divides it')
+    freq = args.global_batch_size // per_step
+    if args.update_freq not in (1, freq):
+        raise UserError(f'--update_freq {args.update_freq} contradicts --global_batch_size '
+                        f'{args.global_batch_size} ({world} process(es) x {args.batch_size} needs {freq}): '
+                        f'drop one')
+    args.update_freq = freq
 
 
 def wrap_ddp(model, args):

@@ -9,6 +9,7 @@ and the stage's engine.TrainStep (kept while B and the micro-batch stay).
 """
 import datetime
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from curriculum.lowfreq import FourierCrop
 from curriculum.replay import ReplayBuffer, history
 from engine import TrainStep
 from pipelines.datasets import data_counters
-from runner.setup import wrap_ddp
+from runner.setup import apply_global_batch, wrap_ddp
 from utils import UserError
 
 
@@ -43,11 +44,52 @@ def compared_baseline_epochs(args):
     return 300 if paper else None
 
 
-def plan_text(args, plan, device, world, compared=compared_baseline_epochs):
+def plan_text(args, plan, device, world, compared=compared_baseline_epochs, images=None):
     """The plan table as an entry point prints it for this run; compared(args): the baseline epochs
-    the table compares with (main_pretrain.py: MAE's 1600)."""
+    the table compares with (main_pretrain.py: MAE's 1600); images: training images per data epoch
+    (for the optimizer steps), None when not known."""
     return plan.table(compared(args), pipeline=args.data_pipeline, world=world,
-                      per='GPU' if device.type == 'cuda' else 'process')
+                      per='GPU' if device.type == 'cuda' else 'process', images=images)
+
+
+# training images per data epoch of the data sets whose size is known without reading them
+# (ImageNet-1K's train split, CIFAR-100's)
+KNOWN_TRAIN_IMAGES = {'IMNET': 1281167, 'CIFAR': 50000}
+
+
+def model_structure(build_model, args, classes):
+    """The model `build_model(args, classes)` gives, for its structure only (size grid, parameter
+    count): built on the meta device (no memory, no initialisation: CSWin-B in 0.2 s, not 5), or
+    on the CPU where a model cannot be built there."""
+    try:
+        with torch.device('meta'):
+            return build_model(args, classes)[0]
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - a model whose construction needs real tensors
+        return build_model(args, classes)[0]
+
+
+def plan_only(args, check_args, build_model):
+    """--plan_only true: the plan for these flags on --world_size processes (default: the launched
+    count) printed with its theoretical speedup, and returned.  Nothing is read (data,
+    checkpoints), written, or set up on a device: the model is built for its size grid only
+    (model_structure); `check_args` and `build_model(args, classes)` are the entry point's."""
+    world = args.plan_world_size or int(os.environ.get('WORLD_SIZE', '1'))
+    check_args(args)
+    apply_global_batch(args, world)
+    synth = args.synth_classes * args.synth_per_class if args.data_set == 'SYNTH' else None
+    classes = args.nb_classes or {'CIFAR': 100, 'SYNTH': args.synth_classes}.get(args.data_set, 1000)
+    model = model_structure(build_model, args, classes)
+    plan = checked_plan(args, model)
+    cuda = str(args.device).startswith('cuda') or args.plan_world_size
+    images = KNOWN_TRAIN_IMAGES.get(args.data_set, synth)
+    if int(os.environ.get('RANK', '0')) == 0:  # under torchrun: once, not once per process
+        print(plan_text(args, plan, torch.device('cuda' if cuda else 'cpu'), world, images))
+        if images is None:
+            print(f'(optimizer steps: the size of a --data_set {args.data_set} is known only once its folder is '
+                  f'read)')
+    return plan
 
 
 def checked_plan(args, model, cost=None):
@@ -66,7 +108,11 @@ def checked_plan(args, model, cost=None):
 
 
 def make_hparams(args, plan, per_rank_images=None):
-    """progress -> (lr, weight decay): cosine with linear warmup, as pure functions of progress."""
+    """progress -> (lr, weight decay): cosine with linear warmup, as pure functions of progress.
+
+    The lr is times the lr_scale of the stage at that progress (Plan.stage_at_progress; 1 but
+    with --stage_batch large), itself a function of progress: a resume restores only the position.
+    """
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     warmup = plan.warmup
     if args.warmup_steps > 0 and per_rank_images:
@@ -75,6 +121,7 @@ def make_hparams(args, plan, per_rank_images=None):
 
     def hparams(progress):
         lr = utils.cosine_schedule(progress, plan.total_progress, args.lr, args.min_lr, warmup)
+        lr *= plan.stage_at_progress(progress).lr_scale
         wd = utils.cosine_schedule(progress, plan.total_progress, args.weight_decay, wd_end)
         return lr, wd
     return hparams
@@ -162,8 +209,10 @@ def describe(stage):
 
 
 def epoch_text(plan, stage, epoch, per, eta=''):
-    """The line printed at the start of an epoch: its stage, batch, replay and progress."""
+    """The line printed at the start of an epoch: its stage, batch, lr scale, replay and progress."""
     replay = f', replay {stage.replay_times}x (buffer {stage.buffer_size})' if stage.replay_times > 1 else ''
+    if stage.lr_scale != 1.0:
+        replay = f', lr x{stage.lr_scale:g}' + replay
     return (f'Epoch {epoch}: {describe(stage)}, batch {stage.batch_size} x {stage.update_freq} per {per}{replay}, '
             f'progress {plan.progress(epoch):.2f}/{plan.total_progress:.2f} {plan.progress_unit}{eta}')
 
@@ -231,6 +280,8 @@ class StageSwitch:
         args, parts = self.args, self.parts
         key = (id(self.train_model), stage.size, stage.batch_size, stage.update_freq)
         if self.step is None or self.step.key != key:
+            if self.step is not None:
+                self.step.release()  # its graphs' memory, before the new shape captures (engine.TrainStep)
             self.step = self.step_class(
                 self.train_model, parts.criterion, parts.optimizer, parts.loss_scaler, parts.device,
                 update_freq=stage.update_freq, max_norm=args.clip_grad, model_ema=parts.model_ema,

@@ -169,5 +169,5 @@ def test_training_md_shows_what_the_code_gives():
         assert row in doc, (model, row)
     args = main_mod.get_args_parser().parse_args(['--model', 'swin_tiny', '--curriculum', 'etpp', '--epochs', '200',
                                                   '--batch_size', '256', '--update_freq', '2'])
-    table = build_plan(args, 32).table(compared_baseline_epochs(args), world=8, per='GPU')
+    table = build_plan(args, 32).table(compared_baseline_epochs(args), world=8, per='GPU', images=1281167)
     assert table in doc

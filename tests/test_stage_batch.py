@@ -50,7 +50,7 @@ def test_published_is_the_default_and_unchanged():
 
 
 @pytest.mark.parametrize('extra, needle', [
-    (['--max_micro_batch', '512'], 'add --stage_batch auto'),
+    (['--max_micro_batch', '512'], 'applies to --stage_batch auto or large'),
     (['--stage_batch', 'auto', '--max_micro_batch', '-1'], '>= 0'),
 ])
 def test_bad_combinations(extra, needle):
