@@ -11,7 +11,8 @@
 # TOTAL_S (default 590: a 600-s command less the copy back) bounds everything; the suite gets
 # what is left after the install, at most its full 540 s, and is stopped (its summary written)
 # before TOTAL_S runs out.  PYTHON (default python3), DATA and MODE (default gpu; cpu-dry checks
-# this wrapper on a machine without a GPU) pass on to the suite.
+# this wrapper on a machine without a GPU) pass on to the suite, and so do STEPS (a subset of its
+# steps) and SUITE_COMMIT (the commit summary.md names: a copied tree's .git can be stale).
 set -u
 T0=$SECONDS
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1

@@ -15,7 +15,8 @@
 #
 # PYTHON (default python3) runs every step; the suite stops at once, with one line, if it lacks
 # torch, torchvision, timm, tensorboardX or (MODE=gpu) a CUDA device.  BUDGET_S (default 540,
-# the budget the limit table below is written for) scales every limit in proportion.  DATA: an image folder of the 200 sample
+# the budget the limit table below is written for) scales every limit in proportion; STEPS (names,
+# space-separated) runs only those steps, BUDGET_S shared among them (less device time left).  DATA: an image folder of the 200 sample
 # images; on a lent machine it must be inside the checkout (../shared does not travel):
 # benchmarks/prepare_device.sh copies it to data/imagenet-samples (git-ignored, carried).
 set -u
@@ -63,11 +64,38 @@ esac
 # cpu-dry is the CPU check everywhere: a GPU, if there is one, stays out of it
 [ "$MODE" = cpu-dry ] && export CUDA_VISIBLE_DEVICES=
 
+# STEPS (default: every step): the names of the steps to run, space-separated, when less device
+# time is left than the table is written for; the others are reported "not run".  BUDGET_S is
+# then shared among the chosen steps in proportion to their shares.  The end-to-end steps bring
+# e2e_data (their image folder) along.
+STEPS=${STEPS:-}
+selected() {  # selected NAME: whether STEPS (or its absence) runs the step
+    [ -z "$STEPS" ] && return 0
+    case " $STEPS " in *" $1 "*) return 0 ;; esac
+    [ "$1" = e2e_data ] && case " $STEPS " in *" e2e_"*) return 0 ;; esac
+    return 1
+}
+SHARED=$FULL_S
+if [ -n "$STEPS" ]; then
+    names=
+    while read -r name rest; do [ -n "$name" ] && names="$names $name"; done <<<"$LIMITS"
+    for want in $STEPS; do
+        case "$names " in *" $want "*) ;; *)
+            echo "gpu_suite: STEPS names '$want', which is no step: choose from$names"
+            exit 2 ;;
+        esac
+    done
+    SHARED=0
+    while read -r name share rest; do
+        [ -n "$name" ] && selected "$name" && SHARED=$((SHARED + share))
+    done <<<"$LIMITS"
+fi
+
 limit_of() {  # limit_of NAME: the step's limit in whole seconds at BUDGET_S (at least 1)
     local name share rest
     while read -r name share rest; do
         if [ "$name" = "$1" ]; then
-            share=$((share * BUDGET_S / FULL_S))
+            share=$((share * BUDGET_S / SHARED))
             echo $((share < 1 ? 1 : share))
             return 0
         fi
@@ -79,6 +107,7 @@ if [ "$MODE" = plan ]; then
     total=0 shares=0
     while read -r name share rest; do
         [ -n "$name" ] || continue
+        selected "$name" || continue
         limit=$(limit_of "$name")
         printf '%-16s %4d s  (share %3d s)\n' "$name" "$limit" "$share"
         total=$((total + limit)) shares=$((shares + share))
@@ -142,6 +171,10 @@ step() {  # step NAME COMMAND...: COMMAND under NAME's limit, its output in $OUT
     local name=$1 limit rc t0
     shift
     limit=$(limit_of "$name") || { echo "gpu_suite: step $name has no row in the limit table"; exit 2; }
+    if ! selected "$name"; then
+        echo "=== $name: not run (not in STEPS)"
+        return 0
+    fi
     echo "=== $name (limit ${limit}s): $*"
     t0=$SECONDS
     STEP=("$name" "$limit" "$t0" "$(printf '%q ' "$@")")

@@ -50,6 +50,23 @@ def test_limits_fit_the_device_command_and_scale_with_the_budget():
     assert out.returncode == 2 and len(out.stdout.strip().splitlines()) == 1 and 'BUDGET_S' in out.stdout
 
 
+def test_steps_runs_a_chosen_subset_within_the_budget():
+    """STEPS: fewer steps when less device time is left; BUDGET_S is shared among them by their
+    shares, the end-to-end steps bring their image folder along, and a name that is no step is one line."""
+    env = dict(os.environ, MODE='plan', BUDGET_S='300', STEPS='cuda_tests e2e_fast_eager r50_eager')
+    out = subprocess.run(['bash', SUITE], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {k: int(v) for k, v in re.findall(r'^(\S+)\s+(\d+) s', out.stdout, re.M)}
+    total = rows.pop('total')
+    assert list(rows) == ['cuda_tests', 'e2e_data', 'e2e_fast_eager', 'r50_eager']
+    assert 290 <= total == sum(rows.values()) <= 300
+    full, _ = _plan()
+    assert all(rows[k] > full[k] * 300 / 540 for k in rows)  # more each than at 300 s for all steps
+    env['STEPS'] = 'r50_eager e2e_gpu'
+    out = subprocess.run(['bash', SUITE], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and len(out.stdout.strip().splitlines()) == 1 and "'e2e_gpu'" in out.stdout
+
+
 def _code_lines(path):
     with open(path, encoding='utf-8') as f:
         for n, line in enumerate(f, 1):
