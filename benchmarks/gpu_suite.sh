@@ -41,7 +41,7 @@ cd "$ROOT" || exit 1
 FULL_S=540
 LIMITS="
 cuda_tests      60  the CUDA-only tests: pytest -m cuda (tests/conftest.py marks them)
-e2e_data        20  25 links to each sample image (5000 files) and their image store
+e2e_data        30  25 links to each sample image (5000 files) and their image store
 e2e_gpu_graph  105  (a) bench_e2e: etpp vs baseline, --data_pipeline gpu --cuda_graph true
 e2e_fast_eager  90  (a) bench_e2e: the same runs, --data_pipeline fast --cuda_graph false
 r50_eager       45  (b) bench_step ResNet-50 per B, eager, with the plain reference (eager, captured)
@@ -50,7 +50,7 @@ deit_eager      50  (b) bench_step DeiT-S per B, eager, with the plain reference
 deit_graph      30  (b) bench_step DeiT-S per B, --cuda_graph true
 mae_step        30  (b) bench_step --task mae: the MAE ViT-B pre-training step per B of its plan
 step_batches    35  (b) bench_step ResNet-50 and DeiT-S per B at several per-GPU batches (project_scaling.py)
-data_gpu        45  (c) bench_data: worker half per CPU-second, device half ms per batch
+data_gpu        35  (c) bench_data: worker half per CPU-second, device half ms per batch
 "
 case $MODE in
     gpu|plan) BUDGET_S=${BUDGET_S:-$FULL_S} ;;
@@ -213,7 +213,7 @@ if [ "$MODE" = cpu-dry ]; then
 else
     REPLICATE=(--copies 25)
     # AMP: forced for ResNet-50 (its recipe trains in fp32), DeiT-S's recipe has it (bf16 here)
-    STEP_SIZE=(--batch_size 256 --device cuda --bench_steps 15 --bench_warmup 5)
+    STEP_SIZE=(--batch_size 256 --device cuda --bench_steps 10 --bench_warmup 3)
     R50=(--model resnet50 "${STEP_SIZE[@]}" --amp true)
     DEIT=(--model deit_small_patch16_224 "${STEP_SIZE[@]}")
     # etpp at E=6 (14 data epochs at B = 96, 160, 224) against a 9-epoch baseline (3 run, the
