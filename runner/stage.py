@@ -85,7 +85,7 @@ def plan_only(args, check_args, build_model):
     cuda = str(args.device).startswith('cuda') or args.plan_world_size
     images = KNOWN_TRAIN_IMAGES.get(args.data_set, synth)
     if int(os.environ.get('RANK', '0')) == 0:  # under torchrun: once, not once per process
-        print(plan_text(args, plan, torch.device('cuda' if cuda else 'cpu'), world, images))
+        print(plan_text(args, plan, torch.device('cuda' if cuda else 'cpu'), world, images=images))
         if images is None:
             print(f'(optimizer steps: the size of a --data_set {args.data_set} is known only once its folder is '
                   f'read)')
