@@ -128,7 +128,7 @@ while read -r name rest; do
 done <<<"$LIMITS"
 rm -f "$SUMMARY"
 export PYTHONUNBUFFERED=1
-CMDLINE="MODE=$MODE BUDGET_S=$BUDGET_S OUT=$OUT DATA=$DATA PYTHON=$PYTHON bash benchmarks/gpu_suite.sh"
+CMDLINE="MODE=$MODE BUDGET_S=$BUDGET_S${STEPS:+ STEPS='$STEPS'} OUT=$OUT DATA=$DATA PYTHON=$PYTHON bash benchmarks/gpu_suite.sh"
 [ -n "${SUITE_CALLER:-}" ] && CMDLINE="$SUITE_CALLER, which ran: $CMDLINE"
 timeout -k 5 60 "$PYTHON" benchmarks/suite_tools.py check --mode "$MODE" --out "$OUT" --budget_s "$BUDGET_S" \
     --command "$CMDLINE"
